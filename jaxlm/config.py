@@ -1,0 +1,441 @@
+"""Typed, frozen run configuration: YAML files plus `section.key=value` overrides, validated.
+
+Every field has a default and a one-line description (the `doc` metadata); `jaxlm config
+--help`-style listings and the README reference are generated from them. Validation runs
+before anything touches JAX, and each problem is reported as one sentence naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem, phrased as one sentence naming the key and fix."""
+
+
+def _f(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+FAMILY_DEFAULTS = {
+    "gpt2": dict(norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, bias=True),
+    "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=False, bias=False),
+}
+ATTENTION_IMPLS = ("reference", "xla")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the decoder-only Transformer LM."""
+
+    family: str = _f("llama", "gpt2 | llama: fills in the options left at null below")
+    vocab_size: int = _f(2048, "tokenizer vocabulary size; must equal the tokenizer's")
+    d_model: int = _f(256, "residual stream width")
+    n_layers: int = _f(4, "number of Transformer blocks")
+    n_heads: int = _f(4, "query heads; must divide d_model")
+    n_kv_heads: int | None = _f(None, "key/value heads for grouped-query attention (null: n_heads)")
+    d_ff: int | None = _f(None, "MLP hidden width (null: 4*d_model for gelu, ~8/3*d_model swiglu)")
+    max_seq_len: int = _f(256, "longest sequence the model accepts (size of learned positions)")
+    norm: str | None = _f(None, "layernorm | rmsnorm (null: family default)")
+    position: str | None = _f(None, "learned | rope (null: family default)")
+    mlp: str | None = _f(None, "gelu | swiglu (null: family default)")
+    tie_embeddings: bool | None = _f(None, "share input embedding and output head")
+    bias: bool | None = _f(None, "biases in dense layers and norms")
+    rope_theta: float = _f(10000.0, "rotary base frequency")
+    norm_eps: float = _f(1e-5, "epsilon inside LayerNorm/RMSNorm")
+    dropout: float = _f(0.0, "dropout rate on residual branches and embeddings")
+    init_std: float = _f(0.02, "std of the normal initialiser (output projections scaled by depth)")
+    attention: str = _f("xla", "attention implementation: reference | xla")
+    dtype: str = _f("float32", "compute dtype: float32 | bfloat16 | float16 (params stay float32)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":  # 2/3 of 4d keeps the parameter count of a gelu MLP
+            return 64 * -(-int(8 * self.d_model / 3) // 64)
+        return 4 * self.d_model
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes batches."""
+
+    corpus: str = _f("builtin", "builtin (bundled Shakespeare) or a glob of UTF-8 .txt files")
+    tokenizer: str | None = _f(
+        None, "SentencePiece .model path (null: train one, cache in workdir)"
+    )
+    seq_len: int = _f(256, "tokens per packed training row")
+    validation_fraction: float = _f(0.1, "share of whole works held out for validation")
+    doc_chars: int = _f(2000, "works are cut into documents of about this many characters")
+    seed: int = _f(0, "seed of the shuffle and of the train/validation split")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = _f(3e-3, "peak learning rate")
+    warmup_steps: int = _f(100, "linear warmup from 0 to lr")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay end)")
+    b1: float = _f(0.9, "Adam beta1")
+    b2: float = _f(0.95, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+    weight_decay: float = _f(0.1, "decoupled weight decay on matrices (not norms or biases)")
+    grad_clip: float = _f(1.0, "global-norm gradient clipping threshold (0: off)")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; one may be -1 meaning 'all remaining devices'."""
+
+    data: int = _f(-1, "data-parallel axis size")
+    fsdp: int = _f(1, "fully-sharded data-parallel axis size (params/optimizer sharded)")
+    tensor: int = _f(1, "tensor-parallel axis size (heads and MLP sharded)")
+    sequence: int = _f(1, "sequence-parallel axis size (activation length sharded)")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing of train state and data position."""
+
+    every_steps: int = _f(500, "save every N steps (0: only at the end)")
+    keep: int = _f(3, "keep the newest N checkpoints")
+    async_save: bool = _f(True, "write checkpoints in the background")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = _f(1000, "optimizer steps")
+    batch_size: int = _f(32, "global batch size in rows of data.seq_len tokens")
+    microbatches: int = _f(1, "gradient accumulation: split each batch into this many parts")
+    seed: int = _f(0, "seed of parameter init and dropout")
+    z_loss: float = _f(0.0, "weight of the log(Z)^2 auxiliary loss (0: off)")
+    log_every: int = _f(10, "write metrics every N steps")
+    eval_every: int = _f(200, "evaluate on the validation split every N steps (0: only at end)")
+    eval_batches: int = _f(16, "max validation batches per evaluation (0: the whole split)")
+    sample_prompt: str = _f("ROMEO.\n", "prompt continued at the end of training")
+    sample_tokens: int = _f(64, "tokens generated for each end-of-training sample")
+    temperature: float = _f(0.8, "sampling temperature of the sampled continuation")
+    top_k: int = _f(40, "top-k of the sampled continuation (0: off)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTION_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "mesh": MeshConfig,
+    "checkpoint": CheckpointConfig,
+    "train": TrainConfig,
+}
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(key, value, args[0])
+    if value is None:
+        raise ConfigError(f"{key} may not be null; give a {typ.__name__} value.")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}.")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer, got {value!r}.")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}.")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:  # PyYAML reads "1e-3" as a string; accept it as the number it means
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}.")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}.")
+    raise TypeError(f"unsupported config field type {typ!r} for {key}")
+
+
+def _build_section(name: str, raw: Any) -> Any:
+    cls = _SECTION_CLASSES[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config section '{name}' must be a mapping of keys to values.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(
+                f"Unknown config key '{name}.{key}'; valid keys in '{name}' are: "
+                f"{', '.join(sorted(known))}."
+            )
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build (but do not validate) a RunConfig from nested plain data."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("The config file must be a YAML mapping with sections like 'model:'.")
+    for name in raw:
+        if name not in _SECTION_CLASSES:
+            raise ConfigError(
+                f"Unknown config section '{name}'; valid sections are: "
+                f"{', '.join(_SECTION_CLASSES)}."
+            )
+    return RunConfig(**{name: _build_section(name, raw.get(name)) for name in _SECTION_CLASSES})
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ['model.n_layers=4', ...] into {'model': {'n_layers': '4'}}; values stay strings."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' is not of the form section.key=value.")
+        dotted, value = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"Override key '{dotted}' must be section.key, e.g. model.n_layers.")
+        section, key = parts
+        if section not in _SECTION_CLASSES:
+            raise ConfigError(
+                f"Unknown config section '{section}' in override '{item}'; valid sections are: "
+                f"{', '.join(_SECTION_CLASSES)}."
+            )
+        # YAML-parse the value so lists/null/true work, but keep plain strings as written.
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        out.setdefault(section, {})[key] = value if isinstance(parsed, str) else parsed
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply overrides, fill family defaults and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"Config file '{path}' does not exist; pass --config with a YAML file."
+            )
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file '{path}' is not valid YAML ({e}).") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"Config file '{path}' must hold a mapping with sections like 'model:'."
+            )
+    for section, kv in parse_overrides(overrides or []).items():
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ConfigError(f"Config section '{section}' must be a mapping of keys to values.")
+        raw[section] = {**(raw.get(section) or {}), **kv}
+    cfg = resolve(from_dict(raw))
+    validate(cfg)
+    return cfg
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill the model options left at null from the family's defaults."""
+    m = cfg.model
+    if m.family not in FAMILY_DEFAULTS:
+        raise ConfigError(
+            f"model.family={m.family!r} is not known; use one of {', '.join(FAMILY_DEFAULTS)}."
+        )
+    fill = {k: v for k, v in FAMILY_DEFAULTS[m.family].items() if getattr(m, k) is None}
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **fill))
+
+
+# -------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(section: Any, name: str, keys: tuple[str, ...]) -> None:
+    for k in keys:
+        v = getattr(section, k)
+        _require(v is None or v > 0, f"{name}.{k}={v} must be positive; set it to a value > 0.")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every value and every cross-field constraint; raise ConfigError on the first."""
+    m, d, o, t, c, mesh = cfg.model, cfg.data, cfg.optimizer, cfg.train, cfg.checkpoint, cfg.mesh
+    _positive(m, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"))
+    _positive(m, "model", ("max_seq_len", "rope_theta", "norm_eps", "init_std"))
+    _require(
+        m.d_model % m.n_heads == 0,
+        f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+        f"choose n_heads that divides d_model.",
+    )
+    _require(
+        m.n_heads % m.kv_heads == 0,
+        f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads}; "
+        f"choose n_kv_heads that divides n_heads.",
+    )
+    for key, allowed in (
+        ("norm", ("layernorm", "rmsnorm")),
+        ("position", ("learned", "rope")),
+        ("mlp", ("gelu", "swiglu")),
+        ("attention", ATTENTION_IMPLS),
+        ("dtype", DTYPES),
+    ):
+        v = getattr(m, key)
+        _require(
+            v in allowed, f"model.{key}={v!r} is not supported; use one of {', '.join(allowed)}."
+        )
+    _require(
+        m.position != "rope" or m.head_dim % 2 == 0,
+        f"Rotary positions need an even head dimension, but d_model/n_heads = {m.head_dim}; "
+        f"change model.d_model or model.n_heads.",
+    )
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
+    _require(
+        m.vocab_size >= 300 or d.tokenizer is not None,
+        f"model.vocab_size={m.vocab_size} is too small for a byte-fallback tokenizer; "
+        f"use at least 300.",
+    )
+
+    _positive(d, "data", ("seq_len", "doc_chars"))
+    _require(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+        f"raise model.max_seq_len or lower data.seq_len.",
+    )
+    _require(
+        0.0 < d.validation_fraction < 1.0,
+        f"data.validation_fraction={d.validation_fraction} must be between 0 and 1 (exclusive).",
+    )
+
+    _positive(o, "optimizer", ("lr",))
+    _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0.")
+    _require(
+        o.warmup_steps <= t.steps,
+        f"optimizer.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}; "
+        f"lower the warmup or train longer.",
+    )
+    _require(
+        0.0 <= o.min_lr_ratio <= 1.0, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]."
+    )
+    for k in ("b1", "b2"):
+        v = getattr(o, k)
+        _require(0.0 <= v < 1.0, f"optimizer.{k}={v} must be in [0, 1).")
+    _positive(o, "optimizer", ("eps",))
+    for k in ("weight_decay", "grad_clip"):
+        v = getattr(o, k)
+        _require(v >= 0.0, f"optimizer.{k}={v} must be >= 0.")
+
+    for k in ("data", "fsdp", "tensor", "sequence"):
+        v = getattr(mesh, k)
+        _require(v == -1 or v >= 1, f"mesh.{k}={v} must be a positive size or -1 (the rest).")
+    auto = [k for k in ("data", "fsdp", "tensor", "sequence") if getattr(mesh, k) == -1]
+    _require(
+        len(auto) <= 1, f"Only one mesh axis may be -1, but {', '.join(auto)} are; fix all but one."
+    )
+
+    _require(c.every_steps >= 0, f"checkpoint.every_steps={c.every_steps} must be >= 0.")
+    _positive(c, "checkpoint", ("keep",))
+
+    _positive(t, "train", ("steps", "batch_size", "microbatches", "log_every"))
+    _require(
+        t.batch_size % t.microbatches == 0,
+        f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}; "
+        f"choose a divisor of the batch size.",
+    )
+    for k in ("eval_every", "eval_batches", "sample_tokens", "top_k"):
+        v = getattr(t, k)
+        _require(v >= 0, f"train.{k}={v} must be >= 0.")
+    _require(t.z_loss >= 0.0, f"train.z_loss={t.z_loss} must be >= 0.")
+    _require(t.temperature > 0.0, f"train.temperature={t.temperature} must be positive.")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML, JSON and checkpoint metadata)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The config as YAML text that `load_config` reads back to an equal config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def describe() -> str:
+    """A reference listing of every key with its default and description."""
+    lines = []
+    for name, cls in _SECTION_CLASSES.items():
+        lines.append(f"{name}:  # {cls.__doc__}")
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines.append(
+                f"  {f.name}: {yaml.safe_dump(default).strip().removesuffix('...').strip()}"
+                f"  # {f.metadata.get('doc', '')}"
+            )
+    return "\n".join(lines)

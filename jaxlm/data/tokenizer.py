@@ -1,0 +1,190 @@
+"""SentencePiece tokenizer: load, train (atomically), cache, encode and decode."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+# Fixed special ids, so every model trained here lays out its embedding table the same way.
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """A SentencePiece model plus the hash of the file it came from."""
+
+    def __init__(self, model_bytes: bytes, path: str) -> None:
+        self._sp = spm.SentencePieceProcessor()
+        # Loading from the same bytes that were hashed means `sha256` describes exactly this model.
+        self._sp.LoadFromSerializedProto(model_bytes)
+        self._path = path
+        self._sha256 = hashlib.sha256(model_bytes).hexdigest()
+
+    @classmethod
+    def load(cls, path: str) -> Tokenizer:
+        """Load a SentencePiece `.model` file."""
+        try:
+            with open(path, "rb") as f:
+                model_bytes = f.read()
+            return cls(model_bytes, path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(
+                f"Cannot read a SentencePiece model at {path!r} ({e}); point data.tokenizer at an "
+                "existing .model file or leave it unset to train one."
+            ) from e
+
+    @property
+    def path(self) -> str:
+        """The file this tokenizer was loaded from."""
+        return self._path
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the model file bytes, to detect a tokenizer swapped under a checkpoint."""
+        return self._sha256
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces, special ids included."""
+        return self._sp.GetPieceSize()
+
+    @property
+    def pad_id(self) -> int:
+        """Id of the padding piece."""
+        return self._sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        """Id of the unknown piece."""
+        return self._sp.unk_id()
+
+    @property
+    def bos_id(self) -> int:
+        """Id of the beginning-of-document piece."""
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the end-of-document piece."""
+        return self._sp.eos_id()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of one text, optionally wrapped in bos/eos."""
+        return self._sp.Encode(text, add_bos=bos, add_eos=eos)
+
+    def encode_batch(
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = -1
+    ) -> list[list[int]]:
+        """Token ids of many texts, encoded on several threads (-1: all cores)."""
+        return self._sp.Encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of a sequence of ids; padding is skipped, bos/eos decode to nothing."""
+        pad = self.pad_id
+        return self._sp.Decode([int(i) for i in ids if int(i) != pad])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(path={self._path!r}, vocab_size={self.vocab_size})"
+
+
+def _lines(texts: Iterable[str]) -> Iterator[str]:
+    """Non-blank lines of the texts: SentencePiece's unit of training input."""
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip():
+                yield line
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    model_path: str,
+    vocab_size: int,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    input_sentence_size: int = 2_000_000,
+    num_threads: int | None = None,
+) -> Tokenizer:
+    """Train a SentencePiece model on in-memory texts and write it atomically to `model_path`."""
+    if not model_path.endswith(".model"):
+        raise ValueError(f"Tokenizer path {model_path!r} must end in '.model'; rename it.")
+    directory = os.path.dirname(os.path.abspath(model_path))
+    os.makedirs(directory, exist_ok=True)
+    final_prefix = model_path[: -len(".model")]
+    # A temporary prefix in the same directory keeps os.replace a same-filesystem rename, so a
+    # crash mid-training leaves at worst stray temp files, never a truncated .model.
+    fd, temp_model = tempfile.mkstemp(prefix=".spm-", suffix=".model", dir=directory)
+    os.close(fd)
+    temp_prefix = temp_model[: -len(".model")]
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=_lines(texts),
+            model_prefix=temp_prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            # Small corpora cannot always reach the requested size; the caller checks the size.
+            hard_vocab_limit=False,
+            # Lossless text: no NFKC, no whitespace collapsing, no invented leading space, so
+            # decode(encode(s)) == s and indentation and blank lines survive.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            # Training sees lines, so newline would otherwise never become a piece of its own.
+            user_defined_symbols=["\n"],
+            character_coverage=1.0 if byte_fallback else 0.9995,
+            # Sample at most this many lines (shuffled) to bound time and memory on big corpora.
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            max_sentence_length=1 << 16,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        # Keep SentencePiece's reason but drop its source-file prefix ("src/x.cc(638) [...] ").
+        reason = str(e).rsplit("] ", 1)[-1].strip()
+        raise ValueError(
+            f"SentencePiece could not train a vocabulary of {vocab_size} pieces ({reason}); raise "
+            "model.vocab_size (byte fallback alone takes 256 + 4 special ids) or give more text."
+        ) from e
+    else:
+        # The .model is renamed last: its presence is what marks a finished cache entry.
+        os.replace(temp_prefix + ".vocab", final_prefix + ".vocab")
+        os.replace(temp_model, model_path)
+    finally:
+        for leftover in (temp_model, temp_prefix + ".vocab"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    return Tokenizer.load(model_path)
+
+
+def load_or_train_tokenizer(
+    path: str | None,
+    cache_path: str,
+    texts_fn: Callable[[], Iterable[str]],
+    vocab_size: int,
+) -> Tokenizer:
+    """Load `path`, else the model cached at `cache_path`, else train one there; check its size."""
+    trained = False
+    if path:
+        tokenizer = Tokenizer.load(path)
+    elif os.path.exists(cache_path):
+        tokenizer = Tokenizer.load(cache_path)
+    else:
+        tokenizer = train_tokenizer(texts_fn(), cache_path, vocab_size)
+        trained = True
+    if tokenizer.vocab_size != vocab_size:
+        reason = " (the training text was too small to reach that size)" if trained else ""
+        raise ValueError(
+            f"Tokenizer {tokenizer.path!r} has vocab size {tokenizer.vocab_size} but the model "
+            f"expects {vocab_size}{reason}; set model.vocab_size={tokenizer.vocab_size} or point "
+            "data.tokenizer at a matching model."
+        )
+    return tokenizer

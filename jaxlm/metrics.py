@@ -1,0 +1,86 @@
+"""FLOP accounting and the metrics writer (JSON lines + TensorBoard), in one place."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from jaxlm.config import ModelConfig
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: blocks plus the output head.
+
+    The input embedding is a lookup, not a matmul, so it is excluded (a tied head is counted
+    once, as the head).
+    """
+    d, e = cfg.d_model, cfg.head_dim
+    attn = d * cfg.n_heads * e * 2 + d * cfg.kv_heads * e * 2  # q, out; k, v
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.ff_dim
+    return cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token: 6*N for training (2*N forward) plus attention scores/values.
+
+    Attention adds 4*S*d per layer forward (QK^T and AV for every query), 12*S*d for
+    training. Counted without causal halving, as PaLM's MFU convention does, so numbers
+    compare with MaxText/nanoGPT reports; the work a causal kernel can skip is half that.
+    """
+    mult = 6 if training else 2
+    attn = (12 if training else 4) * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+    return float(mult * matmul_params(cfg) + attn)
+
+
+class MetricsWriter:
+    """Appends metrics to RUN_DIR/metrics.jsonl and TensorBoard event files.
+
+    Only process 0 writes; on other processes every call is a no-op.
+    """
+
+    def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:  # TensorBoard files are a convenience, not a requirement
+                self._tb = None
+
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
+        """Record scalars for one step under `prefix/` (train, eval, ...)."""
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if _finite_number(v)}
+        record = {"step": int(step), "split": prefix, "time": time.time(), **clean}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(f"{prefix}/{k}", v, int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _finite_number(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,154 @@
+"""Causal self-attention: one kernel interface, several implementations, and the block.
+
+`attend(q, k, v, ...)` is the interface every implementation honours:
+  q_BxSxHxE, k_BxTxKxE, v_BxTxKxE with K dividing H (grouped-query heads share k/v),
+  segment ids (a query sees only keys of its own segment: packed documents stay apart)
+  and causality by index, shifted by `q_offset` when queries continue a cache.
+Implementations: `reference` (plain jnp, float32 softmax, the ground truth for tests) and
+`xla` (`jax.nn.dot_product_attention`). A Pallas kernel joins later behind the same call.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import ModelConfig
+from jaxlm.models.layers import Dense, dtype_of, rotary
+
+
+def attention_mask(
+    q_segment_ids_BxS: jax.Array,
+    kv_segment_ids_BxT: jax.Array,
+    causal: bool,
+    q_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """Boolean mask_Bx1xSxT: same segment and (if causal) key index <= query index."""
+    mask = q_segment_ids_BxS[:, :, None] == kv_segment_ids_BxT[:, None, :]
+    if causal:
+        s, t = q_segment_ids_BxS.shape[1], kv_segment_ids_BxT.shape[1]
+        q_idx = jnp.arange(s)[:, None] + q_offset
+        mask = mask & (jnp.arange(t)[None, :] <= q_idx)[None]
+    return mask[:, None]
+
+
+def reference_attention(q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, mask_Bx1xSxT, scale: float):
+    """Materialises the full score matrix in float32; simple and exact."""
+    b, s, h, e = q_BxSxHxE.shape
+    k = k_BxTxKxE.shape[2]
+    q_BxSxKxGxE = q_BxSxHxE.reshape(b, s, k, h // k, e)
+    logits = (
+        jnp.einsum("bskge,btke->bkgst", q_BxSxKxGxE, k_BxTxKxE, preferred_element_type=jnp.float32)
+        * scale
+    )
+    # A finite "minus infinity" keeps fully masked rows (if any) free of NaN.
+    logits = jnp.where(mask_Bx1xSxT[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxTxKxE.dtype)
+    out = jnp.einsum("bkgst,btke->bskge", probs, v_BxTxKxE, preferred_element_type=jnp.float32)
+    return out.reshape(b, s, h, e).astype(q_BxSxHxE.dtype)
+
+
+def xla_attention(q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, mask_Bx1xSxT, scale: float):
+    """`jax.nn.dot_product_attention` with the XLA backend (handles grouped heads itself)."""
+    return jax.nn.dot_product_attention(
+        q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, mask=mask_Bx1xSxT, scale=scale, implementation="xla"
+    )
+
+
+IMPLEMENTATIONS = {"reference": reference_attention, "xla": xla_attention}
+
+
+def attend(
+    q_BxSxHxE: jax.Array,
+    k_BxTxKxE: jax.Array,
+    v_BxTxKxE: jax.Array,
+    *,
+    q_segment_ids_BxS: jax.Array,
+    kv_segment_ids_BxT: jax.Array,
+    causal: bool = True,
+    q_offset: jax.Array | int = 0,
+    impl: str = "xla",
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention output_BxSxHxE through the named implementation."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention impl {impl!r} is unknown; use one of {sorted(IMPLEMENTATIONS)}"
+        )
+    h, kh = q_BxSxHxE.shape[2], k_BxTxKxE.shape[2]
+    if h % kh:
+        raise ValueError(f"{kh} kv heads do not divide {h} query heads")
+    scale = q_BxSxHxE.shape[-1] ** -0.5 if scale is None else scale
+    mask = attention_mask(q_segment_ids_BxS, kv_segment_ids_BxT, causal, q_offset)
+    return IMPLEMENTATIONS[impl](q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, mask, scale)
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query) causal self-attention with optional rotary positions.
+
+    With `decode=True` keys and values are appended to a `cache` collection sized by the
+    sequence length seen at `init`, so generation costs one new row of attention per token.
+    """
+
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, deterministic: bool = True):
+        cfg = self.cfg
+        h, k, e = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        dtype = dtype_of(cfg.dtype)
+        proj = lambda n, axes, name: Dense(  # noqa: E731
+            (n, e), axes, use_bias=cfg.bias, std=cfg.init_std, dtype=dtype, name=name
+        )
+        q_BxSxHxE = proj(h, ("embed", "heads", "head_dim"), "query")(x_BxSxD)
+        k_BxSxKxE = proj(k, ("embed", "kv_heads", "head_dim"), "key")(x_BxSxD)
+        v_BxSxKxE = proj(k, ("embed", "kv_heads", "head_dim"), "value")(x_BxSxD)
+        if cfg.position == "rope":
+            q_BxSxHxE = rotary(q_BxSxHxE, positions_BxS, cfg.rope_theta)
+            k_BxSxKxE = rotary(k_BxSxKxE, positions_BxS, cfg.rope_theta)
+        q_BxSxHxE = nn.with_logical_constraint(q_BxSxHxE, ("batch", "length", "act_heads", None))
+
+        q_offset, kv_segment_ids = 0, segment_ids_BxS
+        if self.decode:
+            k_BxSxKxE, v_BxSxKxE, kv_segment_ids, q_offset = self._extend_cache(
+                k_BxSxKxE, v_BxSxKxE, segment_ids_BxS
+            )
+        out_BxSxHxE = attend(
+            q_BxSxHxE,
+            k_BxSxKxE,
+            v_BxSxKxE,
+            q_segment_ids_BxS=segment_ids_BxS,
+            kv_segment_ids_BxT=kv_segment_ids,
+            causal=True,
+            q_offset=q_offset,
+            impl=cfg.attention,
+        )
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        out_BxSxD = Dense(
+            cfg.d_model,
+            ("heads", "head_dim", "embed"),
+            axis=(-2, -1),
+            use_bias=cfg.bias,
+            std=out_std,
+            dtype=dtype,
+            name="out",
+        )(out_BxSxHxE)
+        return nn.Dropout(cfg.dropout)(out_BxSxD, deterministic=deterministic)
+
+    def _extend_cache(self, k_BxSxKxE, v_BxSxKxE, segment_ids_BxS):
+        """Write this call's keys/values at the cache index; return the whole cache."""
+        initialised = self.has_variable("cache", "key")
+        ck = self.variable("cache", "key", jnp.zeros, k_BxSxKxE.shape, k_BxSxKxE.dtype)
+        cv = self.variable("cache", "value", jnp.zeros, v_BxSxKxE.shape, v_BxSxKxE.dtype)
+        cs = self.variable("cache", "segment_ids", jnp.zeros, segment_ids_BxS.shape, jnp.int32)
+        idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not initialised:  # init only sizes the cache
+            return k_BxSxKxE, v_BxSxKxE, segment_ids_BxS, 0
+        i = idx.value
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxSxKxE, (0, i, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxSxKxE, (0, i, 0, 0))
+        cs.value = jax.lax.dynamic_update_slice(cs.value, segment_ids_BxS.astype(jnp.int32), (0, i))
+        idx.value = i + k_BxSxKxE.shape[1]
+        return ck.value, cv.value, cs.value, i

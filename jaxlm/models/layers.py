@@ -1,0 +1,142 @@
+"""Building blocks shared by the language models: dense, norms, MLPs, rotary positions.
+
+Every parameter is created through `nn.with_logical_partitioning`, so it carries logical
+axis names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`) that `jaxlm.sharding`
+maps to mesh axes. Array names carry their shapes: B batch, S sequence, D d_model, F MLP
+width, H query heads, K kv heads, E head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def dtype_of(name: str) -> Dtype:
+    """Map a config dtype name to a JAX dtype."""
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def normal_init(std: float, axes: Sequence[str | None]):
+    """A truncated-free normal initialiser tagged with logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), tuple(axes))
+
+
+class Dense(nn.Module):
+    """x @ kernel (+ bias) contracting `axis`; kernel and bias carry logical axis names.
+
+    The kernel is created directly in its final shape (not flattened and reshaped), so its
+    logical sharding applies from the first moment it exists. Parameters are float32; the
+    matmul runs in `dtype`.
+    """
+
+    features: int | tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    axis: int | tuple[int, ...] = -1
+    use_bias: bool = False
+    std: float = 0.02
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axes = tuple(a % x.ndim for a in axes)
+        in_shape = tuple(x.shape[a] for a in axes)
+        kernel = self.param(
+            "kernel", normal_init(self.std, self.kernel_axes), in_shape + features, jnp.float32
+        )
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            ((axes, tuple(range(len(axes)))), ((), ())),
+        )
+        if self.use_bias:
+            bias_axes = self.kernel_axes[-len(features) :]
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
+                features,
+                jnp.float32,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm computed in float32, returned in the compute dtype."""
+
+    kind: str = "rmsnorm"
+    eps: float = 1e-5
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxSxD: jax.Array) -> jax.Array:
+        ones = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+        if self.kind == "layernorm":
+            norm = nn.LayerNorm(
+                epsilon=self.eps,
+                use_bias=self.use_bias,
+                dtype=jnp.float32,
+                param_dtype=jnp.float32,
+                scale_init=ones,
+                bias_init=zeros,
+            )
+        else:
+            norm = nn.RMSNorm(
+                epsilon=self.eps, dtype=jnp.float32, param_dtype=jnp.float32, scale_init=ones
+            )
+        return norm(x_BxSxD.astype(jnp.float32)).astype(self.dtype)
+
+
+class Mlp(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Llama), Megatron-shardable over the `mlp` axis."""
+
+    d_model: int
+    d_ff: int
+    kind: str = "swiglu"
+    use_bias: bool = False
+    std: float = 0.02
+    out_std: float = 0.02
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxSxD: jax.Array, deterministic: bool = True) -> jax.Array:
+        dense = lambda f, axes, std, name: Dense(  # noqa: E731
+            f, axes, use_bias=self.use_bias, std=std, dtype=self.dtype, name=name
+        )
+        if self.kind == "swiglu":
+            gate_BxSxF = dense(self.d_ff, ("embed", "mlp"), self.std, "gate")(x_BxSxD)
+            up_BxSxF = dense(self.d_ff, ("embed", "mlp"), self.std, "up")(x_BxSxD)
+            h_BxSxF = nn.silu(gate_BxSxF) * up_BxSxF
+        else:
+            h_BxSxF = nn.gelu(dense(self.d_ff, ("embed", "mlp"), self.std, "up")(x_BxSxD))
+        h_BxSxF = nn.with_logical_constraint(h_BxSxF, ("batch", "length", "act_mlp"))
+        out_BxSxD = dense(self.d_model, ("mlp", "embed"), self.out_std, "down")(h_BxSxF)
+        return nn.Dropout(self.dropout)(out_BxSxD, deterministic=deterministic)
+
+
+def rotary(x_BxSxNxE: jax.Array, positions_BxS: jax.Array, theta: float) -> jax.Array:
+    """Rotate pairs of features by position-dependent angles (RoPE, Su et al. 2021).
+
+    Uses the "half-split" pairing (feature i with i + E/2). Angles are computed in float32
+    so long positions keep their precision in bfloat16 runs.
+    """
+    e = x_BxSxNxE.shape[-1]
+    inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    angle_BxSxE2 = positions_BxS[..., None].astype(jnp.float32) * inv_freq_E2
+    sin_BxSx1xE2 = jnp.sin(angle_BxSxE2)[:, :, None, :]
+    cos_BxSx1xE2 = jnp.cos(angle_BxSxE2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxSxNxE.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate(
+        [x1 * cos_BxSx1xE2 - x2 * sin_BxSx1xE2, x2 * cos_BxSx1xE2 + x1 * sin_BxSx1xE2], axis=-1
+    )
+    return out.astype(x_BxSxNxE.dtype)

@@ -1,0 +1,137 @@
+"""Pure train and eval steps, and their jit-compiled, sharded forms.
+
+`train_step(state, batch) -> (state, metrics)` has no side effects; metrics come back as
+device arrays so the loop can read them later without stalling the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jaxlm.sharding import LOGICAL_RULES, batch_sharding, mesh_context, replicated
+from jaxlm.train.loss import cross_entropy_sums
+from jaxlm.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def _loss_sums(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None):
+    """Forward one (micro)batch; returns (ce_sum, z_sum, n_tokens)."""
+    logits_BxSxV = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+    )
+    return cross_entropy_sums(logits_BxSxV, batch["targets"], batch["weights"])
+
+
+def _split_microbatches(batch: Batch, k: int) -> Batch:
+    """[B, ...] -> [k, B/k, ...] taking rows i::k, so each device keeps its own rows."""
+
+    def split(x):
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    microbatches: int = 1,
+    z_loss: float = 0.0,
+    dropout: bool = False,
+    schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Build the pure step: token-weighted mean loss over the whole (accumulated) batch."""
+
+    def objective(params, mb, rng):
+        ce_sum, z_sum, n = _loss_sums(model, params, mb, rng)
+        return ce_sum + z_loss * z_sum, (ce_sum, n)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch):
+        rng = jax.random.fold_in(state.rng, state.step) if dropout else None
+        if microbatches == 1:
+            (_, (ce_sum, n)), grads = grad_fn(state.params, batch, rng)
+        else:
+
+            def body(carry, xs):
+                g_acc, ce_acc, n_acc = carry
+                mb, i = xs
+                mb_rng = None if rng is None else jax.random.fold_in(rng, i)
+                (_, (ce, n_mb)), g = grad_fn(state.params, mb, mb_rng)
+                return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, n_acc + n_mb), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            xs = (_split_microbatches(batch, microbatches), jnp.arange(microbatches))
+            (grads, ce_sum, n), _ = jax.lax.scan(body, init, xs)
+        # Divide sums by the total token count once: accumulation equals one big batch.
+        denom = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": ce_sum / denom,
+            "grad_norm": optax.global_norm(grads),
+            "tokens": n,
+        }
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """Summed loss and token count of one batch (the loop divides after summing batches)."""
+
+    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        ce_sum, _, n = _loss_sums(model, params, batch, None)
+        return {"loss_sum": ce_sum, "tokens": n}
+
+    return eval_step
+
+
+def jit_train_step(step_fn, state_shardings: TrainState, mesh: Mesh):
+    """Compile once with explicit shardings; the old state's buffers are donated."""
+    rules_step = _with_rules(step_fn, mesh)
+    return jax.jit(
+        rules_step,
+        in_shardings=(state_shardings, batch_sharding(mesh)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def jit_eval_step(eval_fn, params_shardings: Any, mesh: Mesh):
+    """Compile the eval step with the same parameter layout as training."""
+    return jax.jit(
+        _with_rules(eval_fn, mesh),
+        in_shardings=(params_shardings, batch_sharding(mesh)),
+        out_shardings=replicated(mesh),
+    )
+
+
+def _with_rules(fn, mesh: Mesh):
+    """Trace `fn` inside the mesh and logical-axis rules so activation constraints bind."""
+
+    def wrapped(*args):
+        with mesh_context(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            return fn(*args)
+
+    return wrapped
