@@ -18,7 +18,8 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A user-facing configuration problem, phrased as one sentence naming the key and fix."""
+    """A problem with what the user handed in (config, files, data, tokenizer), phrased as one
+    sentence that names the bad value and the fix. The CLI prints it without a traceback."""
 
 
 def _f(default: Any, doc: str) -> Any:

@@ -12,6 +12,8 @@ import random
 import re
 from collections.abc import Sequence
 
+from jaxlm.config import ConfigError
+
 _BUILTIN_PACKAGE = "jaxlm.data"
 _BUILTIN_FILE = ("corpus", "shakespeare.jsonl.xz")
 
@@ -43,7 +45,7 @@ def read_text_works(pattern: str) -> list[Work]:
     paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True))
     paths = [p for p in paths if os.path.isfile(p)]
     if not paths:
-        raise ValueError(
+        raise ConfigError(
             f"No files match the text pattern {pattern!r}; point it at existing UTF-8 text files "
             "(e.g. 'corpus/**/*.txt', quoted so the shell does not expand it)."
         )
@@ -59,7 +61,7 @@ def read_text_works(pattern: str) -> list[Work]:
 def split_documents(text: str, target_chars: int = 2000) -> list[str]:
     """Cut a text into documents of whole paragraphs, each about `target_chars` long."""
     if target_chars <= 0:
-        raise ValueError(f"target_chars={target_chars} must be positive; use e.g. 2000.")
+        raise ConfigError(f"target_chars={target_chars} must be positive; use e.g. 2000.")
     paragraphs = [p.rstrip() for p in _PARAGRAPH_BREAK.split(text.strip("\n")) if p.strip()]
     documents: list[str] = []
     current: list[str] = []
@@ -83,12 +85,12 @@ def train_validation_split(
 ) -> tuple[list[Work], list[Work]]:
     """Hold out whole works for validation; the same seed always picks the same works."""
     if len(works) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"Cannot hold out whole works from {len(works)} work(s); give at least two works "
             "(e.g. two text files) so each side of the split gets one."
         )
     if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"validation_fraction={validation_fraction} must lie strictly between 0 and 1; "
             "use e.g. 0.05."
         )

@@ -16,6 +16,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
+from jaxlm.config import ConfigError
 from jaxlm.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -62,10 +63,10 @@ def _finish_rows(packed: Mapping[str, np.ndarray]) -> Batch:
 
 def _check_docs(token_docs: list[np.ndarray]) -> None:
     if not token_docs:
-        raise ValueError("No token documents were given; check that the corpus is not empty.")
+        raise ConfigError("No token documents were given; check that the corpus is not empty.")
     shortest = min(len(d) for d in token_docs)
     if shortest < 2:
-        raise ValueError(
+        raise ConfigError(
             f"A token document has {shortest} token(s) but needs at least 2 to form an "
             "(input, target) pair; wrap documents in bos/eos with tokenize_documents."
         )
@@ -82,14 +83,14 @@ def make_train_iterator(
     """Endless, seeded, checkpointable iterator of this shard's rows of each global batch."""
     _check_docs(token_docs)
     if seq_len < 1 or batch_size < 1:
-        raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1.")
+        raise ConfigError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1.")
     if batch_size % shard_count != 0:
-        raise ValueError(
+        raise ConfigError(
             f"Global batch_size={batch_size} does not divide into {shard_count} data shards; "
             "set the batch size to a multiple of the number of data-parallel processes."
         )
     if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} must lie in [0, {shard_count}).")
+        raise ConfigError(f"shard_index={shard_index} must lie in [0, {shard_count}).")
     rows_per_shard = batch_size // shard_count
     lo = shard_index * rows_per_shard
     hi = lo + rows_per_shard
@@ -114,7 +115,7 @@ def make_eval_batches(token_docs: list[np.ndarray], seq_len: int, batch_size: in
     """Pack documents in order into finite batches that cover every target token exactly once."""
     _check_docs(token_docs)
     if seq_len < 1 or batch_size < 1:
-        raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1.")
+        raise ConfigError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1.")
     pairs = (
         grain.MapDataset.source(token_docs)
         .map(_to_pair)

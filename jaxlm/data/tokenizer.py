@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from jaxlm.config import ConfigError
+
 # Fixed special ids, so every model trained here lays out its embedding table the same way.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -31,7 +33,7 @@ class Tokenizer:
                 model_bytes = f.read()
             return cls(model_bytes, path)
         except (OSError, RuntimeError) as e:
-            raise ValueError(
+            raise ConfigError(
                 f"Cannot read a SentencePiece model at {path!r} ({e}); point data.tokenizer at an "
                 "existing .model file or leave it unset to train one."
             ) from e
@@ -109,7 +111,7 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a SentencePiece model on in-memory texts and write it atomically to `model_path`."""
     if not model_path.endswith(".model"):
-        raise ValueError(f"Tokenizer path {model_path!r} must end in '.model'; rename it.")
+        raise ConfigError(f"Tokenizer path {model_path!r} must end in '.model'; rename it.")
     directory = os.path.dirname(os.path.abspath(model_path))
     os.makedirs(directory, exist_ok=True)
     final_prefix = model_path[: -len(".model")]
@@ -150,7 +152,7 @@ def train_tokenizer(
     except RuntimeError as e:
         # Keep SentencePiece's reason but drop its source-file prefix ("src/x.cc(638) [...] ").
         reason = str(e).rsplit("] ", 1)[-1].strip()
-        raise ValueError(
+        raise ConfigError(
             f"SentencePiece could not train a vocabulary of {vocab_size} pieces ({reason}); raise "
             "model.vocab_size (byte fallback alone takes 256 + 4 special ids) or give more text."
         ) from e
@@ -182,7 +184,7 @@ def load_or_train_tokenizer(
         trained = True
     if tokenizer.vocab_size != vocab_size:
         reason = " (the training text was too small to reach that size)" if trained else ""
-        raise ValueError(
+        raise ConfigError(
             f"Tokenizer {tokenizer.path!r} has vocab size {tokenizer.vocab_size} but the model "
             f"expects {vocab_size}{reason}; set model.vocab_size={tokenizer.vocab_size} or point "
             "data.tokenizer at a matching model."

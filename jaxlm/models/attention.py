@@ -139,11 +139,13 @@ class Attention(nn.Module):
 
     def _extend_cache(self, k_BxSxKxE, v_BxSxKxE, segment_ids_BxS):
         """Write this call's keys/values at the cache index; return the whole cache."""
-        initialised = self.has_variable("cache", "key")
-        ck = self.variable("cache", "key", jnp.zeros, k_BxSxKxE.shape, k_BxSxKxE.dtype)
-        cv = self.variable("cache", "value", jnp.zeros, v_BxSxKxE.shape, v_BxSxKxE.dtype)
-        cs = self.variable("cache", "segment_ids", jnp.zeros, segment_ids_BxS.shape, jnp.int32)
-        idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        initialised = self.has_variable("cache", "cached_key")
+        ck = self.variable("cache", "cached_key", jnp.zeros, k_BxSxKxE.shape, k_BxSxKxE.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, v_BxSxKxE.shape, v_BxSxKxE.dtype)
+        cs = self.variable(
+            "cache", "cached_segment_ids", jnp.zeros, segment_ids_BxS.shape, jnp.int32
+        )
+        idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if not initialised:  # init only sizes the cache
             return k_BxSxKxE, v_BxSxKxE, segment_ids_BxS, 0
         i = idx.value

@@ -1,0 +1,350 @@
+"""Property tests of the Transformer LM: causality, packing, positions, attention kernels,
+logical axis names, weight tying, KV-cache decoding and mixed precision."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.config import ModelConfig, RunConfig, resolve
+from jaxlm.generate import generate
+from jaxlm.metrics import matmul_params
+from jaxlm.models.attention import attend
+from jaxlm.models.transformer import build_model
+from jaxlm.sharding import LOGICAL_RULES
+from jaxlm.train.state import param_count
+
+B, S, V = 2, 16, 64
+FAMILIES = ("gpt2", "llama")
+PARAM_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", None}
+
+
+def tiny_cfg(family: str, **overrides) -> ModelConfig:
+    """A resolved two-layer model; Llama gets fewer kv heads than query heads (GQA)."""
+    kw = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, init_std=0.1)
+    if family == "llama":
+        kw["n_kv_heads"] = 2
+    kw.update(overrides)
+    return resolve(RunConfig(model=ModelConfig(family=family, **kw))).model
+
+
+@functools.cache
+def init_params(cfg: ModelConfig, seed: int = 0):
+    """Unboxed float32 parameters (the tree does not depend on attention impl or dtype)."""
+    boxed = build_model(cfg).init(jax.random.PRNGKey(seed), jnp.zeros((1, S), jnp.int32))
+    return nn.unbox(boxed["params"])
+
+
+@functools.cache
+def forward_fn(cfg: ModelConfig):
+    """One jitted forward per config: (params, tokens, positions, segment_ids) -> logits."""
+    model = build_model(cfg)
+    return jax.jit(lambda p, t, pos, seg: model.apply({"params": p}, t, pos, seg))
+
+
+def forward(cfg, params, tokens_BxS, positions_BxS=None, segment_ids_BxS=None) -> np.ndarray:
+    tokens_BxS = jnp.asarray(tokens_BxS, jnp.int32)
+    if positions_BxS is None:
+        positions_BxS = np.broadcast_to(np.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
+    if segment_ids_BxS is None:
+        segment_ids_BxS = np.ones(tokens_BxS.shape, np.int32)
+    logits = forward_fn(cfg)(
+        params,
+        tokens_BxS,
+        jnp.asarray(positions_BxS, jnp.int32),
+        jnp.asarray(segment_ids_BxS, jnp.int32),
+    )
+    return np.asarray(logits.astype(jnp.float32))
+
+
+def random_tokens(seed: int, shape=(S,)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, V, size=shape).astype(np.int32)
+
+
+# --- causality and packing -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal_future_tokens_do_not_leak(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    tokens = random_tokens(0)
+    for t in (0, 6, S - 2):
+        changed = tokens.copy()
+        changed[t + 1 :] = (changed[t + 1 :] + 1 + np.arange(S - t - 1)) % V
+        logits = forward(cfg, params, np.stack([tokens, changed]))
+        np.testing.assert_allclose(logits[0, : t + 1], logits[1, : t + 1], atol=1e-6, rtol=0)
+        assert np.abs(logits[0, t + 1 :] - logits[1, t + 1 :]).max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal_gradients_vanish_towards_the_future(family):
+    """d logits[t] / d (input row used at position u) is nonzero exactly for u <= t."""
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    model = build_model(cfg)
+    tokens_1xS = np.random.default_rng(1).permutation(V)[:S][None].astype(np.int32)
+    # A table read only on the input side, with one distinct row per position: learned
+    # positions (GPT-2 ties the token embedding to the head), else the token embedding.
+    table, rows = (
+        ("pos_embed", np.arange(S)) if cfg.position == "learned" else ("embed", tokens_1xS[0])
+    )
+    t = 5
+
+    def logit_sum_at_t(weights):
+        p = {**params, table: {"embedding": weights}}
+        return model.apply({"params": p}, jnp.asarray(tokens_1xS))[0, t].sum()
+
+    grad = np.abs(np.asarray(jax.grad(logit_sum_at_t)(params[table]["embedding"]))).sum(-1)
+    assert np.all(grad[rows[: t + 1]] > 0)
+    assert np.all(grad[rows[t + 1 :]] == 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_documents_are_isolated(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    la, lb = 6, S - 6
+    doc_a, doc_b = random_tokens(2, (la,)), random_tokens(3, (lb,))
+    other_a = (doc_a + 7) % V
+    packed_seg = np.r_[np.ones(la), np.full(lb, 2)].astype(np.int32)
+    packed_pos = np.r_[np.arange(la), np.arange(lb)]
+    packed = forward(
+        cfg,
+        params,
+        np.stack([np.r_[doc_a, doc_b], np.r_[other_a, doc_b]]),
+        np.stack([packed_pos, packed_pos]),
+        np.stack([packed_seg, packed_seg]),
+    )
+    # Changing document A leaves B untouched (and does change A's own logits).
+    np.testing.assert_allclose(packed[0, la:], packed[1, la:], atol=1e-6, rtol=0)
+    assert np.abs(packed[0, :la] - packed[1, :la]).max() > 1e-4
+
+    # B packed behind A equals B alone at the start of a row followed by padding.
+    alone_tokens = np.r_[doc_b, np.zeros(la, np.int32)]
+    alone_seg = np.r_[np.ones(lb), np.zeros(la)].astype(np.int32)
+    alone = forward(
+        cfg,
+        params,
+        np.stack([alone_tokens, alone_tokens]),
+        np.stack([np.arange(S), np.arange(S)]),
+        np.stack([alone_seg, alone_seg]),
+    )
+    np.testing.assert_allclose(packed[0, la:], alone[0, :lb], atol=1e-5, rtol=0)
+
+    # Without segment ids B would see A: the isolation above is the mask's doing.
+    unmasked = forward(cfg, params, np.stack([np.r_[doc_a, doc_b]] * 2), np.stack([packed_pos] * 2))
+    assert np.abs(unmasked[0, la:] - alone[0, :lb]).max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_position_ids_matter(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    tokens = np.stack([random_tokens(4)] * 2)
+    pos = np.broadcast_to(np.arange(S), (B, S))
+    base = forward(cfg, params, tokens, pos)
+    spread = forward(cfg, params, tokens, 2 * pos)
+    assert np.abs(base - spread).max() > 1e-3
+    shifted = forward(cfg, params, tokens, pos + 5)
+    if cfg.position == "learned":
+        assert np.abs(base - shifted).max() > 1e-3
+    else:  # rotary attention sees only position differences
+        np.testing.assert_allclose(base, shifted, atol=1e-4, rtol=0)
+
+
+# --- attention implementations ---------------------------------------------------------------
+
+
+def _qkv(seed, b=2, s=12, h=4, k=2, e=8):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (
+        jax.random.normal(kq, (b, s, h, e)),
+        jax.random.normal(kk, (b, s, k, e)),
+        jax.random.normal(kv, (b, s, k, e)),
+    )
+
+
+SEGMENTS = jnp.asarray([[1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0], [1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3]])
+
+
+def _naive_attention(q, k, v, seg, causal):
+    """Per query loop in numpy: softmax over the keys it is allowed to see."""
+    q, k, v, seg = map(np.asarray, (q, k, v, seg))
+    b, s, h, e = q.shape
+    group = h // k.shape[2]
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for i in range(s):
+            allowed = (seg[bi] == seg[bi, i]) & (~causal | (np.arange(s) <= i))
+            for hi in range(h):
+                scores = k[bi, allowed, hi // group] @ q[bi, i, hi] / np.sqrt(e)
+                p = np.exp(scores - scores.max())
+                out[bi, i, hi] = (p / p.sum()) @ v[bi, allowed, hi // group]
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_impls_agree_with_naive_loop(causal):
+    q, k, v = _qkv(0)
+    kw = dict(q_segment_ids_BxS=SEGMENTS, kv_segment_ids_BxT=SEGMENTS, causal=causal)
+    expected = _naive_attention(q, k, v, SEGMENTS, causal)
+    for impl in ("reference", "xla"):
+        np.testing.assert_allclose(attend(q, k, v, impl=impl, **kw), expected, atol=1e-5)
+
+
+def test_attention_impls_have_equal_gradients():
+    q, k, v = _qkv(1)
+    cot = jax.random.normal(jax.random.PRNGKey(9), q.shape)
+    kw = dict(q_segment_ids_BxS=SEGMENTS, kv_segment_ids_BxT=SEGMENTS)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(attend(q, k, v, impl=impl, **kw) * cot)
+
+    ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
+    xla = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    for g_ref, g_xla in zip(ref, xla, strict=True):
+        assert float(jnp.abs(g_ref).max()) > 1e-3
+        np.testing.assert_allclose(g_ref, g_xla, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_attention_q_offset_continues_a_sequence(impl):
+    """The last query alone, offset to its index, equals the last row of full attention."""
+    q, k, v = _qkv(2)
+    full = attend(q, k, v, q_segment_ids_BxS=SEGMENTS, kv_segment_ids_BxT=SEGMENTS, impl=impl)
+    last = attend(
+        q[:, -1:],
+        k,
+        v,
+        q_segment_ids_BxS=SEGMENTS[:, -1:],
+        kv_segment_ids_BxT=SEGMENTS,
+        q_offset=q.shape[1] - 1,
+        impl=impl,
+    )
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-6)
+    no_offset = attend(
+        q[:, -1:], k, v, q_segment_ids_BxS=SEGMENTS[:, -1:], kv_segment_ids_BxT=SEGMENTS, impl=impl
+    )
+    assert float(jnp.abs(no_offset[:, 0] - full[:, -1]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_logits_equal_across_attention_impls(family):
+    cfg = tiny_cfg(family, attention="xla")
+    params = init_params(cfg)
+    tokens = np.stack([random_tokens(5), random_tokens(6)])
+    seg = np.stack([np.r_[np.ones(10), np.full(6, 2)], np.ones(S)]).astype(np.int32)
+    pos = np.stack([np.r_[np.arange(10), np.arange(6)], np.arange(S)])
+    xla = forward(cfg, params, tokens, pos, seg)
+    ref = forward(dataclasses.replace(cfg, attention="reference"), params, tokens, pos, seg)
+    np.testing.assert_allclose(xla, ref, atol=1e-5, rtol=0)
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_param_has_logical_axis_names(family):
+    cfg = tiny_cfg(family)
+    boxed = build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert len(leaves) == len(jax.tree.leaves(nn.unbox(boxed)))
+    rules = dict(LOGICAL_RULES)
+    for leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), type(leaf)
+        assert len(leaf.names) == leaf.value.ndim, (leaf.names, leaf.value.shape)
+        assert set(leaf.names) <= PARAM_AXES, leaf.names
+        assert all(n is None or n in rules for n in leaf.names)
+    assert boxed["embed"]["embedding"].names == ("vocab", "embed")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_tying(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    assert ("head" in params) == (not cfg.tie_embeddings)
+    if not cfg.tie_embeddings:
+        assert params["head"]["kernel"].shape == (cfg.d_model, cfg.vocab_size)
+    # Zeroing the embedding row of a token that is never an input zeroes its logit exactly
+    # when the head is the embedding.
+    unused = 0
+    tokens = np.stack([random_tokens(7) % (V - 1) + 1] * 2)
+    emb = params["embed"]["embedding"].at[unused].set(0.0)
+    logits = forward(cfg, {**params, "embed": {"embedding": emb}}, tokens)
+    if cfg.tie_embeddings:
+        assert np.all(logits[..., unused] == 0.0)
+    else:
+        assert np.abs(logits[..., unused]).min() > 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matmul_param_count_matches_the_tree(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    size = lambda pred: sum(int(x.size) for path, x in flat if pred(path[-1].key))
+    kernels, embedding = size(lambda n: n == "kernel"), size(lambda n: n == "embedding")
+    head_from_embedding = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
+    assert matmul_params(cfg) == kernels + head_from_embedding
+    # Everything else is lookups (token and learned position embeddings), norms and biases.
+    others = size(lambda n: n in ("scale", "bias"))
+    assert param_count(params) == kernels + embedding + others
+    n_pos = cfg.max_seq_len * cfg.d_model if cfg.position == "learned" else 0
+    assert embedding == cfg.vocab_size * cfg.d_model + n_pos
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_greedy_decode_equals_full_forward(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    prompt, n_new = random_tokens(8, (5,)).tolist(), 9
+    (decoded,) = generate(cfg, params, prompt, n_new)
+    assert len(decoded) == n_new
+
+    seq = list(prompt)
+    for _ in range(n_new):  # causality lets a padded row stand in for the prefix
+        row = np.array(seq + [0] * (S - len(seq)), np.int32)
+        logits = forward(cfg, params, np.stack([row, row]))
+        seq.append(int(np.argmax(logits[0, len(seq) - 1])))
+    assert decoded == seq[len(prompt) :]
+    assert len(set(decoded)) > 1, "a constant continuation would make this test weak"
+
+    # Greedy samples agree; eos truncates before the first eos.
+    assert generate(cfg, params, prompt, n_new, num_samples=2) == [decoded, decoded]
+    eos = decoded[3]
+    (cut,) = generate(cfg, params, prompt, n_new, eos_id=eos)
+    assert cut == decoded[: decoded.index(eos)]
+
+
+# --- precision -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_compute_is_close_to_float32(family):
+    cfg = tiny_cfg(family)
+    cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
+    params16 = nn.unbox(
+        build_model(cfg16).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    )
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))
+
+    params = init_params(cfg)
+    tokens = np.stack([random_tokens(9), random_tokens(10)])
+    raw16 = forward_fn(cfg16)(
+        params, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(S), (B, S)), jnp.ones((B, S), int)
+    )
+    assert raw16.dtype == jnp.bfloat16
+    lo, hi = np.asarray(raw16.astype(jnp.float32)), forward(cfg, params, tokens)
+    assert np.all(np.isfinite(lo))
+    scale = np.abs(hi).max()
+    assert np.abs(lo - hi).max() < 0.05 * scale
+    # Same argmax almost everywhere: bfloat16 keeps the model's predictions.
+    assert (lo.argmax(-1) == hi.argmax(-1)).mean() > 0.8
