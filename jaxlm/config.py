@@ -8,6 +8,7 @@ before anything touches JAX, and each problem is reported as one sentence naming
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -174,10 +175,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return None
         return _coerce(key, value, args[0])
     if value is None:
-        raise ConfigError(f"{key} may not be null; give a {typ.__name__} value.")
+        raise ConfigError(f"{key} may not be null; give it a value of type {typ.__name__}.")
     if typ is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
             return True
         if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
@@ -285,7 +288,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"Config file '{path}' is not valid YAML ({e}).") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(
+                f"Config file '{path}' is not valid YAML{where} (only plain YAML is accepted, "
+                f"no Python tags); fix the file there."
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(
                 f"Config file '{path}' must hold a mapping with sections like 'model:'."
@@ -396,7 +404,8 @@ def validate(cfg: RunConfig) -> None:
         _require(v == -1 or v >= 1, f"mesh.{k}={v} must be a positive size or -1 (the rest).")
     auto = [k for k in ("data", "fsdp", "tensor", "sequence") if getattr(mesh, k) == -1]
     _require(
-        len(auto) <= 1, f"Only one mesh axis may be -1, but {', '.join(auto)} are; fix all but one."
+        len(auto) <= 1,
+        f"Only one mesh axis may be -1, but {', '.join('mesh.' + a for a in auto)} are; fix all but one.",
     )
 
     _require(c.every_steps >= 0, f"checkpoint.every_steps={c.every_steps} must be >= 0.")
@@ -435,8 +444,7 @@ def describe() -> str:
         lines.append(f"{name}:  # {cls.__doc__}")
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
-            lines.append(
-                f"  {f.name}: {yaml.safe_dump(default).strip().removesuffix('...').strip()}"
-                f"  # {f.metadata.get('doc', '')}"
-            )
+            shown = json.dumps(default) if isinstance(default, str) else yaml.safe_dump(default)
+            shown = shown.strip().removesuffix("...").strip()
+            lines.append(f"  {f.name}: {shown}  # {f.metadata.get('doc', '')}")
     return "\n".join(lines)

@@ -11,9 +11,12 @@ from jaxlm.config import OptimizerConfig
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """0 -> lr over warmup_steps, then cosine down to lr * min_lr_ratio at total_steps."""
+    """Linear warmup to lr at warmup_steps, then cosine down to lr * min_lr_ratio at the end.
+
+    Warmup starts at lr / (warmup_steps + 1) rather than 0, so the first step is not wasted.
+    """
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
+        init_value=cfg.lr / (cfg.warmup_steps + 1),
         peak_value=cfg.lr,
         warmup_steps=cfg.warmup_steps,
         decay_steps=max(total_steps, cfg.warmup_steps + 1),
@@ -21,9 +24,20 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     )
 
 
+NO_DECAY = ("bias", "scale")
+
+
 def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices (kernels, embeddings) only; never on norm scales or biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices (kernels, embeddings) only; never on norm scales or biases.
+
+    Decided by name as well as rank: attention biases are [heads, head_dim], 2-D but biases.
+    """
+
+    def decays(path, p) -> bool:
+        name = getattr(path[-1], "key", None) if path else None
+        return name not in NO_DECAY and p.ndim >= 2
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
