@@ -193,13 +193,21 @@ def train(cfg: RunConfig, workdir: str | Path, *, progress: bool = True) -> dict
             elif is_main:
                 _log(f"step {done}: loss {float(last['loss']):.4f} {tok_s:,.0f} tok/s")
             pending, window_start, window_tokens = [], time.perf_counter(), 0
-        if eval_batches and t.eval_every and done % t.eval_every == 0 and done != t.steps:
+        do_eval = bool(eval_batches and t.eval_every and done % t.eval_every == 0)
+        do_eval = do_eval and done != t.steps
+        do_save = bool(cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
+        if do_eval or do_save:
+            jax.block_until_ready(state.step)  # finish training work before the pause clock
+        paused = time.perf_counter()
+        if do_eval:
             ev = evaluate(eval_fn, state.params, eval_batches, mesh)
             writer.write(done, ev, "eval")
             history["eval"].append((done, ev["loss"]))
             _log_eval(bar, done, ev)
-        if cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0:
+        if do_save:
             ckpt.save(done, state, train_iter, config_dict)
+        # Time spent evaluating or starting a save is not training time: keep it out of tok/s.
+        window_start += time.perf_counter() - paused
     if bar is not None:
         bar.close()
     final_eval = None
