@@ -89,7 +89,6 @@ def train(cfg: RunConfig, workdir: str | Path, *, progress: bool = True) -> dict
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.yaml").write_text(config_lib.to_yaml(cfg), encoding="utf-8")
     t, m = cfg.train, cfg.model
 
     # Everything that can fail on user input is checked before the first compilation.
@@ -117,6 +116,10 @@ def train(cfg: RunConfig, workdir: str | Path, *, progress: bool = True) -> dict
     schedule = lr_schedule(cfg.optimizer, t.steps)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
     latest = ckpt.latest_step()
+    if latest is not None:
+        check_resumable(ckpt.restore_config(latest), cfg, workdir)
+    if is_main:  # only now, after every check: a refused command must not touch the run
+        (workdir / "config.yaml").write_text(config_lib.to_yaml(cfg), encoding="utf-8")
     if latest is not None:
         abstract, shardings = state_shardings(model, tx, cfg.data.seq_len, mesh)
         state = ckpt.restore(latest, abstract_with_shardings(abstract, shardings), train_iter)
@@ -225,7 +228,7 @@ def train(cfg: RunConfig, workdir: str | Path, *, progress: bool = True) -> dict
     writer.close()
 
     samples = write_samples(cfg, state.params, data.tokenizer, workdir) if t.sample_tokens else {}
-    tok_s = float(np.median(throughput)) if throughput else float("nan")
+    tok_s = float(np.median(throughput)) if throughput else None
     return {
         "params": n_params,
         "flops_per_token": fpt,
@@ -236,6 +239,37 @@ def train(cfg: RunConfig, workdir: str | Path, *, progress: bool = True) -> dict
         "samples": samples,
         "state": state,
     }
+
+
+# Keys that fix the shapes or meaning of the saved state/data; everything else may change.
+RESUME_CRITICAL = (
+    "model",
+    "data.seq_len",
+    "data.corpus",
+    "data.tokenizer",
+    "data.seed",
+    "data.validation_fraction",
+    "data.doc_chars",
+    "train.batch_size",
+)
+
+
+def check_resumable(saved: dict[str, Any], cfg: RunConfig, workdir: Path) -> None:
+    """Refuse to resume a run whose checkpoint was written with an incompatible config."""
+    now = config_lib.to_dict(cfg)
+    for key in RESUME_CRITICAL:
+        section, _, name = key.partition(".")
+        old_v, new_v = saved.get(section, {}), now[section]
+        if name:
+            old_v, new_v = old_v.get(name), new_v[name]
+        if old_v != new_v:
+            if not name:  # name the first differing model field
+                diff = [k for k in new_v if old_v.get(k) != new_v[k]]
+                key, old_v, new_v = f"model.{diff[0]}", old_v.get(diff[0]), new_v[diff[0]]
+            raise ConfigError(
+                f"{key}={new_v!r} differs from the checkpoint in '{workdir}' ({old_v!r}), so "
+                f"the run can't resume; restore the old value or use a new --workdir."
+            )
 
 
 def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> dict[str, str]:
