@@ -12,7 +12,12 @@ import sys
 
 from jaxlm.config import ConfigError, describe, load_config
 
-OVERRIDE_HELP = "config overrides as section.key=value, e.g. model.n_layers=4 train.steps=200"
+OVERRIDE_HELP = "config overrides, e.g. model.n_layers=4 train.steps=200"
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    # Wide enough that every option's help stays on one line.
+    return argparse.HelpFormatter(prog, max_help_position=30, width=110)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
         prog="jaxlm",
+        formatter_class=_formatter,
         description="Train, evaluate and sample JAX/Flax language models, from a laptop CPU "
         "to a multi-host pod.",
     )
@@ -43,12 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-w",
         required=True,
         metavar="DIR",
-        help="run directory: config, tokenizer, metrics, checkpoints, samples",
+        help="run directory (config, tokenizer, metrics, checkpoints, samples)",
     )
     p.add_argument(
         "--no-progress",
         action="store_true",
-        help="log a line every train.log_every steps instead of a progress bar",
+        help="plain log lines instead of a progress bar",
     )
 
     p = sub.add_parser(
@@ -69,11 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load the newest checkpoint of a run and sample text.",
     )
     p.add_argument("--workdir", "-w", required=True, metavar="DIR", help="a run directory")
-    p.add_argument("--prompt", default="ROMEO.\n", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest (0: all)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--prompt", default="ROMEO.\n", metavar="TEXT", help="text to continue")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate"
+    )
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 means greedy")
+    p.add_argument(
+        "--top-k", type=int, default=40, metavar="K", help="sample among the k likeliest (0: all)"
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed")
+    for subparser in sub.choices.values():
+        subparser.formatter_class = _formatter
     return parser
 
 
