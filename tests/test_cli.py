@@ -1,0 +1,153 @@
+"""End-to-end checks of the `jaxlm` command line: help texts, a tiny real run, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxlm import cli
+from jaxlm.config import load_config
+from jaxlm.data.tokenizer import train_tokenizer
+
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.vocab_size=512",
+    "model.max_seq_len=32",
+    "data.seq_len=32",
+    "train.batch_size=8",
+    "train.steps=30",
+    "train.log_every=5",
+    "train.eval_every=15",
+    "train.eval_batches=2",
+    "train.sample_tokens=8",
+    "optimizer.lr=1e-2",
+    "optimizer.warmup_steps=3",
+    "checkpoint.every_steps=15",
+]
+
+
+def _help_lines(argv: list[str], capsys) -> list[str]:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_top_level_help_lists_every_command_on_one_line(capsys):
+    lines = _help_lines(["--help"], capsys)
+    for command in cli.COMMANDS:
+        matching = [ln for ln in lines if ln.strip().startswith(command + " ")]
+        assert len(matching) == 1, f"'{command}' should have exactly one help line"
+        assert len(matching[0].split(None, 1)) == 2, f"'{command}' has no description"
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "config"])
+def test_subcommand_help_gives_each_option_one_line(command, capsys):
+    lines = _help_lines([command, "--help"], capsys)
+    options = [ln for ln in lines if ln.startswith("  -")]
+    assert options, "no options listed"
+    for ln in options:
+        # "  --flag ARG   description": the description sits on the same line.
+        assert "  " in ln.strip(), f"option help wraps onto a second line: {ln!r}"
+
+
+def test_tiny_run_writes_everything_and_learns(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--workdir", str(workdir), "--no-progress", *TINY]) == 0
+    out = capsys.readouterr().out
+
+    for name in ("config.yaml", "metrics.jsonl", "tokenizer.model", "samples.txt"):
+        assert (workdir / name).is_file(), name
+    assert any((workdir / "tensorboard").iterdir()), "no TensorBoard event file"
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [15, 30]
+
+    # The saved config is the resolved one and reads back to the same config.
+    assert load_config(workdir / "config.yaml") == load_config(None, TINY)
+
+    records = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps == list(range(1, 31))
+    evals = {r["step"]: r["loss"] for r in records if r["split"] == "eval"}
+    assert sorted(evals) == [0, 15, 30]
+    assert evals[30] < evals[0] - 1.0, f"validation loss did not fall: {evals}"
+    assert all("tokens_per_sec" in r for r in records if r["split"] == "perf")
+
+    assert "--- greedy" in out and "--- sampled" in out
+    assert (workdir / "samples.txt").read_text().count("ROMEO.") == 2
+
+    # The run's newest checkpoint serves `jaxlm generate`.
+    assert (
+        cli.main(
+            [
+                "generate",
+                "-w",
+                str(workdir),
+                "--prompt",
+                "KING.",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("KING.")
+
+
+def _run_error(argv: list[str], capsys) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, f"expected one line, got: {err!r}"
+    return err
+
+
+def test_bad_value_fails_in_one_line_and_creates_nothing(tmp_path, capsys):
+    workdir = tmp_path / "never"
+    err = _run_error(["train", "-w", str(workdir), "model.n_heads=3"], capsys)
+    assert "model.n_heads=3" in err and "d_model" in err
+    assert not workdir.exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path, capsys):
+    err = _run_error(
+        ["train", "-w", str(tmp_path / "r"), "-c", str(tmp_path / "nope.yaml")], capsys
+    )
+    assert "nope.yaml" in err
+
+
+def test_mesh_larger_than_the_machine_is_refused(tmp_path, capsys):
+    err = _run_error(["train", "-w", str(tmp_path / "r"), "mesh.data=4", *TINY], capsys)
+    assert "4" in err and "device" in err
+
+
+def test_tokenizer_model_mismatch_is_refused_before_training(tmp_path, capsys):
+    text = ["To be, or not to be, that is the question."] * 200
+    tok = train_tokenizer(text, str(tmp_path / "small.model"), vocab_size=300)
+    workdir = tmp_path / "r"
+    err = _run_error(["train", "-w", str(workdir), f"data.tokenizer={tok.path}", *TINY], capsys)
+    assert "300" in err and "512" in err
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+
+
+def test_changed_model_does_not_resume_and_keeps_the_run(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    short = [
+        *TINY,
+        "train.steps=4",
+        "train.eval_every=0",
+        "train.sample_tokens=0",
+        "checkpoint.every_steps=0",
+    ]
+    assert cli.main(["train", "-w", str(workdir), "--no-progress", *short]) == 0
+    capsys.readouterr()
+    before = (workdir / "config.yaml").read_text()
+    err = _run_error(["train", "-w", str(workdir), *short, "model.n_layers=2"], capsys)
+    assert "model.n_layers" in err
+    assert (workdir / "config.yaml").read_text() == before
+    assert Path(workdir / "checkpoints" / "4").is_dir()
