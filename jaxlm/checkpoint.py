@@ -1,36 +1,75 @@
 """Orbax checkpoints: train state + Grain data-iterator position + resolved config, together.
 
-Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it on
-commit), and restore takes an abstract target carrying the *current* shardings, so a
-checkpoint written on one mesh comes back onto another.
+Saves are asynchronous and atomic: Orbax writes a step into `<step>.orbax-checkpoint-tmp-*`
+and renames it when every item is on disk, so a crash mid-save leaves only a temporary
+directory that is never mistaken for a checkpoint. Restore takes an abstract target carrying
+the *current* shardings, so a checkpoint written on one mesh comes back onto another.
+
+A step that exists but can't be read (a truncated or missing file) is reported and skipped
+in favour of the newest readable one. Training runs move such steps, and the temporary
+directories of interrupted saves, into `checkpoints.damaged/` beside the checkpoints: out
+of the way of new saves, yet nothing the user did not ask to delete is deleted.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxlm.config import CheckpointConfig
+from jaxlm.config import CheckpointConfig, ConfigError
 
 ITEMS = ("state", "data_iter", "config")
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `restore_latest` found: the step, its train state and its saved config."""
+
+    step: int
+    state: Any
+    config: dict[str, Any]
 
 
 class Checkpointer:
     """A thin, typed face over `ocp.CheckpointManager` for jaxlm runs."""
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        self.damaged_dir = self.directory.with_name(self.directory.name + ".damaged")
+        keep: list[Any] = [policies.LatestN(cfg.keep)]
+        if cfg.keep_every:
+            keep.append(policies.EveryNSteps(cfg.keep_every))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
-            save_interval_steps=1,  # the loop decides when to save
+            save_interval_steps=0 if read_only else 1,  # the loop decides when to save
+            preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=cfg.async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:  # Orbax warns that a read-only manager is read-only; we asked for it
+            absl_logger.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        finally:
+            absl_logger.setLevel(level)
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, oldest first (readable or not)."""
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None for a fresh run."""
@@ -54,6 +93,16 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"]
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Restore only the parameters (no optimizer state is read) onto their shardings."""
+        item = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        )
+        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
     def restore_config(self, step: int) -> dict[str, Any]:
         """The resolved config a checkpoint was written with."""
         restored = self.manager.restore(
@@ -61,11 +110,92 @@ class Checkpointer:
         )
         return restored["config"]
 
+    def restore_latest(
+        self,
+        abstract_state: Any,
+        data_iter: Any = None,
+        *,
+        check_config: Callable[[dict[str, Any]], None] | None = None,
+        move_damaged: bool = False,
+        params_only: bool = False,
+        log: Callable[[str], None] = print,
+    ) -> Restored | None:
+        """Restore the newest readable step (None if there is no checkpoint at all).
+
+        `check_config` sees each candidate's saved config before its state is read, so a
+        config that can't resume is refused (ConfigError) rather than mistaken for damage.
+        With `params_only`, `abstract_state` is the parameter tree and so is `state`.
+        """
+        if move_damaged:
+            self._move_interrupted_saves(log)
+        steps = self.all_steps()
+        damaged: list[int] = []
+        for step in reversed(steps):
+            config, state, error = None, None, None
+            try:
+                config = self.restore_config(step)
+            except Exception as e:  # any failure to read it means "damaged"
+                error = e
+            if _everywhere(config is not None):
+                if check_config is not None:
+                    check_config(config)
+                try:
+                    if params_only:
+                        state = self.restore_params(step, abstract_state)
+                    else:
+                        state = self.restore(step, abstract_state, data_iter)
+                except Exception as e:  # (tensorstore raises plain Exceptions)
+                    error = e
+            if _everywhere(state is not None):
+                if damaged and move_damaged:
+                    self._move_aside(damaged, log)
+                return Restored(step=step, state=state, config=config)
+            damaged.append(step)
+            log(
+                f"Checkpoint step {step} in {self.directory} is unreadable "
+                f"({_first_line(error)}); trying an older one."
+            )
+        if damaged:
+            raise ConfigError(
+                f"None of the checkpoints in {self.directory} (steps "
+                f"{', '.join(map(str, steps))}) can be read; move that directory away to "
+                f"start the run afresh."
+            )
+        return None
+
+    def _move_interrupted_saves(self, log: Callable[[str], None]) -> None:
+        """Move temporary directories of saves that never committed out of the way."""
+        if jax.process_index() == 0 and self.directory.is_dir():
+            for path in sorted(self.directory.iterdir()):
+                if TMP_MARKER in path.name:
+                    dest = self._park(path)
+                    log(f"An interrupted save ({path.name}) was moved to {dest}.")
+        _sync("jaxlm_checkpoint_tmp")
+
+    def _move_aside(self, steps: list[int], log: Callable[[str], None]) -> None:
+        """Move damaged steps into the damaged directory (process 0), then re-scan."""
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in steps:
+                dest = self._park(self.directory / str(step))
+                log(f"Moved unreadable checkpoint step {step} to {dest}.")
+        _sync("jaxlm_checkpoint_damaged")
+        self.manager.reload()
+
+    def _park(self, path: Path) -> Path:
+        self.damaged_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.damaged_dir / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while dest.exists():
+            dest = dest.with_name(dest.name + "+")
+        shutil.move(str(path), str(dest))
+        return dest
+
     def wait(self) -> None:
         """Block until any background save has committed."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finish background saves and release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
@@ -75,3 +205,26 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
+
+
+def _everywhere(ok: bool) -> bool:
+    """True only if `ok` holds on every process (so all pick the same checkpoint)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _first_line(error: BaseException | None) -> str:
+    if error is None:
+        return "unreadable on another process"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__

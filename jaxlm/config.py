@@ -31,22 +31,34 @@ FAMILY_DEFAULTS = {
     "gpt2": dict(norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, bias=True),
     "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=False, bias=False),
 }
-ATTENTION_IMPLS = ("reference", "xla")
+# Recurrent families mix time with a recurrence instead of attention, so the attention and
+# position options are unused (left null). `hawk` is the RG-LRU model of De et al. (2024).
+RECURRENT_DEFAULTS = {
+    "lstm": dict(norm="layernorm", tie_embeddings=True, bias=True),
+    "gru": dict(norm="layernorm", tie_embeddings=True, bias=True),
+    "hawk": dict(norm="rmsnorm", mlp="swiglu", tie_embeddings=True, bias=False),
+}
+ATTENTION_IMPLS = ("reference", "xla", "cudnn", "pallas", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the decoder-only Transformer LM."""
+    """Architecture of the language model: a decoder-only Transformer or a recurrent LM."""
 
-    family: str = _f("llama", "gpt2 | llama: fills in the options left at null below")
+    family: str = _f(
+        "llama", "gpt2 | llama (Transformers), lstm | gru | hawk (recurrent): fills in nulls"
+    )
     vocab_size: int = _f(2048, "tokenizer vocabulary size; must equal the tokenizer's")
     d_model: int = _f(256, "residual stream width")
-    n_layers: int = _f(4, "number of Transformer blocks")
-    n_heads: int = _f(4, "query heads; must divide d_model")
+    n_layers: int = _f(4, "number of Transformer blocks or recurrent layers")
+    n_heads: int = _f(4, "query heads; must divide d_model (hawk: blocks of the RG-LRU gates)")
     n_kv_heads: int | None = _f(None, "key/value heads for grouped-query attention (null: n_heads)")
     d_ff: int | None = _f(None, "MLP hidden width (null: 4*d_model for gelu, ~8/3*d_model swiglu)")
-    max_seq_len: int = _f(256, "longest sequence the model accepts (size of learned positions)")
+    max_seq_len: int = _f(
+        256, "longest sequence a Transformer accepts (learned positions); recurrent: no limit"
+    )
     norm: str | None = _f(None, "layernorm | rmsnorm (null: family default)")
     position: str | None = _f(None, "learned | rope (null: family default)")
     mlp: str | None = _f(None, "gelu | swiglu (null: family default)")
@@ -56,8 +68,26 @@ class ModelConfig:
     norm_eps: float = _f(1e-5, "epsilon inside LayerNorm/RMSNorm")
     dropout: float = _f(0.0, "dropout rate on residual branches and embeddings")
     init_std: float = _f(0.02, "std of the normal initialiser (output projections scaled by depth)")
-    attention: str = _f("xla", "attention implementation: reference | xla")
+    attention: str = _f(
+        "xla", "attention implementation: reference | xla | cudnn | pallas | auto (best on device)"
+    )
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16 | float16 (params stay float32)")
+    rnn_residual: bool = _f(True, "lstm/gru: add each recurrent layer's input to its output")
+    rnn_width: int | None = _f(
+        None, "hawk: width of the RG-LRU state (null: ~4/3*d_model, a multiple of 8*n_heads)"
+    )
+    conv_width: int = _f(4, "hawk: taps of the causal depthwise conv before the RG-LRU")
+
+    @property
+    def recurrent(self) -> bool:
+        return self.family in RECURRENT_DEFAULTS
+
+    @property
+    def rnn_dim(self) -> int:
+        if self.rnn_width:
+            return self.rnn_width
+        m = 8 * self.n_heads  # whole gate blocks of a tidy size
+        return m * -(-4 * self.d_model // (3 * m))
 
     @property
     def head_dim(self) -> int:
@@ -121,6 +151,8 @@ class CheckpointConfig:
     every_steps: int = _f(500, "save every N steps (0: only at the end)")
     keep: int = _f(3, "keep the newest N checkpoints")
     async_save: bool = _f(True, "write checkpoints in the background")
+    every_minutes: float = _f(30.0, "also save after this many minutes without a save (0: off)")
+    keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of N (0: off)")
 
 
 @dataclass(frozen=True)
@@ -139,6 +171,7 @@ class TrainConfig:
     sample_tokens: int = _f(64, "tokens generated for each end-of-training sample")
     temperature: float = _f(0.8, "sampling temperature of the sampled continuation")
     top_k: int = _f(40, "top-k of the sampled continuation (0: off)")
+    nan_policy: str = _f("stop", "non-finite loss or grad norm: stop (the run) | skip (the update)")
 
 
 @dataclass(frozen=True)
@@ -310,11 +343,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def resolve(cfg: RunConfig) -> RunConfig:
     """Fill the model options left at null from the family's defaults."""
     m = cfg.model
-    if m.family not in FAMILY_DEFAULTS:
+    families = {**FAMILY_DEFAULTS, **RECURRENT_DEFAULTS}
+    if m.family not in families:
         raise ConfigError(
-            f"model.family={m.family!r} is not known; use one of {', '.join(FAMILY_DEFAULTS)}."
+            f"model.family={m.family!r} is not known; use one of {', '.join(families)}."
         )
-    fill = {k: v for k, v in FAMILY_DEFAULTS[m.family].items() if getattr(m, k) is None}
+    fill = {k: v for k, v in families[m.family].items() if getattr(m, k) is None}
     return dataclasses.replace(cfg, model=dataclasses.replace(m, **fill))
 
 
@@ -337,13 +371,19 @@ def validate(cfg: RunConfig) -> None:
     m, d, o, t, c, mesh = cfg.model, cfg.data, cfg.optimizer, cfg.train, cfg.checkpoint, cfg.mesh
     _positive(m, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"))
     _positive(m, "model", ("max_seq_len", "rope_theta", "norm_eps", "init_std"))
+    _positive(m, "model", ("rnn_width", "conv_width"))
     _require(
-        m.d_model % m.n_heads == 0,
+        m.family != "hawk" or m.rnn_dim % m.n_heads == 0,
+        f"model.n_heads={m.n_heads} does not divide model.rnn_width={m.rnn_dim}; "
+        f"choose an rnn_width that n_heads divides.",
+    )
+    _require(
+        m.recurrent or m.d_model % m.n_heads == 0,
         f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
         f"choose n_heads that divides d_model.",
     )
     _require(
-        m.n_heads % m.kv_heads == 0,
+        m.recurrent or m.n_heads % m.kv_heads == 0,
         f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads}; "
         f"choose n_kv_heads that divides n_heads.",
     )
@@ -355,11 +395,13 @@ def validate(cfg: RunConfig) -> None:
         ("dtype", DTYPES),
     ):
         v = getattr(m, key)
+        if v is None and m.recurrent:  # an option this family does not use
+            continue
         _require(
             v in allowed, f"model.{key}={v!r} is not supported; use one of {', '.join(allowed)}."
         )
     _require(
-        m.position != "rope" or m.head_dim % 2 == 0,
+        m.recurrent or m.position != "rope" or m.head_dim % 2 == 0,
         f"Rotary positions need an even head dimension, but d_model/n_heads = {m.head_dim}; "
         f"change model.d_model or model.n_heads.",
     )
@@ -372,7 +414,7 @@ def validate(cfg: RunConfig) -> None:
 
     _positive(d, "data", ("seq_len", "doc_chars"))
     _require(
-        d.seq_len <= m.max_seq_len,
+        m.recurrent or d.seq_len <= m.max_seq_len,
         f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
         f"raise model.max_seq_len or lower data.seq_len.",
     )
@@ -409,6 +451,17 @@ def validate(cfg: RunConfig) -> None:
     )
 
     _require(c.every_steps >= 0, f"checkpoint.every_steps={c.every_steps} must be >= 0.")
+    _require(c.every_minutes >= 0, f"checkpoint.every_minutes={c.every_minutes} must be >= 0.")
+    _require(c.keep_every >= 0, f"checkpoint.keep_every={c.keep_every} must be >= 0.")
+    _require(
+        not (c.keep_every and c.every_steps) or c.keep_every % c.every_steps == 0,
+        f"checkpoint.keep_every={c.keep_every} is not a multiple of checkpoint.every_steps="
+        f"{c.every_steps}, so those steps are never saved; make it a multiple.",
+    )
+    _require(
+        t.nan_policy in NAN_POLICIES,
+        f"train.nan_policy={t.nan_policy!r} is not supported; use one of {', '.join(NAN_POLICIES)}.",
+    )
     _positive(c, "checkpoint", ("keep",))
 
     _positive(t, "train", ("steps", "batch_size", "microbatches", "log_every"))

@@ -1,4 +1,4 @@
-"""Load a finished (or running) training run for evaluation and sampling."""
+"""Load a finished (or running) training run, or an export of one, for evaluation and sampling."""
 
 from __future__ import annotations
 
@@ -6,20 +6,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import jax
-
-from jaxlm.checkpoint import Checkpointer, abstract_with_shardings
-from jaxlm.config import ConfigError, MeshConfig, RunConfig, load_config
+from jaxlm.config import ConfigError, RunConfig, load_config
 from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.models.transformer import build_model
-from jaxlm.sharding import make_mesh
-from jaxlm.train.optimizer import make_optimizer
-from jaxlm.train.state import state_shardings
+from jaxlm.export import EXPORT_INFO, load_exported, restore_params
 
 
 @dataclasses.dataclass
 class Run:
-    """A run's config, its latest parameters and its tokenizer."""
+    """A run's config, its parameters (float32, on one device) and its tokenizer."""
 
     cfg: RunConfig
     params: Any
@@ -27,23 +21,19 @@ class Run:
     step: int
 
 
-def load_run(workdir: str | Path) -> Run:
-    """Restore the newest checkpoint of `workdir` onto the local devices."""
+def load_run(workdir: str | Path, step: int | None = None) -> Run:
+    """Restore a run directory's checkpoint (newest readable by default) or an export."""
     workdir = Path(workdir)
     cfg_path = workdir / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"'{workdir}' holds no config.yaml; pass the --workdir of a jaxlm run.")
     cfg = load_config(cfg_path)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    step = ckpt.latest_step()
-    if step is None:
-        raise ConfigError(f"'{workdir}' has no checkpoint yet; train it first (jaxlm train).")
-    tok_path = cfg.data.tokenizer or str(workdir / "tokenizer.model")
-    tokenizer = Tokenizer.load(tok_path)
-    mesh = make_mesh(MeshConfig(data=-1), jax.local_devices()[:1])
-    model = build_model(cfg.model)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    abstract, shardings = state_shardings(model, tx, cfg.data.seq_len, mesh)
-    state = ckpt.restore(step, abstract_with_shardings(abstract, shardings))
-    ckpt.close()
-    return Run(cfg=cfg, params=state.params, tokenizer=tokenizer, step=step)
+    # An export carries its own copy of the tokenizer; a run trained here caches it too.
+    local = workdir / "tokenizer.model"
+    use_local = local.is_file() or not cfg.data.tokenizer
+    tokenizer = Tokenizer.load(str(local) if use_local else cfg.data.tokenizer)
+    if (workdir / EXPORT_INFO).is_file():
+        params, saved_step = load_exported(workdir, cfg)
+    else:
+        params, saved_step = restore_params(workdir, cfg, step)
+    return Run(cfg=cfg, params=params, tokenizer=tokenizer, step=saved_step)

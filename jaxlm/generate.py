@@ -1,5 +1,8 @@
 """Autoregressive decoding with a KV cache: prefill the prompt once, then one token a step.
 
+Recurrent models use the same path: their `cache` holds the carried state instead of keys
+and values, so each new token costs O(1) whatever the length.
+
 The whole decode (prefill + `lax.scan` over new tokens) is one jit-compiled function, so a
 sample costs one compilation and no per-token Python dispatch.
 """
@@ -85,7 +88,10 @@ def generate(
     """Continue one prompt `num_samples` times; each continuation stops before EOS."""
     if max_new_tokens <= 0:
         return [[] for _ in range(num_samples)]
-    room = cfg.max_seq_len - max_new_tokens
+    if cfg.recurrent:  # a carried state of fixed size: no length limit
+        room = max(len(prompt_ids), 1)
+    else:
+        room = cfg.max_seq_len - max_new_tokens
     if room < 1:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} leaves no room for the prompt within "

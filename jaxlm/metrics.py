@@ -17,10 +17,29 @@ def matmul_params(cfg: ModelConfig) -> int:
     The input embedding is a lookup, not a matmul, so it is excluded (a tied head is counted
     once, as the head).
     """
+    if cfg.recurrent:
+        return _recurrent_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
     d, e = cfg.d_model, cfg.head_dim
     attn = d * cfg.n_heads * e * 2 + d * cfg.kv_heads * e * 2  # q, out; k, v
     mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.ff_dim
     return cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
+
+
+def _recurrent_matmul_params(cfg: ModelConfig) -> int:
+    """Multiply-add weights per token of the recurrent layers (see jaxlm.models.rnn/hawk).
+
+    LSTM/GRU: input and recurrent kernels, d x gates x d each. Hawk: gate, input and output
+    projections, the two block-diagonal RG-LRU gates (n_heads blocks of E x E), the
+    depthwise conv taps (one multiply-add each per token) and the MLP.
+    """
+    d = cfg.d_model
+    if cfg.family in ("lstm", "gru"):
+        gates = 4 if cfg.family == "lstm" else 3
+        return cfg.n_layers * 2 * d * gates * d
+    r = cfg.rnn_dim
+    rg_lru = 2 * r * (r // cfg.n_heads)
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.ff_dim
+    return cfg.n_layers * (3 * d * r + rg_lru + cfg.conv_width * r + mlp)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
@@ -31,6 +50,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     compare with MaxText/nanoGPT reports; the work a causal kernel can skip is half that.
     """
     mult = 6 if training else 2
+    if cfg.recurrent:  # no attention; the elementwise recurrence is O(width), left out
+        return float(mult * matmul_params(cfg))
     attn = (12 if training else 4) * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
     return float(mult * matmul_params(cfg) + attn)
 

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.config import ConfigError, MeshConfig
+from jaxlm.config import ConfigError, MeshConfig, RunConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
@@ -31,12 +31,14 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("rnn", "tensor"),  # recurrent state width (LSTM/GRU/RG-LRU channels)
     ("batch", BATCH_AXES),
     ("length", "sequence"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("act_rnn", "tensor"),
 )
 
 
@@ -89,9 +91,38 @@ def mesh_context(mesh: Mesh):
 
 
 def logical_sharding(boxed_tree: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a tree whose leaves may be `nn.Partitioned` (abstract or real)."""
+    """NamedShardings for a tree whose leaves may be `nn.Partitioned` (abstract or real).
+
+    A dimension its mesh axes can't split evenly is replicated instead. `validate_mesh`
+    refuses every such case up front except one it allows on purpose: fewer key/value
+    heads than `tensor` devices (grouped-query attention), where each tensor shard keeps
+    all kv heads, as Megatron does.
+    """
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+    return jax.tree.map(
+        lambda s, leaf: _fit(s, np.shape(nn.unbox(leaf))),
+        shardings,
+        boxed_tree,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def _fit(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """Drop the mesh axes of every dimension they don't divide."""
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    fitted = tuple(
+        axes if n % _axes_size(sharding.mesh, axes) == 0 else None
+        for n, axes in zip(shape, spec, strict=True)
+    )
+    return sharding if fitted == spec else NamedSharding(sharding.mesh, P(*fitted))
+
+
+def _axes_size(mesh: Mesh, axes: Any) -> int:
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in names)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -119,6 +150,33 @@ def check_divisibility(mesh: Mesh, global_batch: int, microbatches: int) -> None
             f"{per_micro} rows, which the {dp} data-parallel devices (mesh data*fsdp) can't "
             f"divide; use a batch size that is a multiple of {dp * microbatches}."
         )
+
+
+def validate_mesh(cfg: RunConfig, mesh: Mesh, process_count: int | None = None) -> None:
+    """Refuse sizes the mesh axes can't split evenly, one sentence each, before compiling."""
+    m, sizes = cfg.model, dict(mesh.shape)
+    check_divisibility(mesh, cfg.train.batch_size, cfg.train.microbatches)
+    dp = data_parallel_size(mesh)
+    n_proc = jax.process_count() if process_count is None else process_count
+    if dp % n_proc:
+        raise ConfigError(
+            f"The batch is split {dp} ways (mesh data*fsdp) but {n_proc} processes each load "
+            f"their own rows; make data*fsdp a multiple of {n_proc}."
+        )
+    checks = [
+        ("model.vocab_size", m.vocab_size, "tensor"),
+        ("model.d_model", m.d_model, "fsdp"),
+        ("data.seq_len", cfg.data.seq_len, "sequence"),
+    ]
+    if not getattr(m, "recurrent", False):  # recurrent layers have no heads to split
+        checks += [("model.n_heads", m.n_heads, "tensor"), ("model.d_ff", m.ff_dim, "tensor")]
+    for name, value, axis in checks:
+        if value % sizes[axis]:
+            raise ConfigError(
+                f"{name}={value} can't be split evenly over mesh.{axis}={sizes[axis]}; "
+                f"make {name} a multiple of {sizes[axis]} or change mesh.{axis}."
+            )
+    # kv_heads % tensor != 0 is allowed: logical_sharding replicates those heads instead.
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

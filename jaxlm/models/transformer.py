@@ -13,7 +13,9 @@ import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import Attention
+from jaxlm.models.hawk import HawkLM
 from jaxlm.models.layers import Dense, Mlp, Norm, dtype_of, normal_init
+from jaxlm.models.rnn import RecurrentLM
 
 
 class Block(nn.Module):
@@ -105,5 +107,9 @@ class TransformerLM(nn.Module):
 
 
 def build_model(cfg: ModelConfig, decode: bool = False) -> nn.Module:
-    """The language model a ModelConfig describes."""
+    """The language model a ModelConfig describes (Transformer or recurrent family)."""
+    if cfg.family == "hawk":
+        return HawkLM(cfg, decode=decode)
+    if cfg.recurrent:
+        return RecurrentLM(cfg, decode=decode)
     return TransformerLM(cfg, decode=decode)

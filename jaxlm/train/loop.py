@@ -4,6 +4,11 @@ Everything a run writes lives in its workdir:
   config.yaml       the resolved config          tokenizer.model/.vocab  (when trained here)
   metrics.jsonl     one JSON record per log/eval  tensorboard/            event files
   checkpoints/      Orbax steps                   samples.txt             end-of-run samples
+  checkpoints.damaged/  unreadable steps and interrupted saves, moved aside (never deleted)
+
+Started again on the same workdir, a run resumes from its newest readable checkpoint and
+continues bitwise as if it had never stopped; metrics logged after that checkpoint are
+dropped from metrics.jsonl because the resumed run logs those steps again.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +31,13 @@ from jaxlm.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from jaxlm.generate import generate
 from jaxlm.metrics import MetricsWriter, flops_per_token
 from jaxlm.models.transformer import build_model
-from jaxlm.sharding import check_divisibility, make_mesh, put_batch
+from jaxlm.sharding import make_mesh, put_batch, validate_mesh
+from jaxlm.train.guard import NonFiniteError, StepBoundary, skip_nonfinite, tree_all_finite
 from jaxlm.train.optimizer import lr_schedule, make_optimizer
+from jaxlm.train.resume import changed_settings, check_resumable, rewind_metrics
 from jaxlm.train.state import init_train_state, param_count, state_shardings
 from jaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from jaxlm.train.steplog import StepLog
 
 
 @dataclasses.dataclass
@@ -83,8 +91,18 @@ def _log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def train(cfg: RunConfig, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run in `workdir`; returns a summary of what happened."""
+def train(
+    cfg: RunConfig,
+    workdir: str | Path,
+    *,
+    progress: bool = True,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir`; returns a summary of what happened.
+
+    Setting `stop` (the CLI does on SIGTERM/SIGINT) saves a checkpoint at the next step
+    boundary and returns early with `stopped_at` set to that step.
+    """
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
     if is_main:
@@ -93,7 +111,7 @@ def train(cfg: RunConfig, workdir: str | Path, *, progress: bool = True) -> dict
 
     # Everything that can fail on user input is checked before the first compilation.
     mesh = make_mesh(cfg.mesh)
-    check_divisibility(mesh, t.batch_size, t.microbatches)
+    validate_mesh(cfg, mesh)
     data = prepare_corpus(cfg, workdir)
     if not data.train_docs:
         raise ConfigError(f"data.corpus={cfg.data.corpus!r} produced no training documents.")
@@ -115,161 +133,153 @@ def train(cfg: RunConfig, workdir: str | Path, *, progress: bool = True) -> dict
     tx = make_optimizer(cfg.optimizer, t.steps)
     schedule = lr_schedule(cfg.optimizer, t.steps)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        check_resumable(ckpt.restore_config(latest), cfg, workdir)
+    abstract, shardings = state_shardings(model, tx, cfg.data.seq_len, mesh)
+    # The newest readable checkpoint, its config checked first; damaged newer ones are moved
+    # aside. This also puts the data iterator back where that checkpoint left it.
+    restored = ckpt.restore_latest(
+        abstract_with_shardings(abstract, shardings),
+        train_iter,
+        check_config=lambda saved: check_resumable(saved, cfg, workdir),
+        move_damaged=True,
+        log=_log,
+    )
     if is_main:  # only now, after every check: a refused command must not touch the run
         (workdir / "config.yaml").write_text(config_lib.to_yaml(cfg), encoding="utf-8")
-    if latest is not None:
-        abstract, shardings = state_shardings(model, tx, cfg.data.seq_len, mesh)
-        state = ckpt.restore(latest, abstract_with_shardings(abstract, shardings), train_iter)
-        _log(f"Resumed from checkpoint step {latest} in {ckpt.directory}")
+        resumed_at = -1 if restored is None else restored.step
+        dropped = rewind_metrics(workdir / "metrics.jsonl", resumed_at)
+        if dropped:
+            _log(f"Dropped {dropped} metrics records written after step {max(resumed_at, 0)}.")
+    if restored is not None:
+        state = restored.state
+        _log(f"Resumed from checkpoint step {restored.step} in {ckpt.directory}")
+        changes = changed_settings(restored.config, cfg)
+        if changes:
+            _log("Settings changed since that checkpoint: " + "; ".join(changes))
     else:
-        state, shardings = init_train_state(model, tx, cfg.data.seq_len, t.seed, mesh)
+        state, _ = init_train_state(model, tx, cfg.data.seq_len, t.seed, mesh)
 
     n_params = param_count(state.params)
     fpt = flops_per_token(m, cfg.data.seq_len)
-    tokens_per_step = t.batch_size * cfg.data.seq_len
+    start_step = int(jax.device_get(state.step))
+    summary: dict[str, Any] = {
+        "params": n_params,
+        "flops_per_token": fpt,
+        "start_step": start_step,
+        "stopped_at": None,
+    }
+    if start_step >= t.steps:
+        ckpt.close()
+        _log(f"The run is complete at step {start_step}; raise train.steps to train further.")
+        return {**summary, "tokens_per_sec": None, "state": state}
     _log(
         f"jaxlm: {m.family} model, {n_params / 1e6:.2f}M parameters, "
         f"{fpt / 1e6:.1f} MFLOPs/token (training), {len(jax.devices())} device(s) "
         f"mesh {dict(mesh.shape)}, {len(data.train_docs)} train / {len(data.val_docs)} val docs"
     )
 
-    step_fn = jit_train_step(
-        make_train_step(
-            model,
-            tx,
-            microbatches=t.microbatches,
-            z_loss=t.z_loss,
-            dropout=m.dropout > 0,
-            schedule=schedule,
-        ),
-        shardings,
-        mesh,
+    step_fn = make_train_step(
+        model,
+        tx,
+        microbatches=t.microbatches,
+        z_loss=t.z_loss,
+        dropout=m.dropout > 0,
+        schedule=schedule,
     )
+    if t.nan_policy == "skip":
+        step_fn = skip_nonfinite(step_fn)
+    step_fn = jit_train_step(step_fn, shardings, mesh)
     eval_fn = jit_eval_step(make_eval_step(model), shardings.params, mesh)
     writer = MetricsWriter(workdir, enabled=is_main)
     config_dict = config_lib.to_dict(cfg)
-
-    start_step = int(jax.device_get(state.step))
-    history: dict[str, list] = {"eval": []}
     bar = _progress_bar(progress and is_main, start_step, t.steps)
-    pending: list[tuple[int, Any]] = []
-    window_start, window_tokens, throughput = time.perf_counter(), 0, []
-    first_eval = None
-    if start_step == 0 and eval_batches:
-        first_eval = evaluate(eval_fn, state.params, eval_batches, mesh)
-        writer.write(0, first_eval, "eval")
-        history["eval"].append((0, first_eval["loss"]))
-        _log(f"step 0: val loss {first_eval['loss']:.4f}")
-    for step in range(start_step, t.steps):
-        batch = put_batch(next(train_iter), mesh)
-        state, metrics = step_fn(state, batch)
-        pending.append((step + 1, metrics))
-        window_tokens += tokens_per_step
-        done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
-            # Reading metrics blocks on the device; doing it every log_every steps keeps
-            # dispatch asynchronous in between.
-            values = jax.device_get([mt for _, mt in pending])
-            elapsed = time.perf_counter() - window_start
-            tok_s = window_tokens / max(elapsed, 1e-9)
-            if step + 1 - len(pending) > start_step:  # skip the window holding compilation
-                throughput.append(tok_s)
-            for (s, _), v in zip(pending, values, strict=True):
-                writer.write(s, v, "train")
-            last = values[-1]
-            writer.write(
-                done,
-                {
-                    "tokens_per_sec": tok_s,
-                    "tflops_per_sec_per_device": tok_s * fpt / 1e12 / len(jax.devices()),
-                },
-                "perf",
-            )
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{float(last['loss']):.3f}", tok_s=f"{tok_s:,.0f}", refresh=False
-                )
-                bar.update(len(pending))
-            elif is_main:
-                _log(f"step {done}: loss {float(last['loss']):.4f} {tok_s:,.0f} tok/s")
-            pending, window_start, window_tokens = [], time.perf_counter(), 0
-        do_eval = bool(eval_batches and t.eval_every and done % t.eval_every == 0)
-        do_eval = do_eval and done != t.steps
-        do_save = bool(cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
-        if do_eval or do_save:
-            jax.block_until_ready(state.step)  # finish training work before the pause clock
-        paused = time.perf_counter()
-        if do_eval:
-            ev = evaluate(eval_fn, state.params, eval_batches, mesh)
-            writer.write(done, ev, "eval")
-            history["eval"].append((done, ev["loss"]))
-            _log_eval(bar, done, ev)
-        if do_save:
-            ckpt.save(done, state, train_iter, config_dict)
-        # Time spent evaluating or starting a save is not training time: keep it out of tok/s.
-        window_start += time.perf_counter() - paused
-    if bar is not None:
-        bar.close()
-    final_eval = None
-    if eval_batches:
-        final_eval = evaluate(eval_fn, state.params, eval_batches, mesh)
-        writer.write(t.steps, final_eval, "eval")
-        history["eval"].append((t.steps, final_eval["loss"]))
-        _log(
-            f"step {t.steps}: val loss {final_eval['loss']:.4f} "
-            f"(perplexity {final_eval['perplexity']:.1f})"
-        )
-    if ckpt.latest_step() != t.steps:
-        ckpt.save(t.steps, state, train_iter, config_dict)
-    ckpt.close()
-    writer.close()
+    log = StepLog(writer, bar, start_step, t.batch_size * cfg.data.seq_len, fpt, t.nan_policy)
+    boundary = StepBoundary(stop, cfg.checkpoint.every_minutes)
+    last_saved = None if restored is None else restored.step
+    history: list[tuple[int, float]] = []
 
-    samples = write_samples(cfg, state.params, data.tokenizer, workdir) if t.sample_tokens else {}
-    tok_s = float(np.median(throughput)) if throughput else None
+    def run_eval(step: int) -> dict[str, float]:
+        ev = evaluate(eval_fn, state.params, eval_batches, mesh)
+        writer.write(step, ev, "eval")
+        history.append((step, ev["loss"]))
+        _log_eval(bar, step, ev)
+        return ev
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        if not bool(tree_all_finite(state)):
+            raise NonFiniteError(
+                f"The train state at step {step} holds non-finite values, so it was not saved "
+                f"(last checkpoint: {last_saved}); lower optimizer.lr or raise warmup_steps."
+            )
+        ckpt.save(step, state, train_iter, config_dict)
+        boundary.saved()
+        last_saved = step
+
+    first_eval = final_eval = None
+    every = cfg.checkpoint.every_steps
+    wait_for_saves = True
+    try:
+        if start_step == 0 and eval_batches:
+            first_eval = run_eval(0)
+        for step in range(start_step, t.steps):
+            state, metrics = step_fn(state, put_batch(next(train_iter), mesh))
+            done = step + 1
+            log.add(done, metrics)
+            stop_now, timed = boundary.poll()
+            do_save = bool(every and done % every == 0) or timed or stop_now
+            do_log = done % t.log_every == 0 or done == t.steps or stop_now
+            do_eval = bool(eval_batches and t.eval_every and done % t.eval_every == 0)
+            do_eval = do_eval and done != t.steps and not stop_now
+            if do_log or do_save or do_eval:
+                # Reading metrics blocks on the device; doing it only at these boundaries
+                # keeps dispatch asynchronous in between. Every step's loss and gradient
+                # norm are thus checked before any save.
+                log.flush(last_saved)
+            if do_log:
+                log.perf(done)
+            with log.paused():  # evaluating and starting a save are not training time
+                if do_eval:
+                    run_eval(done)
+                if do_save:
+                    save(done)
+            if stop_now:
+                _log(f"Stopped by a signal at step {done}; checkpoint saved.")
+                summary["stopped_at"] = done
+                break
+        else:
+            if bar is not None:
+                bar.close()
+            if eval_batches:
+                final_eval = run_eval(t.steps)
+            if last_saved != t.steps:
+                save(t.steps)
+    except NonFiniteError:
+        raise  # every process saw the same metrics and stops here: saves can finish
+    except BaseException:
+        # With several processes, an error here is usually a failed collective (a peer
+        # died); a save in flight then waits for that peer forever, so don't wait for it.
+        wait_for_saves = n_proc == 1
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if wait_for_saves:
+            ckpt.close()
+        writer.close()
+
+    samples = {}
+    if summary["stopped_at"] is None and t.sample_tokens:
+        samples = write_samples(cfg, state.params, data.tokenizer, workdir)
     return {
-        "params": n_params,
-        "flops_per_token": fpt,
-        "tokens_per_sec": tok_s,
+        **summary,
+        "tokens_per_sec": log.median_tokens_per_sec(),
+        "skipped_steps": log.skipped,
         "first_eval_loss": None if first_eval is None else first_eval["loss"],
         "final_eval_loss": None if final_eval is None else final_eval["loss"],
-        "eval_history": history["eval"],
+        "eval_history": history,
         "samples": samples,
         "state": state,
     }
-
-
-# Keys that fix the shapes or meaning of the saved state/data; everything else may change.
-RESUME_CRITICAL = (
-    "model",
-    "data.seq_len",
-    "data.corpus",
-    "data.tokenizer",
-    "data.seed",
-    "data.validation_fraction",
-    "data.doc_chars",
-    "train.batch_size",
-)
-
-
-def check_resumable(saved: dict[str, Any], cfg: RunConfig, workdir: Path) -> None:
-    """Refuse to resume a run whose checkpoint was written with an incompatible config."""
-    now = config_lib.to_dict(cfg)
-    for key in RESUME_CRITICAL:
-        section, _, name = key.partition(".")
-        old_v, new_v = saved.get(section, {}), now[section]
-        if name:
-            old_v, new_v = old_v.get(name), new_v[name]
-        if old_v != new_v:
-            if not name:  # name the first differing model field
-                diff = [k for k in new_v if old_v.get(k) != new_v[k]]
-                key, old_v, new_v = f"model.{diff[0]}", old_v.get(diff[0]), new_v[diff[0]]
-            raise ConfigError(
-                f"{key}={new_v!r} differs from the checkpoint in '{workdir}' ({old_v!r}), so "
-                f"the run can't resume; restore the old value or use a new --workdir."
-            )
 
 
 def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> dict[str, str]:

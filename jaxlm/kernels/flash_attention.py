@@ -1,0 +1,225 @@
+"""Flash attention: tiled online-softmax attention in Pallas, differentiable, no S x T matrix.
+
+`flash_attention(q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, ...)` takes the layout of
+`jaxlm.models.attention.attend` and returns out_BxSxHxE. The forward kernel keeps only
+the log-sum-exp of each query row (B x H x S floats); the backward kernels recompute
+scores block by block to produce dq, dk and dv.
+
+Semantics (identical to `reference_attention` below):
+- a query sees a key when their segment ids are equal and, if causal, when
+  key index <= query index + q_offset. jaxlm marks padding as segment 0, so padding
+  queries attend to padding keys, exactly as the model's reference does;
+- a query that sees no key at all gets output 0 and gradient 0 (never NaN);
+- K kv heads serve H query heads in groups of G = H / K; k and v are never repeated;
+- softmax and accumulation in float32 whatever the input dtype (float32, bfloat16).
+
+Lowering: CPU runs the kernels with `interpret=True`; GPU uses the Pallas Triton backend
+(`backend="gpu"`); TPU uses Mosaic (`backend="tpu"`). See `flash_kernels` for the kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.kernels import flash_kernels
+from jaxlm.kernels.flash_kernels import Plan
+
+BACKENDS = ("cpu", "gpu", "tpu")
+# Smallest block per backend: Triton's dot wants >= 16 rows, Mosaic's lanes are 128 wide.
+MIN_BLOCK = {"cpu": 8, "gpu": 16, "tpu": 128}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Rows per query / key block for the forward and backward kernels, and GPU launch knobs."""
+
+    block_q: int = 128
+    block_k: int = 128
+    block_q_bwd: int = 128
+    block_k_bwd: int = 128
+    num_warps: int | None = None  # Triton only; None: 4 for head dim <= 64, else 8
+    num_stages: int | None = None  # Triton only; None: Triton's default
+
+
+# Starting points, not tuned on hardware (no accelerator was available when written):
+# FlashAttention-2's Triton settings on GPU; one MXU-shaped tile on TPU; few, large
+# grid steps on CPU, where interpret mode pays per step.
+DEFAULT_BLOCKS = {
+    "cpu": BlockSizes(128, 128, 128, 128),
+    "gpu": BlockSizes(128, 64, 64, 64, num_stages=2),
+    "tpu": BlockSizes(128, 128, 128, 128),
+}
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """cpu | gpu | tpu: the given one, else that of JAX's default device."""
+    name = backend or jax.default_backend()
+    name = {"cuda": "gpu", "rocm": "gpu"}.get(name, name)
+    if name not in BACKENDS:
+        raise ValueError(f"flash attention backend {name!r} is unknown; use one of {BACKENDS}")
+    return name
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _fit(block: int, n: int, backend: str, name: str) -> int:
+    """Shrink a block to the (power-of-two-rounded) sequence length, but not below the
+    backend's minimum; check it is a power of two."""
+    if block <= 0 or block & (block - 1):
+        raise ValueError(f"{name}={block} must be a positive power of two, e.g. 64 or 128")
+    return max(MIN_BLOCK[backend], min(block, _pow2_at_least(n)))
+
+
+def _check(q, k, v, q_seg, kv_seg, q_offset) -> None:
+    """Raise one clear sentence for inputs the kernel cannot take."""
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+        raise ValueError(
+            f"flash attention wants q BxSxHxE and k, v BxTxKxE, got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{k.shape[2]} kv heads do not divide {q.shape[2]} query heads")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them")
+    if (q_seg is None) != (kv_seg is None):
+        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+    if not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"q_offset={q_offset!r} must be a non-negative Python int")
+
+
+def flash_attention(
+    q_BxSxHxE: jax.Array,
+    k_BxTxKxE: jax.Array,
+    v_BxTxKxE: jax.Array,
+    *,
+    q_segment_ids_BxS: jax.Array | None = None,
+    kv_segment_ids_BxT: jax.Array | None = None,
+    causal: bool = True,
+    q_offset: int = 0,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    backend: str | None = None,
+) -> jax.Array:
+    """Attention out_BxSxHxE computed by the Pallas flash kernels (differentiable)."""
+    _check(q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_segment_ids_BxS, kv_segment_ids_BxT, q_offset)
+    b, s, h, e = q_BxSxHxE.shape
+    t, kh = k_BxTxKxE.shape[1:3]
+    backend = resolve_backend(backend)
+    blocks = block_sizes or DEFAULT_BLOCKS[backend]
+    bq, bk, bqb, bkb = (
+        _fit(getattr(blocks, n), length, backend, n)
+        for n, length in (("block_q", s), ("block_k", t), ("block_q_bwd", s), ("block_k_bwd", t))
+    )
+    plan = Plan(
+        scale=float(e**-0.5 if scale is None else scale),
+        causal=bool(causal),
+        q_offset=q_offset,
+        q_len=s,
+        kv_len=t,
+        groups=h // kh,
+        block_q=bq,
+        block_k=bk,
+        block_q_bwd=bqb,
+        block_k_bwd=bkb,
+        segmented=q_segment_ids_BxS is not None,
+        backend=backend,
+        num_warps=blocks.num_warps or (4 if e <= 64 else 8),
+        num_stages=blocks.num_stages,
+        precise=q_BxSxHxE.dtype == jnp.float32,
+    )
+    # Pad sequences to whole blocks (padded keys are masked by index, padded queries are
+    # dropped) and the head dim to a power of two (zero columns change no dot product).
+    sp, tp, ep = _round_up(s, max(bq, bqb)), _round_up(t, max(bk, bkb)), _pow2_at_least(max(e, 16))
+
+    def head_major(x, length):
+        x = jnp.swapaxes(x, 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, ep - e)))
+
+    q_seg = k_seg = None
+    if plan.segmented:
+        q_seg = jnp.pad(q_segment_ids_BxS.astype(jnp.int32), ((0, 0), (0, sp - s)))
+        k_seg = jnp.pad(kv_segment_ids_BxT.astype(jnp.int32), ((0, 0), (0, tp - t)))
+    out = _flash(
+        head_major(q_BxSxHxE, sp),
+        head_major(k_BxTxKxE, tp),
+        head_major(v_BxTxKxE, tp),
+        q_seg,
+        k_seg,
+        plan,
+    )
+    return jnp.swapaxes(out[:, :, :s, :e], 1, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, k_seg, plan: Plan):
+    """Padded head-major attention; gradients come from the backward kernels."""
+    return flash_kernels.forward(q, k, v, q_seg, k_seg, plan)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, k_seg, plan: Plan):
+    out, lse = flash_kernels.forward(q, k, v, q_seg, k_seg, plan)
+    return out, (q, k, v, q_seg, k_seg, out, lse)
+
+
+def _flash_bwd(plan: Plan, residuals, d_out):
+    q, k, v, q_seg, k_seg, out, lse = residuals
+    dq, dk, dv = flash_kernels.backward(q, k, v, out, lse, d_out, q_seg, k_seg, plan)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def reference_attention(
+    q_BxSxHxE: jax.Array,
+    k_BxTxKxE: jax.Array,
+    v_BxTxKxE: jax.Array,
+    *,
+    q_segment_ids_BxS: jax.Array | None = None,
+    kv_segment_ids_BxT: jax.Array | None = None,
+    causal: bool = True,
+    q_offset: int = 0,
+    scale: float | None = None,
+) -> jax.Array:
+    """Plain-jnp attention with the kernel's exact semantics; materialises B x H x S x T."""
+    b, s, h, e = q_BxSxHxE.shape
+    t, kh = k_BxTxKxE.shape[1:3]
+    scale = e**-0.5 if scale is None else scale
+    q_BxSxKxGxE = q_BxSxHxE.reshape(b, s, kh, h // kh, e)
+    logits_BxKxGxSxT = scale * jnp.einsum(
+        "bskge,btke->bkgst",
+        q_BxSxKxGxE,
+        k_BxTxKxE,
+        preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    ok_BxSxT = jnp.ones((b, s, t), bool)
+    if q_segment_ids_BxS is not None:
+        ok_BxSxT = q_segment_ids_BxS[:, :, None] == kv_segment_ids_BxT[:, None, :]
+    if causal:
+        ok_BxSxT = ok_BxSxT & (jnp.arange(t)[None, :] <= jnp.arange(s)[:, None] + q_offset)
+    ok = ok_BxSxT[:, None, None]
+    logits_BxKxGxSxT = jnp.where(ok, logits_BxKxGxSxT, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(logits_BxKxGxSxT, axis=-1, keepdims=True))
+    p = jnp.where(ok, jnp.exp(logits_BxKxGxSxT - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    probs = (p / jnp.where(denom == 0.0, 1.0, denom)).astype(v_BxTxKxE.dtype)
+    out = jnp.einsum(
+        "bkgst,btke->bskge",
+        probs,
+        v_BxTxKxE,
+        preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return out.reshape(b, s, h, e).astype(q_BxSxHxE.dtype)

@@ -1,0 +1,225 @@
+"""Will this config fit? Parameter count, FLOPs, and per-device memory before booking hardware.
+
+The train step is lowered and compiled ahead of time for the target devices from abstract
+arguments that carry their NamedShardings; nothing is allocated. Parameter and optimizer
+bytes per device follow exactly from the shardings; activations and other temporaries come
+from XLA's memory analysis of the compiled step. The devices are either a described TPU
+topology (needs libtpu, no TPU) or fake CPU devices, whose compiled sizes are an estimate
+for GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import ConfigError, RunConfig
+from jaxlm.data.pipeline import BATCH_KEYS
+from jaxlm.metrics import flops_per_token
+from jaxlm.models.transformer import build_model
+from jaxlm.sharding import batch_sharding, make_mesh, mesh_shape, validate_mesh
+from jaxlm.train.optimizer import lr_schedule, make_optimizer
+from jaxlm.train.state import state_shardings
+from jaxlm.train.step import jit_train_step, make_train_step
+
+GIB = 1024**3
+# HBM per chip by TPU generation, the default --device-memory-gb for a --topology.
+TPU_HBM_GB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+# Chips per host of the multi-host slices libtpu describes, by generation (v5e/v6e: 4 too).
+TPU_CHIPS_PER_HOST = {"v4": (2, 2, 1), "v5p": (2, 2, 1), "v5e": (2, 2, 1), "v6e": (2, 2, 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one device holds while the train step runs (bytes) and the model's size."""
+
+    params: int
+    flops_per_token: float
+    platform: str
+    devices: int
+    mesh: dict[str, int]
+    param_bytes: int  # this device's shards of the parameters
+    opt_bytes: int  # ... of the optimizer state
+    batch_bytes: int  # ... of one global batch
+    temp_bytes: int  # activations, gradients and other temporaries of the compiled step
+    argument_bytes: int  # XLA: inputs (state + batch)
+    output_bytes: int  # XLA: outputs (new state + metrics)
+    alias_bytes: int  # XLA: outputs written over donated inputs
+    code_bytes: int  # XLA: generated code
+    device_memory_bytes: int | None
+
+    @property
+    def peak_bytes(self) -> int:
+        """Inputs, outputs that don't reuse donated inputs, temporaries and code, together."""
+        live = self.argument_bytes + self.output_bytes - self.alias_bytes
+        return live + self.temp_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        """None when no device memory was given."""
+        if self.device_memory_bytes is None:
+            return None
+        return self.peak_bytes <= self.device_memory_bytes
+
+
+def tpu_devices(topology: str) -> list:
+    """Abstract devices of a TPU slice such as 'v5p:4x4x4', described by libtpu (no TPU)."""
+    generation, _, shape = topology.partition(":")
+    dims = shape.split("x")
+    if not shape or not all(d.isdigit() for d in dims):
+        raise ConfigError(
+            f"--topology={topology!r} is not of the form GENERATION:AxB[xC], e.g. v5p:4x4x4."
+        )
+    from jax.experimental import topologies
+
+    bounds = TPU_CHIPS_PER_HOST.get(generation, (2, 2, 1))
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=topology,
+            chip_config_name="default",
+            chips_per_host_bounds=bounds if len(dims) == 3 else bounds[:2] + (1,),
+            num_slices=1,
+        )
+    except Exception as e:  # libtpu missing, or a topology it does not know
+        raise ConfigError(
+            f"Could not describe TPU topology {topology!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no detail'}); install libtpu with "
+            f"pip install 'jax[tpu]=={jax.__version__}' or check the topology name."
+        ) from None
+    return list(desc.devices)
+
+
+def default_device_memory(topology: str | None) -> int | None:
+    """HBM per chip of a known TPU generation, in bytes."""
+    if topology is None:
+        return None
+    gb = TPU_HBM_GB.get(topology.partition(":")[0])
+    return None if gb is None else gb * GIB
+
+
+def _shard_bytes(abstract: Any, shardings: Any) -> int:
+    """Bytes of one device's shards of a tree (the largest, if shards differ)."""
+    sizes = [
+        math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+        for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
+    ]
+    return sum(sizes)
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = None) -> Plan:
+    """Compile the train step for `devices` from abstract sharded inputs and measure it."""
+    t, m, seq = cfg.train, cfg.model, cfg.data.seq_len
+    mesh = make_mesh(cfg.mesh, devices)
+    validate_mesh(cfg, mesh, process_count=1)
+    model = build_model(m)
+    tx = make_optimizer(cfg.optimizer, t.steps)
+    abstract, shardings = state_shardings(model, tx, seq, mesh)
+    step = make_train_step(
+        model,
+        tx,
+        microbatches=t.microbatches,
+        z_loss=t.z_loss,
+        dropout=m.dropout > 0,
+        schedule=lr_schedule(cfg.optimizer, t.steps),
+    )
+    rows = batch_sharding(mesh)
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (t.batch_size, seq), jnp.float32 if k == "weights" else jnp.int32, sharding=rows
+        )
+        for k in BATCH_KEYS
+    }
+    compiled = (
+        jit_train_step(step, shardings, mesh).lower(_abstract(abstract, shardings), batch).compile()
+    )
+    mem = compiled.memory_analysis()
+    return Plan(
+        params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
+        flops_per_token=flops_per_token(m, seq),
+        platform=devices[0].platform,
+        devices=len(devices),
+        mesh=dict(mesh.shape),
+        param_bytes=_shard_bytes(abstract.params, shardings.params),
+        opt_bytes=_shard_bytes(abstract.opt_state, shardings.opt_state),
+        batch_bytes=_shard_bytes(batch, jax.tree.map(lambda x: x.sharding, batch)),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes),
+        code_bytes=int(mem.generated_code_size_in_bytes),
+        device_memory_bytes=device_memory_bytes,
+    )
+
+
+def cpu_device_count(cfg: RunConfig, devices: int | None) -> int:
+    """How many fake CPU devices to make: --devices, or the product of fixed mesh sizes."""
+    sizes = [getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence")]
+    if devices is not None:
+        mesh_shape(cfg.mesh, devices)  # refuse a count the mesh can't use, in one sentence
+        return devices
+    if -1 in sizes:
+        raise ConfigError(
+            "A mesh axis is -1, so the device count is unknown; pass --devices N or --topology."
+        )
+    return math.prod(sizes)
+
+
+def target_devices(cfg: RunConfig, topology: str | None, devices: int | None) -> list:
+    """The devices to compile for; must run before anything else initialises JAX.
+
+    JAX is kept on CPU either way: a TPU slice is only described, never opened, so a plan
+    can run beside a training job that holds the local accelerators.
+    """
+    jax.config.update("jax_platforms", "cpu")
+    if topology is not None:
+        return tpu_devices(topology)
+    jax.config.update("jax_num_cpu_devices", cpu_device_count(cfg, devices))
+    return jax.devices()
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:9.2f} {unit}"
+    return f"{n:9d} B"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a short human-readable report."""
+    mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
+    lines = [
+        f"parameters          {p.params:,} ({p.params / 1e6:.2f}M)",
+        f"FLOPs per token     {p.flops_per_token:.4g} (training)",
+        f"devices             {p.devices} x {p.platform}, mesh {mesh}",
+        "per device:",
+        f"  parameters        {_size(p.param_bytes)}",
+        f"  optimizer state   {_size(p.opt_bytes)}",
+        f"  batch             {_size(p.batch_bytes)}",
+        f"  inputs            {_size(p.argument_bytes)}   (XLA: the three above, padded)",
+        f"  activations/temp  {_size(p.temp_bytes)}   (XLA memory analysis)",
+        f"  peak              {_size(p.peak_bytes)}   (inputs + new outputs + temp + code)",
+    ]
+    if p.device_memory_bytes is None:
+        lines.append("fits                unknown (pass --device-memory-gb)")
+    else:
+        verdict = "yes" if p.fits else "NO"
+        lines.append(
+            f"fits                {verdict}: {_size(p.device_memory_bytes).strip()} per device"
+        )
+    return "\n".join(lines)
+
+
+def plan_dict(p: Plan) -> dict[str, Any]:
+    """The plan as plain JSON-able data, derived fields included."""
+    return {**dataclasses.asdict(p), "peak_bytes": p.peak_bytes, "fits": p.fits}

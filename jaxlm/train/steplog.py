@@ -1,0 +1,103 @@
+"""Per-step training metrics: fetched from the device in batches, checked, written, shown."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlm.metrics import MetricsWriter
+from jaxlm.train.guard import NonFiniteError, first_nonfinite
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+class StepLog:
+    """Per-step metrics: read from the device in batches, checked, written and shown."""
+
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        bar: Any,
+        start_step: int,
+        tokens_per_step: int,
+        fpt: float,
+        nan_policy: str,
+    ):
+        self.writer, self.bar, self.fpt, self.nan_policy = writer, bar, fpt, nan_policy
+        self.tokens_per_step = tokens_per_step
+        self.pending: list[tuple[int, Any]] = []
+        self.last: dict[str, Any] = {}
+        self.skipped = 0
+        self.throughput: list[float] = []
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.window_compiles = True  # the first window holds compilation: not a rate
+        self.shown = start_step
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """Queue one step's (still on-device) metrics."""
+        self.pending.append((step, metrics))
+        self.window_tokens += self.tokens_per_step
+
+    def flush(self, last_saved: int | None) -> None:
+        """Fetch the queued metrics, write them, and act on non-finite values."""
+        if not self.pending:
+            return
+        values = jax.device_get([mt for _, mt in self.pending])
+        records = [(s, v) for (s, _), v in zip(self.pending, values, strict=True)]
+        self.pending = []
+        for s, v in records:
+            self.writer.write(s, v, "train")
+            if float(v.get("skipped", 0.0)):
+                self.skipped += 1
+                _log(f"step {s}: non-finite loss or gradient norm; update skipped.")
+        self.last = records[-1][1]
+        bad = first_nonfinite(records)
+        if bad is not None and self.nan_policy == "stop":
+            step, key, value = bad
+            raise NonFiniteError(
+                f"The {key.replace('_', ' ')} became {value} at step {step}, so the run stopped "
+                f"(last checkpoint: {last_saved}); lower optimizer.lr, or set "
+                f"train.nan_policy=skip to skip such updates."
+            )
+
+    def perf(self, step: int) -> None:
+        """Write the throughput of the steps since the last call; update the display."""
+        elapsed = time.perf_counter() - self.window_start
+        tok_s = self.window_tokens / max(elapsed, 1e-9)
+        if not self.window_compiles:
+            self.throughput.append(tok_s)
+        tflops = tok_s * self.fpt / 1e12 / len(jax.devices())
+        self.writer.write(
+            step, {"tokens_per_sec": tok_s, "tflops_per_sec_per_device": tflops}, "perf"
+        )
+        loss = float(self.last.get("loss", math.nan))
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            self.bar.update(step - self.shown)
+        elif self.writer.enabled:
+            _log(f"step {step}: loss {loss:.4f} {tok_s:,.0f} tok/s")
+        self.shown = step
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.window_compiles = False
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Keep the enclosed time out of the throughput window."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - start
+
+    def median_tokens_per_sec(self) -> float | None:
+        """Median throughput over the windows that held no compilation."""
+        return float(np.median(self.throughput)) if self.throughput else None

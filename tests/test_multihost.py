@@ -1,0 +1,223 @@
+"""The multi-host path for real: several processes on 127.0.0.1 joined by jax.distributed.
+
+One run goes through the entry point users run (`jaxlm launch local`, which starts
+`jaxlm train --coordinator ...` per process) and must match a one-process run on the same
+number of devices. Lighter probes check that SLURM's and the JobSet manifest's variables
+are enough for processes to find each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxlm.config import ConfigError
+from jaxlm.distributed import jax_cluster, resolve_layout
+
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# A one-block model, 3 steps, one eval batch, no samples: all the work is start-up.
+OVERRIDES = [
+    "model.family=llama",
+    "model.vocab_size=384",
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.max_seq_len=32",
+    "data.seq_len=32",
+    "optimizer.warmup_steps=1",
+    "train.steps=3",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_tokens=0",
+    "checkpoint.every_steps=2",
+    # 2 x 2 devices: fsdp across the two processes, tensor inside each.
+    "mesh.data=1",
+    "mesh.fsdp=2",
+    "mesh.tensor=2",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_"))}
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_XLA, **extra}
+
+
+def _train_losses(workdir: Path) -> tuple[list[float], list[float]]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in records if r["split"] == "train" and "loss" in r]
+    evals = [r["loss"] for r in records if r["split"] == "eval"]
+    return train, evals
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The same tiny run on 1 process x 4 devices and on 2 processes x 2 devices."""
+    root = tmp_path_factory.mktemp("multihost")
+    one, two = root / "one", root / "two"
+    cli = [sys.executable, "-m", "jaxlm.cli"]
+    four = f"{FAST_XLA} --xla_force_host_platform_device_count=4"
+    single = subprocess.run(
+        cli + ["train", "--workdir", str(one), "--no-progress", *OVERRIDES],
+        env=_env(XLA_FLAGS=four),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-4000:]
+    multi = subprocess.run(
+        cli
+        + ["launch", "local", "--workdir", str(two), "--nodes", "2", "--cpu-devices", "2"]
+        + ["--port", str(free_port()), *OVERRIDES],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert multi.returncode == 0, multi.stderr[-4000:]
+    return {"one": one, "two": two, "log": multi.stderr}
+
+
+def test_two_processes_match_one_process(runs):
+    train_one, eval_one = _train_losses(runs["one"])
+    train_two, eval_two = _train_losses(runs["two"])
+    assert len(train_one) == 3 and len(eval_one) >= 1
+    np.testing.assert_allclose(train_two, train_one, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(eval_two, eval_one, rtol=0, atol=1e-5)
+
+
+def test_two_processes_really_ran_as_one_job(runs):
+    log = runs["log"]
+    assert "4 device(s)" in log  # each process sees the 4 global devices
+    assert log.count("jaxlm: llama model") == 1  # only process 0 logs
+
+
+def test_multi_process_checkpoints_are_written_once(runs):
+    steps = sorted(p.name for p in (runs["two"] / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == ["2", "3"]
+    assert (runs["two"] / "config.yaml").is_file()
+
+
+def _probe(env_for_rank, n: int = 2) -> list[list]:
+    """Start n processes that only join through jaxlm.distributed.initialize()."""
+    code = (
+        "import json, jax; from jaxlm.distributed import initialize; layout = initialize(); "
+        "print(json.dumps([layout.source, jax.process_index(), jax.process_count(), "
+        "jax.device_count()]))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=_env(**env_for_rank(i)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr[-3000:]
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def test_slurm_variables_alone_join_the_processes():
+    port = str(free_port())
+    slurm = lambda i: {  # noqa: E731 - what srun sets for task i of a 2-task step on one node
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": str(i),
+        "SLURM_LOCALID": str(i),
+        "JAX_COORDINATOR_PORT": port,
+    }
+    assert _probe(slurm) == [["slurm", 0, 2, 2], ["slurm", 1, 2, 2]]
+
+
+def test_jobset_variables_join_the_processes():
+    port = free_port()
+    jobset = lambda i: {  # noqa: E731 - what the k8s manifest sets for pod i
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": str(i),
+    }
+    assert _probe(jobset) == [["env", 0, 2, 2], ["env", 1, 2, 2]]
+
+
+# ------------------------------------------------------------- layout resolution, in-process
+
+
+def test_flags_win_over_environment():
+    env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    layout = resolve_layout("127.0.0.1:9", 2, 1, env=env, cluster="slurm")
+    assert (layout.source, layout.coordinator, layout.num_processes, layout.process_id) == (
+        "explicit",
+        "127.0.0.1:9",
+        2,
+        1,
+    )
+
+
+def test_jobset_environment_wins_over_cluster_detection():
+    env = {"JAX_COORDINATOR_ADDRESS": "pod-0:8476", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+    layout = resolve_layout(env=env, cluster="slurm")
+    assert (layout.source, layout.num_processes, layout.process_id) == ("env", 4, 2)
+
+
+def test_nothing_set_is_a_single_process():
+    assert resolve_layout(env={}, cluster=None).source == "single"
+    assert resolve_layout(env={"SLURM_NTASKS": "1"}, cluster="slurm").source == "single"
+    assert resolve_layout(env={"SLURM_NTASKS": "8"}, cluster="slurm").source == "slurm"
+
+
+@pytest.mark.parametrize(
+    "kwargs, env, expected",
+    [
+        (dict(coordinator="h:1"), {}, r"go together"),
+        (dict(coordinator="h:1", num_processes=2, process_id=2), {}, r"--process-id=2 .*\[0, 2\)"),
+        ({}, {"JAX_NUM_PROCESSES": "2"}, r"JAX_NUM_PROCESSES set without"),
+        (
+            {},
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+            r"JAX_NUM_PROCESSES='two' must be an integer",
+        ),
+    ],
+)
+def test_inconsistent_layout_is_refused(kwargs, env, expected):
+    with pytest.raises(ConfigError, match=expected):
+        resolve_layout(**kwargs, env=env, cluster=None)
+
+
+def test_jax_detects_slurm_from_its_variables(monkeypatch):
+    for key, value in {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "gpu[003-004]",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "0",
+    }.items():
+        monkeypatch.setenv(key, value)
+    assert jax_cluster() == "slurm"
+    from jax._src import clusters
+
+    coordinator, n, i, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, None, None, 10
+    )
+    assert coordinator.startswith("gpu003:") and (n, i) == (2, 1)

@@ -1,0 +1,112 @@
+"""`jaxlm plan`: ahead-of-time memory per device, on fake CPU devices and a described TPU pod."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxlm.config import ConfigError, MeshConfig, RunConfig
+from jaxlm.plan import GIB, Plan, cpu_device_count, format_plan
+
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+SMALL = [
+    "model.vocab_size=512",
+    "model.d_model=64",
+    "model.n_layers=1",
+    "model.n_heads=4",
+    "model.max_seq_len=32",
+    "data.seq_len=32",
+    "train.batch_size=8",
+    "optimizer.warmup_steps=1",
+]
+
+
+def run_plan(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlm.cli", "plan", "--json", *args],
+        env={**os.environ, "XLA_FLAGS": FAST_XLA, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_plan_on_fake_cpu_devices_splits_state_and_judges_the_fit():
+    proc = run_plan(
+        "--devices", "4", "--device-memory-gb", "0.001", "mesh.data=1", "mesh.fsdp=4", *SMALL
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]  # 1: does not fit in 1 MB
+    plan = json.loads(proc.stdout)
+    assert plan["devices"] == 4 and plan["platform"] == "cpu" and plan["fits"] is False
+    assert plan["param_bytes"] == plan["params"] * 4 // 4  # float32, split four ways
+    assert plan["opt_bytes"] == pytest.approx(2 * plan["param_bytes"], rel=0.01)  # Adam mu, nu
+    analytic = plan["param_bytes"] + plan["opt_bytes"] + plan["batch_bytes"]
+    assert plan["argument_bytes"] == pytest.approx(analytic, rel=0.01)
+    assert plan["temp_bytes"] > 0 and plan["peak_bytes"] > plan["argument_bytes"]
+
+
+def test_plan_refuses_a_mesh_that_does_not_fit_the_devices():
+    with pytest.raises(ConfigError, match="8 are available"):
+        cpu_device_count(RunConfig(mesh=MeshConfig(data=2, fsdp=2)), 8)
+    with pytest.raises(ConfigError, match="pass --devices N"):
+        cpu_device_count(RunConfig(mesh=MeshConfig(data=-1)), None)
+    assert cpu_device_count(RunConfig(mesh=MeshConfig(data=2, tensor=4)), None) == 8
+
+
+def test_report_says_whether_it_fits():
+    fields = dict(
+        params=10,
+        flops_per_token=60.0,
+        platform="tpu",
+        devices=64,
+        mesh={"data": 1, "fsdp": 64, "tensor": 1, "sequence": 1},
+        param_bytes=GIB,
+        opt_bytes=2 * GIB,
+        batch_bytes=0,
+        temp_bytes=5 * GIB,
+        argument_bytes=3 * GIB,
+        output_bytes=3 * GIB,
+        alias_bytes=3 * GIB,
+        code_bytes=0,
+    )
+    big = Plan(**fields, device_memory_bytes=16 * GIB)
+    small = Plan(**fields, device_memory_bytes=4 * GIB)
+    assert big.peak_bytes == 8 * GIB  # donated state is not counted twice
+    assert big.fits and not small.fits
+    assert "fits                yes" in format_plan(big)
+    assert "fits                NO" in format_plan(small)
+    assert "unknown" in format_plan(Plan(**fields, device_memory_bytes=None))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install 'jax[tpu]==<jax version>'; CI installs it), "
+    "so no TPU topology can be described",
+)
+def test_plan_for_a_64_chip_v5p_pod_matches_xla_memory_analysis():
+    # Wide enough that fsdp=64 shards fill TPU tiles, so padding stays a small share.
+    wide = ["model.d_model=512", "model.n_heads=4", "model.n_layers=1", "model.vocab_size=2048"]
+    proc = run_plan(
+        "--topology",
+        "v5p:4x4x4",
+        "mesh.data=1",
+        "mesh.fsdp=64",
+        "train.batch_size=64",
+        "data.seq_len=64",
+        "model.max_seq_len=64",
+        "optimizer.warmup_steps=1",
+        *wide,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(proc.stdout)
+    assert plan["platform"] == "tpu" and plan["devices"] == 64
+    assert plan["param_bytes"] == plan["params"] * 4 // 64  # every parameter split 64 ways
+    analytic = plan["param_bytes"] + plan["opt_bytes"] + plan["batch_bytes"]
+    assert plan["argument_bytes"] == pytest.approx(analytic, rel=0.05)  # XLA agrees, +padding
+    assert plan["alias_bytes"] >= plan["param_bytes"] + plan["opt_bytes"]  # state is donated
+    assert plan["device_memory_bytes"] == 95 * GIB and plan["fits"] is True

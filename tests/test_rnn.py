@@ -1,0 +1,282 @@
+"""Property tests of the recurrent LMs (LSTM, GRU, Hawk): flax cell equivalence, parallel
+vs sequential scan, full forward vs carried-state decoding, segment resets, axis names."""
+
+import functools
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.config import ConfigError, ModelConfig, RunConfig, load_config, resolve
+from jaxlm.generate import generate
+from jaxlm.metrics import flops_per_token, matmul_params
+from jaxlm.models.hawk import GATE_EXPONENT, linear_scan, linear_scan_sequential
+from jaxlm.models.rnn import GatedLayer, RecurrentEncoder, gru_step, lstm_step
+from jaxlm.models.transformer import build_model
+from jaxlm.sharding import LOGICAL_RULES
+
+B, S, V = 2, 12, 64
+FAMILIES = ("lstm", "gru", "hawk")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_cfg(family: str, **overrides) -> ModelConfig:
+    """A resolved two-layer model with an untied head (so greedy output isn't the input)."""
+    kw = dict(vocab_size=V, d_model=16, n_layers=2, n_heads=2, init_std=0.3, tie_embeddings=False)
+    kw.update(overrides)
+    return resolve(RunConfig(model=ModelConfig(family=family, **kw))).model
+
+
+@functools.cache
+def init_params(cfg: ModelConfig):
+    boxed = jax.jit(build_model(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, S), jnp.int32))
+    return nn.unbox(boxed["params"])
+
+
+@functools.cache
+def forward_fn(cfg: ModelConfig):
+    model = build_model(cfg)
+    return jax.jit(lambda p, t, seg: model.apply({"params": p}, t, None, seg))
+
+
+def forward(cfg, params, tokens_BxS, segment_ids_BxS=None) -> np.ndarray:
+    tokens_BxS = jnp.asarray(tokens_BxS, jnp.int32)
+    if segment_ids_BxS is None:
+        segment_ids_BxS = jnp.ones_like(tokens_BxS)
+    return np.asarray(forward_fn(cfg)(params, tokens_BxS, jnp.asarray(segment_ids_BxS)))
+
+
+def random_tokens(seed: int, shape=(S,)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, V, size=shape).astype(np.int32)
+
+
+# --- cells against flax.linen ----------------------------------------------------------------
+
+
+def _fused_from_flax(cell: str, p: dict) -> tuple[dict, jax.Array | None]:
+    """Stack flax's per-gate Dense params into our (I, G, D) kernels and (G, D) bias."""
+    gates = "ifgo" if cell == "lstm" else "rzn"
+    stack = lambda prefix, leaf: jnp.stack([p[prefix + g][leaf] for g in gates], axis=-2)  # noqa: E731
+    ours = {"input_kernel": stack("i", "kernel"), "recurrent_kernel": stack("h", "kernel")}
+    if cell == "lstm":  # flax puts LSTM biases on the hidden side, GRU's on the input side
+        ours["bias"] = stack("h", "bias")
+    else:
+        ours["bias"] = stack("i", "bias")
+        ours["candidate_bias"] = p["hn"]["bias"]
+    return ours
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cell_matches_flax_given_the_same_weights(cell):
+    d, steps = 8, 5
+    flax_cell = (nn.LSTMCell if cell == "lstm" else nn.GRUCell)(features=d)
+    k_init, k_x, k_b = jax.random.split(jax.random.PRNGKey(0), 3)
+    xs_SxBxD = jax.random.normal(k_x, (steps, 3, d))
+    carry = flax_cell.initialize_carry(k_init, (3, d))
+    p = flax_cell.init(k_init, carry, xs_SxBxD[0])["params"]
+    # Nonzero biases, so a misplaced bias (e.g. the GRU's b_hn outside the reset gate) shows.
+    p = jax.tree.map(lambda w: w + 0.5 * jax.random.normal(k_b, w.shape), p)
+    ours = _fused_from_flax(cell, p)
+
+    state = {"c": carry[0], "h": carry[1]} if cell == "lstm" else {"h": carry}
+    for t in range(steps):
+        carry, h_flax = flax_cell.apply({"params": p}, carry, xs_SxBxD[t])
+        xw = jnp.einsum("bi,igd->bgd", xs_SxBxD[t], ours["input_kernel"]) + ours["bias"]
+        if cell == "lstm":
+            state, h_ours = lstm_step(ours["recurrent_kernel"], state, xw)
+        else:
+            state, h_ours = gru_step(ours["recurrent_kernel"], ours["candidate_bias"], state, xw)
+        np.testing.assert_allclose(h_ours, h_flax, atol=1e-6, rtol=0)
+    assert float(jnp.abs(h_flax).max()) > 0.1
+
+    # The whole layer (one input matmul, then the scan) equals flax's nn.RNN over time.
+    xs_BxSxD = jnp.swapaxes(xs_SxBxD, 0, 1)
+    rnn_out = nn.RNN(flax_cell).apply({"params": {"cell": p}}, xs_BxSxD)
+    cfg = tiny_cfg(cell, d_model=d)
+    no_reset = jnp.zeros(xs_BxSxD.shape[:2], bool)
+    layer_out = GatedLayer(cfg, cell).apply({"params": ours}, xs_BxSxD, no_reset)
+    np.testing.assert_allclose(layer_out, rnn_out, atol=1e-6, rtol=0)
+
+
+# --- the parallel scan -----------------------------------------------------------------------
+
+
+def test_parallel_scan_equals_sequential_values_and_gradients():
+    ka, kb, kh, kc = jax.random.split(jax.random.PRNGKey(1), 4)
+    a = jax.random.uniform(ka, (2, 37, 5), minval=0.5, maxval=1.0)
+    a = a.at[:, 17].set(0.0)  # a segment start inside the row
+    b = jax.random.normal(kb, (2, 37, 5))
+    h0 = jax.random.normal(kh, (2, 5))
+    parallel, sequential = jax.jit(linear_scan), jax.jit(linear_scan_sequential)
+    np.testing.assert_allclose(parallel(a, b, h0), sequential(a, b, h0), atol=1e-5, rtol=1e-5)
+    cot = jax.random.normal(kc, a.shape)
+    grads = [
+        jax.jit(jax.grad(lambda *x, f=f: jnp.sum(f(*x) * cot), argnums=(0, 1, 2)))(a, b, h0)
+        for f in (parallel, sequential)
+    ]
+    for g_par, g_seq in zip(*grads, strict=True):
+        assert float(jnp.abs(g_seq).max()) > 1e-2
+        np.testing.assert_allclose(g_par, g_seq, atol=1e-4, rtol=1e-4)
+    # The zero at t=17 cuts the history: nothing before it reaches h[17:].
+    h_cut = parallel(a, b.at[:, :17].set(0.0), jnp.zeros_like(h0))
+    np.testing.assert_allclose(h_cut[:, 17:], parallel(a, b, h0)[:, 17:], atol=1e-6)
+
+
+def test_rg_lru_decay_starts_in_the_papers_range():
+    params = init_params(tiny_cfg("hawk"))
+    decay_logit = np.asarray(params["block_0"]["recurrent"]["rg_lru"]["decay"], np.float64)
+    a_c = (1.0 / (1.0 + np.exp(-decay_logit))) ** GATE_EXPONENT  # sigmoid(lambda) ** c
+    assert 0.9 <= a_c.min() < a_c.max() <= 0.999
+
+
+# --- decoding from the carried state ---------------------------------------------------------
+
+
+def _decode_logits(cfg, params, tokens_BxS, prefill: int) -> np.ndarray:
+    """Logits of a prefill call followed by one call per token, the state carried in `cache`."""
+    model = build_model(cfg, decode=True)
+    init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(tokens_BxS.shape, jnp.int32))
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init)["cache"])
+
+    @jax.jit
+    def call(cache, tokens):
+        out, v = model.apply({"params": params, "cache": cache}, tokens, mutable=["cache"])
+        return out, v["cache"]
+
+    chunks = [tokens_BxS[:, :prefill]] + [tokens_BxS[:, t : t + 1] for t in range(prefill, S)]
+    outs = []
+    for chunk in chunks:
+        logits, cache = call(cache, jnp.asarray(chunk))
+        outs.append(np.asarray(logits))
+    return np.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_forward_equals_stepwise_decoding(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    tokens = np.stack([random_tokens(1), random_tokens(2)])
+    full = forward(cfg, params, tokens)
+    stepped = _decode_logits(cfg, params, tokens, prefill=5)
+    np.testing.assert_allclose(stepped, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_greedy_equals_full_forward_argmax(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    prompt, n_new = random_tokens(3, (4,)).tolist(), 8
+    (decoded,) = generate(cfg, params, prompt, n_new)
+    seq = list(prompt)
+    for _ in range(n_new):
+        row = np.array(seq + [0] * (S - len(seq)), np.int32)
+        seq.append(int(np.argmax(forward(cfg, params, row[None])[0, len(seq) - 1])))
+    assert decoded == seq[len(prompt) :]
+    assert len(set(decoded)) > 1, "a constant continuation would make this test weak"
+
+
+def test_recurrent_generation_is_not_bounded_by_max_seq_len():
+    cfg = tiny_cfg("gru", max_seq_len=8)
+    (out,) = generate(cfg, init_params(cfg), [1, 2, 3], 20)
+    assert len(out) == 20
+
+
+# --- segment resets --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_documents_are_isolated(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    la, lb = 5, S - 5
+    doc_a, doc_b = random_tokens(4, (la,)), random_tokens(5, (lb,))
+    seg = np.r_[np.ones(la), np.full(lb, 2)].astype(np.int32)
+    rows = np.stack([np.r_[doc_a, doc_b], np.r_[(doc_a + 7) % V, doc_b]])
+    packed = forward(cfg, params, rows, np.stack([seg, seg]))
+    np.testing.assert_allclose(packed[0, la:], packed[1, la:], atol=1e-6, rtol=0)
+    assert np.abs(packed[0, :la] - packed[1, :la]).max() > 1e-3
+
+    alone_row = np.r_[doc_b, np.zeros(la, np.int32)][None]
+    alone_seg = np.r_[np.ones(lb), np.zeros(la)].astype(np.int32)[None]
+    alone = forward(cfg, params, alone_row, alone_seg)
+    np.testing.assert_allclose(packed[0, la:], alone[0, :lb], atol=1e-5, rtol=0)
+
+    # Without segment ids the state flows from A into B: the reset is what isolates them.
+    joined = forward(cfg, params, rows)
+    assert np.abs(joined[0, la:] - joined[1, la:]).max() > 1e-3
+
+
+def test_bidirectional_encoder_sees_both_sides_within_a_segment():
+    cfg = tiny_cfg("gru")
+    enc = RecurrentEncoder(cfg)
+    tokens = random_tokens(6)[None]
+    seg = np.r_[np.ones(6), np.full(6, 2)].astype(np.int32)[None]
+    params = enc.init(jax.random.PRNGKey(0), jnp.asarray(tokens), jnp.asarray(seg))["params"]
+    run = jax.jit(lambda t: enc.apply({"params": params}, t, jnp.asarray(seg)))
+    base = np.asarray(run(jnp.asarray(tokens)))
+    assert base.shape == (1, S, 2 * cfg.d_model)
+    changed = tokens.copy()
+    changed[0, 3] = (changed[0, 3] + 1) % V  # a token of document 1
+    diff = np.abs(np.asarray(run(jnp.asarray(changed))) - base).max(-1)[0]
+    assert np.all(diff[:6] > 1e-4)  # seen by earlier positions (backward) and later (forward)
+    np.testing.assert_allclose(diff[6:], 0.0, atol=1e-6)  # document 2 is untouched
+
+
+# --- parameters, FLOPs, configs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_param_has_logical_axis_names(family):
+    cfg = tiny_cfg(family)
+    init = lambda: build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    boxed = jax.eval_shape(init)["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert len(leaves) == len(jax.tree.leaves(init_params(cfg)))
+    rules = dict(LOGICAL_RULES)
+    for leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), type(leaf)
+        assert len(leaf.names) == len(leaf.value.shape), (leaf.names, leaf.value.shape)
+        assert all(n is None or n in rules for n in leaf.names), leaf.names
+    assert any("rnn" in leaf.names for leaf in leaves)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matmul_param_count_matches_the_tree(family):
+    for tie in (True, False):
+        cfg = tiny_cfg(family, tie_embeddings=tie)
+        flat = jax.tree_util.tree_flatten_with_path(init_params(cfg))[0]
+        kernels = sum(int(x.size) for path, x in flat if path[-1].key.endswith("kernel"))
+        head_from_embedding = cfg.vocab_size * cfg.d_model if tie else 0
+        assert matmul_params(cfg) == kernels + head_from_embedding
+        assert flops_per_token(cfg, 128) == flops_per_token(cfg, 1024) == 6 * matmul_params(cfg)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_config_loads(family):
+    cfg = load_config(CONFIGS / f"{family}-tiny.yaml")
+    assert cfg.model.family == family and cfg.model.recurrent
+
+
+def test_recurrent_configs_skip_transformer_only_checks():
+    # 3 heads don't divide d_model=256, which only matters to attention.
+    cfg = load_config(None, ["model.family=lstm", "model.n_heads=3", "data.seq_len=1024"])
+    assert cfg.model.position is None and cfg.model.tie_embeddings is True
+    with pytest.raises(ConfigError, match="model.rnn_width"):
+        load_config(None, ["model.family=hawk", "model.rnn_width=100", "model.n_heads=8"])
+    with pytest.raises(ConfigError, match="model.family"):
+        load_config(None, ["model.family=rnn"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_compute_is_close_to_float32(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    tokens = np.stack([random_tokens(7), random_tokens(8)])
+    cfg16 = tiny_cfg(family, dtype="bfloat16")
+    lo = forward(cfg16, params, tokens).astype(np.float32)
+    hi = forward(cfg, params, tokens)
+    assert np.all(np.isfinite(lo))
+    assert np.abs(lo - hi).max() < 0.05 * np.abs(hi).max()

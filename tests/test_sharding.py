@@ -1,0 +1,282 @@
+"""Sharding: every mesh trains like one device, FSDP really shards, bad meshes are refused.
+
+The sharded runs need 8 devices, which XLA only fakes when told before JAX starts, so they
+run in a subprocess (this file run as a script, one per model family) that prints JSON;
+the pytest process itself keeps its single device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxlm.config import ConfigError, MeshConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from jaxlm.sharding import MESH_AXES, mesh_shape, validate_mesh
+
+S, V, B, STEPS = 16, 64, 8, 3
+# Mesh sizes (data, fsdp, tensor, sequence); "single" runs on the first device only.
+MESHES = {
+    "single": (1, 1, 1, 1),
+    "data8": (8, 1, 1, 1),
+    "fsdp8": (1, 8, 1, 1),
+    "d2f2t2": (2, 2, 2, 1),
+    "f4t2": (1, 4, 2, 1),
+}
+# One extra mesh per family: sequence sharding (gpt2), kv heads replicated over tensor (llama).
+EXTRA = {"gpt2": {"d2f2s2": (2, 2, 1, 2)}, "llama": {"d2t4": (2, 1, 4, 1)}}
+FSDP_THRESHOLD = 4096  # parameters with more elements than this must be split by fsdp=8
+# Lower LLVM effort: compiling dominates these runs and codegen level does not change HLO.
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def tiny_model(family: str, **kw) -> ModelConfig:
+    """A one-block model whose every axis splits over the meshes above."""
+    base = dict(vocab_size=V, d_model=32, n_layers=1, n_heads=8, max_seq_len=S, init_std=0.1)
+    if family == "llama":
+        base["n_kv_heads"] = 2  # grouped-query: 4 query heads per kv head
+    return resolve(RunConfig(model=ModelConfig(family=family, **{**base, **kw}))).model
+
+
+# ------------------------------------------------------------------ worker (subprocess)
+
+
+def _fixed_batch() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    real_BxS = np.arange(S)[None, :] < rng.integers(4, S + 1, B)[:, None]
+    return {
+        "inputs": rng.integers(0, V, (B, S)).astype(np.int32),
+        "targets": rng.integers(0, V, (B, S)).astype(np.int32),
+        "segment_ids": real_BxS.astype(np.int32),
+        "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
+        "weights": real_BxS.astype(np.float32),
+    }
+
+
+def _mesh_cfg(sizes: tuple[int, ...]) -> MeshConfig:
+    return MeshConfig(**dict(zip(MESH_AXES, sizes, strict=True)))
+
+
+def _fsdp_report(family: str) -> dict:
+    """Shard shapes and per-device bytes of a bigger model's state on fsdp=8 (init only)."""
+    import jax
+
+    from jaxlm.config import OptimizerConfig
+    from jaxlm.models.transformer import build_model
+    from jaxlm.sharding import make_mesh
+    from jaxlm.train.optimizer import make_optimizer
+    from jaxlm.train.state import init_train_state
+
+    cfg = tiny_model(family, d_model=128, n_layers=2, vocab_size=512, n_heads=4)
+    model, tx = build_model(cfg), make_optimizer(OptimizerConfig(warmup_steps=1), 10)
+    state, _ = init_train_state(model, tx, S, 0, make_mesh(_mesh_cfg((1, 8, 1, 1))))
+    unsplit = []
+    for path, x in jax.tree_util.tree_leaves_with_path(state.params):
+        shard = x.sharding.shard_shape(x.shape)
+        if x.size > FSDP_THRESHOLD and np.prod(shard) * 8 != x.size:
+            unsplit.append(jax.tree_util.keystr(path))
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    per_device = [0] * 8
+    for x in leaves:
+        for s in x.addressable_shards:
+            per_device[s.device.id] += s.data.nbytes
+    return {"unsplit": unsplit, "total": sum(x.nbytes for x in leaves), "per_device": per_device}
+
+
+def worker(family: str) -> dict:
+    """Train STEPS steps on every mesh from the same init; report losses and init agreement."""
+    import jax
+
+    from jaxlm.config import OptimizerConfig
+    from jaxlm.models.transformer import build_model
+    from jaxlm.sharding import make_mesh, put_batch
+    from jaxlm.train.optimizer import make_optimizer
+    from jaxlm.train.state import init_train_state
+    from jaxlm.train.step import jit_train_step, make_train_step
+
+    assert len(jax.devices()) == 8, jax.devices()
+    cfg = RunConfig(model=tiny_model(family), train=TrainConfig(batch_size=B))
+    model, tx = build_model(cfg.model), make_optimizer(OptimizerConfig(warmup_steps=1), 10)
+    batch, out, reference = _fixed_batch(), {}, None
+    for name, sizes in {**MESHES, **EXTRA[family]}.items():
+        devices = jax.devices()[:1] if name == "single" else None
+        mesh = make_mesh(_mesh_cfg(sizes), devices)
+        validate_mesh(cfg, mesh)
+        state, shardings = init_train_state(model, tx, S, 0, mesh)
+        params = jax.device_get(state.params)
+        reference = params if reference is None else reference
+        init_diff = max(
+            float(np.max(np.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True)
+        )
+        step = jit_train_step(make_train_step(model, tx), shardings, mesh)
+        losses = []
+        for _ in range(STEPS):
+            state, metrics = step(state, put_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+        kv_spec = None
+        if family == "llama":
+            kv_spec = str(shardings.params["block_0"]["attn"]["key"]["kernel"].spec)
+        out[name] = {"losses": losses, "init_diff": init_diff, "kv_spec": kv_spec}
+    return {"meshes": out, "fsdp": _fsdp_report(family)}
+
+
+# ------------------------------------------------------------------------ the tests
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, dict]:
+    """Both families' subprocesses, started together, results parsed from stdout."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_XLA}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    procs = {
+        fam: subprocess.Popen(
+            [sys.executable, __file__, fam],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for fam in ("gpt2", "llama")
+    }
+    results = {}
+    for fam, p in procs.items():
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, f"{fam} worker failed:\n{stderr[-4000:]}"
+        results[fam] = json.loads(stdout.strip().splitlines()[-1])
+    return results
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_every_mesh_matches_single_device(runs, family):
+    meshes = runs[family]["meshes"]
+    ref = meshes["single"]["losses"]
+    assert len(ref) == STEPS and ref[0] > ref[-1]  # it trains
+    assert set(meshes) == set(MESHES) | set(EXTRA[family])
+    for name, r in meshes.items():
+        assert r["init_diff"] == 0.0, f"{name}: initial params differ by {r['init_diff']}"
+        np.testing.assert_allclose(r["losses"], ref, rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_kv_heads_fewer_than_tensor_are_replicated(runs):
+    meshes = runs["llama"]["meshes"]
+    assert "tensor" in meshes["d2f2t2"]["kv_spec"]  # 2 kv heads split over tensor=2
+    assert "tensor" not in meshes["d2t4"]["kv_spec"]  # 2 kv heads kept whole on tensor=4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fsdp8_shards_params_and_optimizer_state(runs, family):
+    rep = runs[family]["fsdp"]
+    assert rep["unsplit"] == [], f"large parameters not sharded: {rep['unsplit']}"
+    ideal = rep["total"] / 8
+    for dev, nbytes in enumerate(rep["per_device"]):
+        assert abs(nbytes - ideal) <= 0.05 * ideal, f"device {dev}: {nbytes} B vs {ideal:.0f} B"
+
+
+# ------------------------------------------------------------- refusals (no devices needed)
+
+
+def _abstract_mesh(data=1, fsdp=1, tensor=1, sequence=1):
+    from jax.sharding import AbstractMesh, AxisType
+
+    return AbstractMesh(
+        (data, fsdp, tensor, sequence), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+    )
+
+
+def _one_sentence(message: str) -> None:
+    assert "\n" not in message and message.endswith("."), message
+    assert not re.search(r"[.!?]\s+[A-Z]", message), message
+
+
+def _cfg(family="llama", batch_size=8, microbatches=1, seq_len=16, **model) -> RunConfig:
+    from jaxlm.config import DataConfig
+
+    return RunConfig(
+        model=tiny_model(family, **model),
+        data=DataConfig(seq_len=seq_len),
+        train=TrainConfig(batch_size=batch_size, microbatches=microbatches),
+    )
+
+
+@pytest.mark.parametrize(
+    "cfg_kw, mesh_kw, expected",
+    [
+        (dict(batch_size=12), dict(data=2, fsdp=4), r"batch_size=12 .* multiple of 8"),
+        (dict(batch_size=8, microbatches=2), dict(data=8), r"4 rows.* multiple of 16"),
+        (dict(n_heads=4, n_kv_heads=None), dict(tensor=8), r"model.n_heads=4 .*tensor=8"),
+        (dict(d_ff=100), dict(tensor=8), r"model.d_ff=100 .*tensor=8"),
+        (dict(vocab_size=60), dict(tensor=8), r"model.vocab_size=60 .*tensor=8"),
+        (dict(d_model=24, n_heads=4, batch_size=16), dict(fsdp=16), r"model.d_model=24 .*fsdp=16"),
+        (dict(seq_len=12), dict(sequence=8), r"data.seq_len=12 .*sequence=8"),
+    ],
+)
+def test_bad_mesh_is_refused_in_one_sentence(cfg_kw, mesh_kw, expected):
+    model_keys = {"n_heads", "n_kv_heads", "d_ff", "vocab_size", "d_model"}
+    model = {k: v for k, v in cfg_kw.items() if k in model_keys}
+    rest = {k: v for k, v in cfg_kw.items() if k not in model_keys}
+    with pytest.raises(ConfigError, match=expected) as err:
+        validate_mesh(_cfg(**rest, **model), _abstract_mesh(**mesh_kw))
+    _one_sentence(str(err.value))
+
+
+def test_good_mesh_passes_and_kv_heads_may_be_fewer_than_tensor():
+    validate_mesh(_cfg(batch_size=16), _abstract_mesh(data=2, fsdp=2, tensor=2, sequence=2))
+    validate_mesh(_cfg(n_kv_heads=1), _abstract_mesh(tensor=8))  # kv heads get replicated
+
+
+def test_more_processes_than_batch_shards_is_refused():
+    with pytest.raises(ConfigError, match=r"split 2 ways .* 4 processes") as err:
+        validate_mesh(_cfg(), _abstract_mesh(data=2, tensor=4), process_count=4)
+    _one_sentence(str(err.value))
+
+
+@pytest.mark.parametrize(
+    "mesh, n, expected",
+    [
+        (MeshConfig(data=2, fsdp=2), 8, r"has 4 devices but 8 are available"),
+        (MeshConfig(data=-1, tensor=3), 8, r"multiply to 3, which does not divide the 8"),
+    ],
+)
+def test_mesh_that_does_not_cover_the_devices_is_refused(mesh, n, expected):
+    with pytest.raises(ConfigError, match=expected) as err:
+        mesh_shape(mesh, n)
+    _one_sentence(str(err.value))
+
+
+def test_minus_one_takes_the_remaining_devices():
+    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 16) == {
+        "data": 4,
+        "fsdp": 2,
+        "tensor": 2,
+        "sequence": 1,
+    }
+
+
+def test_kv_heads_replicated_in_state_shardings_when_fewer_than_tensor():
+    from jaxlm.config import OptimizerConfig
+    from jaxlm.models.transformer import build_model
+    from jaxlm.train.optimizer import make_optimizer
+    from jaxlm.train.state import state_shardings
+
+    model = build_model(tiny_model("llama", n_kv_heads=2))
+    tx = make_optimizer(OptimizerConfig(warmup_steps=1), 10)
+    specs = {}
+    for tensor in (2, 4):
+        _, sh = state_shardings(model, tx, S, _abstract_mesh(tensor=tensor, data=8 // tensor))
+        attn = sh.params["block_0"]["attn"]
+        specs[tensor] = (tuple(attn["key"]["kernel"].spec), tuple(attn["query"]["kernel"].spec))
+    assert specs[2] == (("fsdp", "tensor", None), ("fsdp", "tensor", None))
+    assert specs[4] == (("fsdp", None, None), ("fsdp", "tensor", None))
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(sys.argv[1])))
