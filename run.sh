@@ -25,6 +25,10 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The quick start runs on the CPU. libtpu (installed for the TPU compile tests) would otherwise
+# probe for a TPU at every start; set JAX_PLATFORMS= (empty) to use an accelerator instead.
+export JAX_PLATFORMS="${JAX_PLATFORMS-cpu}"
+
 mode="${1:-train}"
 case "$mode" in
   test)
