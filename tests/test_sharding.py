@@ -30,6 +30,7 @@ MESHES = {
 }
 # One extra mesh per family: sequence sharding (gpt2), kv heads replicated over tensor (llama).
 EXTRA = {"gpt2": {"d2f2s2": (2, 2, 1, 2)}, "llama": {"d2t4": (2, 1, 4, 1)}}
+RECURRENT = ("lstm", "gru", "hawk")
 FSDP_THRESHOLD = 4096  # parameters with more elements than this must be split by fsdp=8
 # Lower LLVM effort: compiling dominates these runs and codegen level does not change HLO.
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -40,6 +41,8 @@ def tiny_model(family: str, **kw) -> ModelConfig:
     base = dict(vocab_size=V, d_model=32, n_layers=1, n_heads=8, max_seq_len=S, init_std=0.1)
     if family == "llama":
         base["n_kv_heads"] = 2  # grouped-query: 4 query heads per kv head
+    if family == "hawk":
+        base.update(n_heads=4, rnn_width=64)  # RG-LRU gate blocks must divide the width
     return resolve(RunConfig(model=ModelConfig(family=family, **{**base, **kw}))).model
 
 
@@ -103,7 +106,7 @@ def worker(family: str) -> dict:
     cfg = RunConfig(model=tiny_model(family), train=TrainConfig(batch_size=B))
     model, tx = build_model(cfg.model), make_optimizer(OptimizerConfig(warmup_steps=1), 10)
     batch, out, reference = _fixed_batch(), {}, None
-    for name, sizes in {**MESHES, **EXTRA[family]}.items():
+    for name, sizes in {**MESHES, **EXTRA.get(family, {})}.items():
         devices = jax.devices()[:1] if name == "single" else None
         mesh = make_mesh(_mesh_cfg(sizes), devices)
         validate_mesh(cfg, mesh)
@@ -123,15 +126,16 @@ def worker(family: str) -> dict:
         if family == "llama":
             kv_spec = str(shardings.params["block_0"]["attn"]["key"]["kernel"].spec)
         out[name] = {"losses": losses, "init_diff": init_diff, "kv_spec": kv_spec}
+    if family in RECURRENT:
+        return {"meshes": out}
     return {"meshes": out, "fsdp": _fsdp_report(family)}
 
 
 # ------------------------------------------------------------------------ the tests
 
 
-@pytest.fixture(scope="module")
-def runs() -> dict[str, dict]:
-    """Both families' subprocesses, started together, results parsed from stdout."""
+def _run_workers(families: tuple[str, ...]) -> dict[str, dict]:
+    """One subprocess per family, started together, results parsed from stdout."""
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_XLA}",
@@ -145,7 +149,7 @@ def runs() -> dict[str, dict]:
             stderr=subprocess.PIPE,
             text=True,
         )
-        for fam in ("gpt2", "llama")
+        for fam in families
     }
     results = {}
     for fam, p in procs.items():
@@ -153,6 +157,29 @@ def runs() -> dict[str, dict]:
         assert p.returncode == 0, f"{fam} worker failed:\n{stderr[-4000:]}"
         results[fam] = json.loads(stdout.strip().splitlines()[-1])
     return results
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, dict]:
+    """The Transformer families on every mesh."""
+    return _run_workers(("gpt2", "llama"))
+
+
+@pytest.fixture(scope="module")
+def recurrent_runs() -> dict[str, dict]:
+    """The recurrent families on the required meshes."""
+    return _run_workers(RECURRENT)
+
+
+@pytest.mark.parametrize("family", RECURRENT)
+def test_recurrent_models_match_single_device_on_every_mesh(recurrent_runs, family):
+    meshes = recurrent_runs[family]["meshes"]
+    assert set(meshes) == set(MESHES)
+    single = meshes["single"]["losses"]
+    assert len(single) == STEPS and single[0] > single[-1]  # it trains
+    for name, rec in meshes.items():
+        assert rec["init_diff"] == 0.0, f"{family} init differs on mesh {name}"
+        np.testing.assert_allclose(rec["losses"], single, rtol=0, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
