@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import os
 import platform
 import statistics
 import time
@@ -75,6 +76,9 @@ def environment(mesh: Mesh | None = None) -> dict[str, Any]:
 
 def tpu_mesh(topology: str) -> Mesh:
     """A one-chip mesh of a TPU topology (e.g. v5e:2x2) to AOT-compile for; needs libtpu."""
+    # Describing a topology only compiles; don't take libtpu's single-process lock, or a
+    # second planner (or test worker) on the same machine fails.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     desc = topologies.get_topology_desc(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import jax
@@ -74,6 +75,9 @@ def tpu_devices(topology: str) -> list:
         raise ConfigError(
             f"--topology={topology!r} is not of the form GENERATION:AxB[xC], e.g. v5p:4x4x4."
         )
+    # Describing a topology only compiles; don't take libtpu's single-process lock, or a
+    # second planner (or test worker) on the same machine fails.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     bounds = TPU_CHIPS_PER_HOST.get(generation, (2, 2, 1))
