@@ -30,11 +30,16 @@ def check_resumable(saved: dict[str, Any], cfg: RunConfig, workdir: Path) -> Non
         section, _, name = key.partition(".")
         old_v, new_v = saved.get(section, {}), now[section]
         if name:
+            if name not in old_v:  # a key newer than the checkpoint: nothing to compare
+                continue
             old_v, new_v = old_v.get(name), new_v[name]
+        else:  # fields added after the checkpoint was written keep their default meaning
+            new_v = {k: v for k, v in new_v.items() if k in old_v}
         if old_v != new_v:
             if not name:  # name the first differing model field
-                diff = [k for k in new_v if old_v.get(k) != new_v[k]]
-                key, old_v, new_v = f"model.{diff[0]}", old_v.get(diff[0]), new_v[diff[0]]
+                keys = sorted(set(old_v) | set(new_v))
+                k = next(k for k in keys if old_v.get(k) != new_v.get(k))
+                key, old_v, new_v = f"model.{k}", old_v.get(k), new_v.get(k)
             raise ConfigError(
                 f"{key}={new_v!r} differs from the checkpoint in '{workdir}' ({old_v!r}), so "
                 f"the run can't resume; restore the old value or use a new --workdir."
