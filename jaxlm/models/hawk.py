@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.layers import Dense, Mlp, Norm, dtype_of, normal_init
-from jaxlm.models.rnn import carried_state, default_segments, embed_tokens, lm_head, row_resets
+from jaxlm.models.layers import Dense, Mlp, Norm, default_segments, dtype_of, lm_head, normal_init
+from jaxlm.models.rnn import carried_state, embed_tokens, row_resets
 
 GATE_EXPONENT = 8.0  # c in a_t = a ** (c * r_t), as in the paper
 DECAY_INIT = (0.9, 0.999)  # a ** c drawn uniformly from this range at initialisation

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.layers import Dense, Norm, dtype_of, normal_init
+from jaxlm.models.layers import Norm, default_segments, dtype_of, lm_head, normal_init
 
 GATES = {"lstm": 4, "gru": 3}
 State = dict[str, jax.Array]
@@ -193,24 +193,6 @@ def embed_tokens(cfg: ModelConfig, tokens_BxS: jax.Array) -> tuple[jax.Array, nn
     )
     x_BxSxD = embed(tokens_BxS) * jnp.asarray(cfg.d_model**0.5, dtype_of(cfg.dtype))
     return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed")), embed
-
-
-def lm_head(cfg: ModelConfig, embed: nn.Embed, x_BxSxD: jax.Array) -> jax.Array:
-    """Final norm, then the tied embedding or an untied projection to the vocabulary."""
-    dtype = dtype_of(cfg.dtype)
-    x_BxSxD = Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name="final_norm")(x_BxSxD)
-    if cfg.tie_embeddings:
-        logits_BxSxV = embed.attend(x_BxSxD)
-    else:
-        logits_BxSxV = Dense(
-            cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, dtype=dtype, name="head"
-        )(x_BxSxD)
-    return nn.with_logical_constraint(logits_BxSxV, ("batch", "length", "act_vocab"))
-
-
-def default_segments(tokens_BxS: jax.Array, segment_ids_BxS: jax.Array | None) -> jax.Array:
-    """The given segment ids, or one segment per row."""
-    return jnp.ones_like(tokens_BxS) if segment_ids_BxS is None else segment_ids_BxS
 
 
 class RecurrentLM(nn.Module):

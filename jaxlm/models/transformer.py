@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import Attention
 from jaxlm.models.hawk import HawkLM
-from jaxlm.models.layers import Dense, Mlp, Norm, dtype_of, normal_init
+from jaxlm.models.layers import Mlp, Norm, default_segments, dtype_of, lm_head, normal_init
 from jaxlm.models.rnn import RecurrentLM
 
 
@@ -66,8 +66,7 @@ class TransformerLM(nn.Module):
         dtype = dtype_of(cfg.dtype)
         if positions_BxS is None:
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
-        if segment_ids_BxS is None:
-            segment_ids_BxS = jnp.ones_like(tokens_BxS)
+        segment_ids_BxS = default_segments(tokens_BxS, segment_ids_BxS)
 
         embed = nn.Embed(
             cfg.vocab_size,
@@ -96,14 +95,7 @@ class TransformerLM(nn.Module):
                 x_BxSxD, positions_BxS, segment_ids_BxS, deterministic
             )
 
-        x_BxSxD = Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name="final_norm")(x_BxSxD)
-        if cfg.tie_embeddings:
-            logits_BxSxV = embed.attend(x_BxSxD)
-        else:
-            logits_BxSxV = Dense(
-                cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, dtype=dtype, name="head"
-            )(x_BxSxD)
-        return nn.with_logical_constraint(logits_BxSxV, ("batch", "length", "act_vocab"))
+        return lm_head(cfg, embed, x_BxSxD)
 
 
 def build_model(cfg: ModelConfig, decode: bool = False) -> nn.Module:
