@@ -117,6 +117,25 @@ def _q_blocks(j, block_q: int, block_k: int, plan: Plan):
     return lo, jnp.where(ragged, n_q, lo_full)
 
 
+def _key_block_scores(
+    q_QxE, q_idx, q_seg_Qx1, k_ref, v_ref, kseg_ref, start, bk: int, plan: Plan, index_mask: bool
+):
+    """Scaled scores of a query block against the key block at `start`, hidden keys at -inf.
+
+    Shared by the forward and dq kernels, which walk the same key blocks; returns the block's
+    k and v too, since both kernels go on to use them.
+    """
+    k_CxE = k_ref[pl.ds(start, bk), :]
+    v_CxE = v_ref[pl.ds(start, bk), :]
+    s_QxC = _dot(q_QxE, k_CxE, plan, transpose_b=True) * plan.scale
+    k_seg = None if q_seg_Qx1 is None else kseg_ref[:, pl.ds(start, bk)]
+    k_idx = start + jax.lax.broadcasted_iota(jnp.int32, (q_QxE.shape[0], bk), 1)
+    ok = _visible(q_idx, k_idx, q_seg_Qx1, k_seg, plan, index_mask)
+    if ok is not None:
+        s_QxC = jnp.where(ok, s_QxC, -jnp.inf)
+    return s_QxC, k_CxE, v_CxE
+
+
 # ------------------------------------------------------------------------------ forward
 
 
@@ -127,7 +146,7 @@ def _fwd_kernel(*refs, plan: Plan):
         q_seg_Qx1 = qseg_ref[...]
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-        q_seg_Qx1 = None
+        q_seg_Qx1 = kseg_ref = None
     bq, bk = plan.block_q, plan.block_k
     i = pl.program_id(2)
     q_QxE = q_ref[...]
@@ -136,14 +155,9 @@ def _fwd_kernel(*refs, plan: Plan):
     def step(j, carry, index_mask: bool):
         acc_QxE, m_Qx1, l_Qx1 = carry
         start = pl.multiple_of(j * bk, bk)
-        k_CxE = k_ref[pl.ds(start, bk), :]
-        v_CxE = v_ref[pl.ds(start, bk), :]
-        s_QxC = _dot(q_QxE, k_CxE, plan, transpose_b=True) * plan.scale
-        k_seg = None if q_seg_Qx1 is None else kseg_ref[:, pl.ds(start, bk)]
-        k_idx = start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-        ok = _visible(q_idx, k_idx, q_seg_Qx1, k_seg, plan, index_mask)
-        if ok is not None:
-            s_QxC = jnp.where(ok, s_QxC, -jnp.inf)
+        s_QxC, k_CxE, v_CxE = _key_block_scores(
+            q_QxE, q_idx, q_seg_Qx1, k_ref, v_ref, kseg_ref, start, bk, plan, index_mask
+        )
         m_new = jnp.maximum(m_Qx1, jnp.max(s_QxC, axis=1, keepdims=True))
         p_QxC = jnp.exp(s_QxC - m_new)
         alpha = jnp.exp(m_Qx1 - m_new)
@@ -215,7 +229,7 @@ def _dq_kernel(*refs, plan: Plan):
         q_seg_Qx1 = qseg_ref[...]
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-        q_seg_Qx1 = None
+        q_seg_Qx1 = kseg_ref = None
     bq, bk = plan.block_q_bwd, plan.block_k_bwd
     i = pl.program_id(2)
     q_QxE, do_QxE = q_ref[...], do_ref[...]
@@ -224,14 +238,9 @@ def _dq_kernel(*refs, plan: Plan):
 
     def step(j, dq_QxE, index_mask: bool):
         start = pl.multiple_of(j * bk, bk)
-        k_CxE = k_ref[pl.ds(start, bk), :]
-        v_CxE = v_ref[pl.ds(start, bk), :]
-        s_QxC = _dot(q_QxE, k_CxE, plan, transpose_b=True) * plan.scale
-        k_seg = None if q_seg_Qx1 is None else kseg_ref[:, pl.ds(start, bk)]
-        k_idx = start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-        ok = _visible(q_idx, k_idx, q_seg_Qx1, k_seg, plan, index_mask)
-        if ok is not None:
-            s_QxC = jnp.where(ok, s_QxC, -jnp.inf)
+        s_QxC, k_CxE, v_CxE = _key_block_scores(
+            q_QxE, q_idx, q_seg_Qx1, k_ref, v_ref, kseg_ref, start, bk, plan, index_mask
+        )
         p_QxC = jnp.exp(s_QxC - lse_Qx1)
         dp_QxC = _dot(do_QxE, v_CxE, plan, transpose_b=True)
         ds_QxC = p_QxC * (dp_QxC - delta_Qx1)
