@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxlm.config import ConfigError, RunConfig, load_config
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.export import EXPORT_INFO, load_exported, restore_params
 
 
@@ -31,7 +31,7 @@ def load_run(workdir: str | Path, step: int | None = None) -> Run:
     # An export carries its own copy of the tokenizer; a run trained here caches it too.
     local = workdir / "tokenizer.model"
     use_local = local.is_file() or not cfg.data.tokenizer
-    tokenizer = Tokenizer.load(str(local) if use_local else cfg.data.tokenizer)
+    tokenizer = load_tokenizer(str(local) if use_local else cfg.data.tokenizer)
     if (workdir / EXPORT_INFO).is_file():
         params, saved_step = load_exported(workdir, cfg)
     else:

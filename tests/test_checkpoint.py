@@ -19,6 +19,7 @@ import pytest
 
 from jaxlm import cli
 from jaxlm.checkpoint import Checkpointer
+from jaxlm.cli import train as cli_train
 from jaxlm.config import (
     CheckpointConfig,
     ConfigError,
@@ -118,7 +119,7 @@ def test_step_boundary_reports_signals_and_due_timed_saves(monkeypatch):
 
 def test_first_signal_asks_to_stop_second_sigint_interrupts(capsys):
     stop, before = threading.Event(), signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt), cli._stop_on_signals(stop):
+    with pytest.raises(KeyboardInterrupt), cli_train._stop_on_signals(stop):
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.is_set()
         os.kill(os.getpid(), signal.SIGTERM)  # repeated: still just stopping

@@ -39,7 +39,7 @@ def _help_lines(argv: list[str], capsys) -> list[str]:
 
 def test_top_level_help_lists_every_command_on_one_line(capsys):
     lines = _help_lines(["--help"], capsys)
-    for command in cli.COMMANDS:
+    for command in cli.commands():
         matching = [ln for ln in lines if ln.strip().startswith(command + " ")]
         assert len(matching) == 1, f"'{command}' should have exactly one help line"
         assert len(matching[0].split(None, 1)) == 2, f"'{command}' has no description"

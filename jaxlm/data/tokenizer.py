@@ -167,6 +167,20 @@ def train_tokenizer(
     return Tokenizer.load(model_path)
 
 
+def load_tokenizer(path: str):
+    """Load a tokenizer file: a SentencePiece `.model`, or a Hugging Face `tokenizer.json`.
+
+    Both kinds offer the same interface as `Tokenizer` (ids of the special pieces, encode,
+    encode_batch, decode, vocab_size, sha256, path), so eval, generate and data preparation
+    need not know which one they hold.
+    """
+    if str(path).endswith(".json"):
+        from jaxlm.data.hf_tokenizer import HFTokenizer  # needs the optional `tokenizers`
+
+        return HFTokenizer.load(str(path))
+    return Tokenizer.load(str(path))
+
+
 def load_or_train_tokenizer(
     path: str | None,
     cache_path: str,
@@ -176,7 +190,7 @@ def load_or_train_tokenizer(
     """Load `path`, else the model cached at `cache_path`, else train one there; check its size."""
     trained = False
     if path:
-        tokenizer = Tokenizer.load(path)
+        tokenizer = load_tokenizer(path)
     elif os.path.exists(cache_path):
         tokenizer = Tokenizer.load(cache_path)
     else:

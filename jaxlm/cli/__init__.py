@@ -1,0 +1,63 @@
+"""The `jaxlm` command line: one entry point, one subcommand per job.
+
+Each subcommand lives in a module of this package with `register(sub)`, which adds its
+parser and sets `run` to its handler; COMMAND_MODULES lists them in help order. Only this
+package reads process-wide state (argv, environment); everything below it takes explicit
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from jaxlm.cli.common import formatter
+from jaxlm.config import ConfigError
+
+COMMAND_MODULES = [
+    "jaxlm.cli.train",  # train, config, export
+    "jaxlm.cli.generate",
+    "jaxlm.cli.bench",
+    "jaxlm.cli.plan",  # launch, plan
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="jaxlm",
+        formatter_class=formatter,
+        description="Train, evaluate and sample JAX/Flax language models, from a laptop CPU "
+        "to a multi-host pod.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    for subparser in sub.choices.values():
+        subparser.formatter_class = formatter
+    return parser
+
+
+def commands() -> list[str]:
+    """Every top-level subcommand name."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `jaxlm` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxlm {args.command}: interrupted", file=sys.stderr)
+        return 130

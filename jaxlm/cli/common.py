@@ -1,0 +1,46 @@
+"""Argument helpers shared by the subcommand modules."""
+
+from __future__ import annotations
+
+import argparse
+
+OVERRIDE_HELP = "config overrides, e.g. model.n_layers=4 train.steps=200"
+
+
+def formatter(prog: str) -> argparse.HelpFormatter:
+    # Wide enough that every option's help stays on one line.
+    return argparse.HelpFormatter(prog, max_help_position=30, width=110)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", "-c", metavar="FILE", help="YAML config (default: built-in defaults)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDE_HELP)
+
+
+def csv(kind):
+    """argparse type: a comma-separated list of `kind` values."""
+
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if kind is bool:
+            table = {"true": True, "false": False}
+            if any(t.lower() not in table for t in items):
+                raise argparse.ArgumentTypeError(f"{text!r} is not a list of true/false")
+            return [table[t.lower()] for t in items]
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list of {kind.__name__}") from None
+
+    return parse
+
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """Multi-process flags; without them jaxlm.distributed reads the scheduler's environment."""
+    p.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="address of process 0 (multi-process runs)"
+    )
+    p.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    p.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")

@@ -1,0 +1,51 @@
+"""`jaxlm plan` and `jaxlm launch`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from jaxlm.cli.common import add_config_args, formatter
+from jaxlm.config import load_config
+from jaxlm.launch import add_launch_parser
+
+
+def register(sub) -> None:
+    add_launch_parser(sub, add_config_args, formatter)
+    sub.choices["launch"].set_defaults(run=cmd_launch)
+    """`jaxlm plan`: size a config for a mesh before booking the hardware."""
+    p = sub.add_parser(
+        "plan",
+        help="parameters, FLOPs/token and per-device memory; does it fit?",
+        description="Compile the train step ahead of time for a TPU topology (needs libtpu) "
+        "or fake CPU devices, and report per-device memory from XLA's analysis. "
+        "Exits 1 when it does not fit --device-memory-gb.",
+    )
+    add_config_args(p)
+    p.add_argument("--topology", metavar="GEN:SHAPE", help="TPU slice, e.g. v5p:4x4x4, v6e:8x8")
+    p.add_argument(
+        "--device-memory-gb", type=float, metavar="GB", help="per device (default: TPU's HBM)"
+    )
+    p.add_argument("--devices", type=int, metavar="N", help="fake CPU devices (no --topology)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=cmd_plan)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from jaxlm.launch import LaunchOptions, launch
+
+    cfg = load_config(args.config, args.overrides)
+    return launch(args.target, cfg, LaunchOptions.from_dict(vars(args)), dry_run=args.dry_run)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from jaxlm import plan  # imports JAX: keep `--help` fast
+
+    devices = plan.target_devices(cfg, args.topology, args.devices)
+    memory = plan.default_device_memory(args.topology)
+    if args.device_memory_gb is not None:
+        memory = int(args.device_memory_gb * plan.GIB)
+    result = plan.make_plan(cfg, devices, memory)
+    print(json.dumps(plan.plan_dict(result)) if args.json else plan.format_plan(result))
+    return 1 if result.fits is False else 0

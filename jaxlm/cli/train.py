@@ -1,0 +1,150 @@
+"""`jaxlm train`, `jaxlm config` and `jaxlm export`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+
+from jaxlm.cli.common import add_config_args, add_distributed_args
+from jaxlm.config import describe, load_config
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (resumes if the workdir has checkpoints)",
+        description="Train a model described by a YAML config plus overrides. "
+        "Everything the run writes goes into --workdir.",
+    )
+    add_config_args(p)
+    p.add_argument(
+        "--workdir",
+        "-w",
+        required=True,
+        metavar="DIR",
+        help="run directory (config, tokenizer, metrics, checkpoints, samples)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="plain log lines instead of a progress bar",
+    )
+    add_distributed_args(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser(
+        "config",
+        help="print the resolved config, or every key with its meaning",
+        description="Resolve and validate a config without running anything.",
+    )
+    add_config_args(p)
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="list every key with its default and description instead",
+    )
+    p.set_defaults(run=cmd_config)
+
+    p = sub.add_parser(
+        "export",
+        help="write a run's parameters (optionally bf16) for evaluation and sharing",
+        description="Write a params-only checkpoint with the run's config and tokenizer; "
+        "`jaxlm generate -w OUTPUT` and evaluate.load_run read it.",
+    )
+    p.add_argument("--workdir", "-w", required=True, metavar="DIR", help="a run directory")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="new export directory")
+    p.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: newest)")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype"
+    )
+    p.set_defaults(run=cmd_export)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event):
+    """While training: the first SIGTERM/SIGINT asks for a checkpoint and a clean exit at the
+    next step boundary; a second SIGINT interrupts at once."""
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not stop.is_set():
+            name = signal.Signals(signum).name
+            print(f"jaxlm train: {name}: saving at the next step boundary", file=sys.stderr)
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _exit_after_peer_failure(error: Exception) -> None:
+    """End this process of a multi-process run whose collective failed, in one sentence."""
+    import jax
+
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else repr(error)
+    print(
+        f"jaxlm train: error: process {jax.process_index()} of {jax.process_count()} failed in "
+        f"a collective ({first}), most likely because another process died; start the same "
+        f"command on every process to resume from the last checkpoint.",
+        file=sys.stderr,
+        flush=True,
+    )
+    # Skip jax.distributed's exit-time shutdown barrier: it would wait for the dead process
+    # until the heartbeat timeout and then abort with a stack dump.
+    os._exit(3)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from jaxlm.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
+    import jax
+
+    from jaxlm.train.guard import NonFiniteError
+    from jaxlm.train.loop import train  # imports JAX: keep `--help` fast
+
+    stop = threading.Event()
+    try:
+        with _stop_on_signals(stop):
+            summary = train(cfg, args.workdir, progress=not args.no_progress, stop=stop)
+    except NonFiniteError as e:
+        print(f"jaxlm train: error: {e}", file=sys.stderr)
+        return 1
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        _exit_after_peer_failure(e)
+    report = {k: v for k, v in summary.items() if k not in ("state", "samples", "eval_history")}
+    print(json.dumps(report), file=sys.stderr)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        print(describe())
+        return 0
+    from jaxlm.config import to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxlm.export import export_params
+
+    info = export_params(args.workdir, args.output, step=args.step, dtype=args.dtype)
+    print(json.dumps(info), file=sys.stderr)
+    return 0
