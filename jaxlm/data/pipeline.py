@@ -1,4 +1,15 @@
-"""Grain input pipeline: token documents -> shuffle -> pack into rows -> batch -> shard.
+"""Grain input pipeline: token documents -> shuffle -> mix -> pack into rows -> batch -> shard.
+
+The global batch of B rows is cut into `streams` blocks of B/streams rows. Block k always comes
+from stream k: every streams-th document of each source, reshuffled each epoch with its own
+seed, sources drawn at random by weight, then packed. A process that owns rows [lo, hi) builds
+only the streams those rows fall in, so it reads only their documents, and the global batch
+is the same for 1, 2 or 4 processes. One stream over one source is exactly the single
+shuffled stream of earlier versions.
+
+Epochs: each stream and source repeats on its own; every document of a stream appears once per
+epoch of that stream. An endless stream never pads, so nothing is dropped (the finite eval
+batches pad only their last row).
 
 Every batch is a dict of host numpy arrays, all [batch, seq_len]:
   inputs, targets  int32   next-token pairs; a target never comes from another document
@@ -9,7 +20,11 @@ Every batch is a dict of host numpy arrays, all [batch, seq_len]:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import bisect
+import dataclasses
+import itertools
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -72,16 +87,89 @@ def _check_docs(token_docs: list[np.ndarray]) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightedSource:
+    """A random-access sequence of token documents and its share of the training tokens."""
+
+    docs: Sequence[np.ndarray]
+    weight: float = 1.0
+    name: str = ""
+    # Mean tokens per document; mixing happens per document, so token shares need it.
+    mean_tokens: float | None = None
+
+
+def _as_sources(sources: Sequence[Any]) -> list[WeightedSource]:
+    # Only a list is inspected: peeking into a lazy source would read one of its documents.
+    if isinstance(sources, list) and sources and isinstance(sources[0], WeightedSource):
+        return list(sources)
+    return [WeightedSource(sources)]
+
+
+def _stream_seed(seed: int, stream: int, source: int) -> int:
+    # Stream 0 of a single source shuffles with `seed` itself, so a one-stream run draws
+    # exactly the documents earlier versions drew.
+    if stream == 0 and source == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, stream, source]).generate_state(1)[0])
+
+
+def _stream_rows(
+    sources: list[WeightedSource], k: int, streams: int, seed: int, rows: int, seq_len: int
+) -> grain.IterDataset:
+    """Stream k: its 1/streams of every source's documents, shuffled per epoch, mixed, packed."""
+    parts = []
+    for s, src in enumerate(sources):
+        # Strided, so a stream's documents come from everywhere in the source and a host
+        # reads only the documents of the streams it builds.
+        part = grain.MapDataset.source(src.docs)[k::streams]
+        if len(part) == 0:
+            raise ConfigError(
+                f"Source {src.name or s!r} has {len(src.docs)} training document(s), fewer than "
+                f"data.streams={streams}; lower data.streams or add documents."
+            )
+        if streams == 1 and len(sources) == 1:
+            # shuffle before repeat: each epoch is a fresh permutation (the seed is folded with
+            # the epoch), yet every document appears exactly once per epoch. Kept for the
+            # one-stream, one-source case so it draws exactly what earlier versions drew.
+            parts.append(part.shuffle(seed=seed).repeat())
+        else:
+            parts.append(_EpochShuffle(part, _stream_seed(seed, k, s)))
+    if len(parts) == 1:
+        pairs = (
+            parts[0]
+            .map(_to_pair)
+            .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        )
+    else:
+        # Weights are shares of the trained (target) tokens, of which a document of L tokens
+        # gives L - 1; documents are drawn, so divide by that mean.
+        doc_weights = [src.weight / max((src.mean_tokens or 2.0) - 1.0, 1.0) for src in sources]
+        mix_seed = _stream_seed(seed, k, len(sources))
+        pairs = _WeightedMix(parts, doc_weights, mix_seed).map(_to_pair)
+    return _pack(pairs, seq_len).batch(rows, drop_remainder=True)
+
+
 def make_train_iterator(
-    token_docs: list[np.ndarray],
+    sources: Sequence[np.ndarray] | Sequence[WeightedSource],
     seq_len: int,
     batch_size: int,
     seed: int,
     shard_index: int = 0,
     shard_count: int = 1,
+    streams: int = 1,
+    prefetch: int = 0,
 ) -> grain.DatasetIterator:
-    """Endless, seeded, checkpointable iterator of this shard's rows of each global batch."""
-    _check_docs(token_docs)
+    """Endless, seeded, checkpointable iterator of this shard's rows of each global batch.
+
+    `sources` is a list of token documents, or of WeightedSource for a mixture. The global
+    batch is `streams` blocks of batch_size/streams rows; block k comes from stream k, an
+    independent shuffled and packed stream over every streams-th document. A process builds
+    only the streams its rows [lo, hi) touch, so any shard_count yields the same global batch.
+    """
+    srcs = _as_sources(sources)
+    for src in srcs:
+        if isinstance(src.docs, list):
+            _check_docs(src.docs)
     if seq_len < 1 or batch_size < 1:
         raise ConfigError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1.")
     if batch_size % shard_count != 0:
@@ -89,31 +177,41 @@ def make_train_iterator(
             f"Global batch_size={batch_size} does not divide into {shard_count} data shards; "
             "set the batch size to a multiple of the number of data-parallel processes."
         )
+    if streams < 1 or batch_size % streams != 0:
+        raise ConfigError(
+            f"data.streams={streams} does not divide batch_size={batch_size}; choose a divisor."
+        )
     if not 0 <= shard_index < shard_count:
         raise ConfigError(f"shard_index={shard_index} must lie in [0, {shard_count}).")
+    if any(not src.weight > 0 for src in srcs):
+        raise ConfigError("Every data source weight must be positive; fix data.sources.")
     rows_per_shard = batch_size // shard_count
     lo = shard_index * rows_per_shard
     hi = lo + rows_per_shard
-
-    pairs = (
-        grain.MapDataset.source(token_docs)
-        # shuffle before repeat: each epoch is a fresh permutation (the seed is folded with the
-        # epoch), yet every document appears exactly once per epoch.
-        .shuffle(seed=seed)
-        .repeat()
-        .map(_to_pair)
-        # The documents already sit in memory; reader threads would only fight over the GIL.
-        .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    )
-    # Every process builds the same global stream and keeps its own contiguous block of rows,
-    # so the shards are disjoint and together equal the global batch.
-    batches = _pack(pairs, seq_len).batch(batch_size, drop_remainder=True)
-    return iter(batches.map(lambda b: _finish_rows({k: v[lo:hi] for k, v in b.items()})))
+    per_stream = batch_size // streams
+    first, last = lo // per_stream, (hi - 1) // per_stream
+    blocks = [
+        _stream_rows(srcs, k, streams, seed, per_stream, seq_len) for k in range(first, last + 1)
+    ]
+    # Rows [lo, hi) of the global batch, counted from the first stream this process builds.
+    a, b = lo - first * per_stream, hi - first * per_stream
+    ds = blocks[0] if len(blocks) == 1 else _RowBlocks(blocks)
+    ds = ds.map(lambda batch: _finish_rows({k: v[a:b] for k, v in batch.items()}))
+    if prefetch > 0:
+        # Packing runs in Python; a background thread keeps it off the step's critical path.
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return iter(ds)
 
 
-def make_eval_batches(token_docs: list[np.ndarray], seq_len: int, batch_size: int) -> list[Batch]:
-    """Pack documents in order into finite batches that cover every target token exactly once."""
-    _check_docs(token_docs)
+def make_eval_batches(
+    token_docs: Sequence[np.ndarray], seq_len: int, batch_size: int, max_batches: int | None = None
+) -> list[Batch]:
+    """Pack documents in order into finite batches that cover every target token exactly once.
+
+    With `max_batches`, packing stops after that many batches (the rest is never read).
+    """
+    if isinstance(token_docs, list):
+        _check_docs(token_docs)
     if seq_len < 1 or batch_size < 1:
         raise ConfigError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1.")
     pairs = (
@@ -121,7 +219,12 @@ def make_eval_batches(token_docs: list[np.ndarray], seq_len: int, batch_size: in
         .map(_to_pair)
         .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     )
-    rows = [_finish_rows(r) for r in _pack(pairs, seq_len)]
+    rows = [
+        _finish_rows(r)
+        for r in itertools.islice(
+            _pack(pairs, seq_len), None if max_batches is None else max_batches * batch_size
+        )
+    ]
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -167,3 +270,101 @@ class _JsonSafePackStateIterator(grain.DatasetIterator):
         state = dict(state)
         state["remainder_slices"] = _tuples(state["remainder_slices"])
         self._parent.set_state(state)
+
+
+class _RowBlocks(grain.IterDataset):
+    """Concatenates the row blocks of several streams, step by step, into one batch."""
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _RowBlocksIterator([p.__iter__() for p in self._parents])
+
+
+class _RowBlocksIterator(grain.DatasetIterator):
+    """Iterator side of _RowBlocks; its state is the list of the streams' states."""
+
+    def __init__(self, parents: list[grain.DatasetIterator]) -> None:
+        super().__init__(parents)
+        self._streams = parents
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self._streams]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"streams": [it.get_state() for it in self._streams]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for it, s in zip(self._streams, state["streams"], strict=True):
+            it.set_state(s)
+
+
+class _EpochShuffle(grain.MapDataset):
+    """Endless repetition of a dataset, each epoch in a fresh seeded permutation."""
+
+    # Grain's index shuffle walks cycles over a domain much larger than a small dataset
+    # (milliseconds per element below ~1,000 elements); a stored permutation per epoch costs
+    # 8 bytes per document and makes each access O(1).
+
+    def __init__(self, parent: grain.MapDataset, seed: int) -> None:
+        super().__init__(parent)
+        self._n, self._seed = len(parent), seed
+        self._epoch, self._perm = -1, np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, index: int) -> Any:
+        epoch, pos = divmod(int(index), self._n)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self._seed, epoch])
+            self._epoch, self._perm = epoch, rng.permutation(self._n)
+        return self._parent[int(self._perm[pos])]
+
+
+def _splitmix64(x: int) -> int:
+    """A well-mixed 64-bit hash of an integer (SplitMix64), in plain Python for speed."""
+    mask = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+class _WeightedMix(grain.IterDataset):
+    """Draws each element from a source picked at random in proportion to its weight."""
+
+    # Grain's own mix costs about a millisecond per element here, more than packing a short
+    # document; drawing from a counter-based hash keeps this O(1) and the state two integers
+    # per source.
+
+    def __init__(self, parents: list[grain.MapDataset], weights: list[float], seed: int) -> None:
+        super().__init__(parents)
+        self._cdf = np.cumsum(np.asarray(weights, np.float64) / np.sum(weights)).tolist()
+        self._seed = seed
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _WeightedMixIterator(self._parents, self._cdf, self._seed)
+
+
+class _WeightedMixIterator(grain.DatasetIterator):
+    """Iterator side of _WeightedMix; state: draws so far and elements taken per source."""
+
+    def __init__(self, parents, cdf: np.ndarray, seed: int) -> None:
+        super().__init__()
+        self._sources, self._cdf = parents, cdf
+        self._key = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
+        self._drawn, self._taken = 0, [0] * len(parents)
+
+    def __next__(self) -> Any:
+        u = _splitmix64(self._key + self._drawn) / 2.0**64
+        s = min(bisect.bisect_right(self._cdf, u), len(self._taken) - 1)
+        element = self._sources[s][self._taken[s]]
+        self._drawn += 1
+        self._taken[s] += 1
+        return element
+
+    def get_state(self) -> dict[str, Any]:
+        return {"drawn": self._drawn, "taken": list(self._taken)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._drawn, self._taken = int(state["drawn"]), [int(t) for t in state["taken"]]

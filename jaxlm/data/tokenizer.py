@@ -108,8 +108,13 @@ def train_tokenizer(
     byte_fallback: bool = True,
     input_sentence_size: int = 2_000_000,
     num_threads: int | None = None,
+    user_defined_symbols: Sequence[str] = (),
 ) -> Tokenizer:
-    """Train a SentencePiece model on in-memory texts and write it atomically to `model_path`."""
+    """Train a SentencePiece model on texts and write `.model` and `.vocab` atomically.
+
+    pad/unk/bos/eos keep jaxlm's fixed ids 0-3; `user_defined_symbols` become single pieces
+    (ids from 4 on, after the newline piece) that the tokenizer never splits.
+    """
     if not model_path.endswith(".model"):
         raise ConfigError(f"Tokenizer path {model_path!r} must end in '.model'; rename it.")
     directory = os.path.dirname(os.path.abspath(model_path))
@@ -140,7 +145,7 @@ def train_tokenizer(
             add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
             # Training sees lines, so newline would otherwise never become a piece of its own.
-            user_defined_symbols=["\n"],
+            user_defined_symbols=["\n", *[u for u in user_defined_symbols if u != "\n"]],
             character_coverage=1.0 if byte_fallback else 0.9995,
             # Sample at most this many lines (shuffled) to bound time and memory on big corpora.
             input_sentence_size=input_sentence_size,
@@ -151,10 +156,11 @@ def train_tokenizer(
         )
     except RuntimeError as e:
         # Keep SentencePiece's reason but drop its source-file prefix ("src/x.cc(638) [...] ").
-        reason = str(e).rsplit("] ", 1)[-1].strip()
+        reason = str(e).rsplit("] ", 1)[-1].strip() or str(e)
         raise ConfigError(
             f"SentencePiece could not train a vocabulary of {vocab_size} pieces ({reason}); raise "
-            "model.vocab_size (byte fallback alone takes 256 + 4 special ids) or give more text."
+            "the vocabulary size (model.vocab_size, or --vocab-size; byte fallback alone takes "
+            "256 + 4 special ids) or give more text."
         ) from e
     else:
         # The .model is renamed last: its presence is what marks a finished cache entry.
@@ -196,7 +202,10 @@ def load_or_train_tokenizer(
     else:
         tokenizer = train_tokenizer(texts_fn(), cache_path, vocab_size)
         trained = True
-    if tokenizer.vocab_size != vocab_size:
+    # Hugging Face checkpoints often pad the embedding past the tokenizer (e.g. to a multiple
+    # of 64); ids beyond the tokenizer are then never fed, so only a smaller model is an error.
+    padded_ok = str(tokenizer.path).endswith(".json") and tokenizer.vocab_size < vocab_size
+    if tokenizer.vocab_size != vocab_size and not padded_ok:
         reason = " (the training text was too small to reach that size)" if trained else ""
         raise ConfigError(
             f"Tokenizer {tokenizer.path!r} has vocab size {tokenizer.vocab_size} but the model "

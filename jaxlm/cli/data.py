@@ -1,0 +1,67 @@
+"""`jaxlm data prepare`: tokenize text, JSONL or gzip files into shards for training."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from jaxlm.cli.common import formatter
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "data",
+        formatter_class=formatter,
+        help="prepare corpora: tokenize files into shards that training reads at random",
+        description="Corpus tools.",
+    )
+    what = p.add_subparsers(dest="what", metavar="ACTION", required=True)
+    d = what.add_parser(
+        "prepare",
+        formatter_class=formatter,
+        help="tokenize files into NumPy token shards plus manifest.json (resumable)",
+        description="Tokenize documents in parallel into DIR/shard-NNNNN.{tokens,offsets}.npy "
+        "and DIR/manifest.json. Re-running the same command skips finished shards.",
+    )
+    d.add_argument(
+        "--input", nargs="+", required=True, metavar="GLOB", help="files or quoted globs"
+    )
+    d.add_argument(
+        "--tokenizer", required=True, metavar="FILE", help="SentencePiece .model or tokenizer.json"
+    )
+    d.add_argument("--output", required=True, metavar="DIR", help="directory of the shards")
+    d.add_argument(
+        "--split",
+        default="file",
+        choices=("file", "blank-lines"),
+        help="text files: one document per file, or per blank-line separated block",
+    )
+    d.add_argument("--text-field", default="text", metavar="KEY", help="JSONL: key of the text")
+    d.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) - 1),
+        metavar="N",
+        help="tokenizer processes (default: cores - 1; 1: tokenize in this process)",
+    )
+    d.add_argument(
+        "--shard-mb", type=float, default=64.0, metavar="MB", help="UTF-8 text per shard, in MB"
+    )
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(run=cmd_data_prepare)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from jaxlm.data.prepare import prepare
+
+    prepare(
+        args.input,
+        args.tokenizer,
+        args.output,
+        split=args.split,
+        text_field=args.text_field,
+        workers=args.workers,
+        shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
+        progress=not args.no_progress,
+    )
+    return 0

@@ -1,0 +1,94 @@
+"""Training data from prepared directories: open, check against the run, split, weight."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jaxlm.config import ConfigError, RunConfig
+from jaxlm.data.pipeline import WeightedSource
+from jaxlm.data.shards import PreparedShards, is_prepared, open_prepared
+from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.data.views import Concat, Subset, hash_split
+
+STREAMS_CAP = 8  # default streams for prepared data: gcd(batch_size, 8)
+
+
+@dataclasses.dataclass
+class PreparedCorpus:
+    """The run's tokenizer, weighted training sources and held-out documents."""
+
+    tokenizer: object
+    sources: list[WeightedSource]
+    val_docs: Sequence[np.ndarray]
+    names: list[str]
+
+
+def prepared_paths(cfg: RunConfig) -> list[tuple[str, float]] | None:
+    """(directory, weight) of each prepared source the config names, or None for text corpora."""
+    d = cfg.data
+    if d.sources:
+        return [(str(s["path"]), float(s.get("weight", 1.0))) for s in d.sources]
+    if d.corpus != "builtin" and is_prepared(d.corpus):
+        return [(d.corpus, 1.0)]
+    return None
+
+
+def default_streams(cfg: RunConfig, prepared: bool) -> int:
+    """data.streams, or its default: 1 for in-memory text, gcd(batch_size, 8) for prepared data."""
+    if cfg.data.streams:
+        return cfg.data.streams
+    # In-memory text is tokenized whole on every host anyway, and one stream reproduces the
+    # batches of earlier versions; prepared data is split so each host reads only its part.
+    return math.gcd(cfg.train.batch_size, STREAMS_CAP) if prepared else 1
+
+
+def _check_matches(ds: PreparedShards, tok, vocab_size: int) -> None:
+    """One clear error when shards were made by another tokenizer or overflow the model."""
+    meta = ds.manifest["tokenizer"]
+    if meta["sha256"] != tok.sha256:
+        raise ConfigError(
+            f"{ds.directory} was tokenized with {meta['path']} (sha256 {meta['sha256'][:12]}…), "
+            f"not with the run's tokenizer {tok.path} (sha256 {tok.sha256[:12]}…); set "
+            "data.tokenizer to the tokenizer it was prepared with, or prepare it again."
+        )
+    if ds.max_token_id >= vocab_size:
+        raise ConfigError(
+            f"{ds.directory} holds token id {ds.max_token_id}, but model.vocab_size={vocab_size}; "
+            f"set model.vocab_size={meta['vocab_size']}."
+        )
+
+
+def load_prepared_corpus(cfg: RunConfig, paths: list[tuple[str, float]]) -> PreparedCorpus:
+    """Open every prepared source, check it against the run, and split it by document."""
+    d = cfg.data
+    opened = [open_prepared(p) for p, _ in paths]
+    tok_path = d.tokenizer or opened[0].manifest["tokenizer"]["path"]
+    if not d.tokenizer and not Path(tok_path).is_file():
+        raise ConfigError(
+            f"The tokenizer {tok_path} recorded in {opened[0].directory}/manifest.json is "
+            "gone; set data.tokenizer to a copy of it."
+        )
+    tok = load_tokenizer(tok_path)
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"Tokenizer {tok.path} has vocab size {tok.vocab_size} but the model expects "
+            f"{cfg.model.vocab_size}; set model.vocab_size={tok.vocab_size}."
+        )
+    sources, val_parts = [], []
+    for ds, (path, weight) in zip(opened, paths, strict=True):
+        _check_matches(ds, tok, cfg.model.vocab_size)
+        train_idx, val_idx = hash_split(ds.num_documents, d.validation_fraction, d.seed)
+        if len(train_idx) == 0:
+            raise ConfigError(
+                f"{path} has {ds.num_documents} document(s), none left for training after "
+                f"holding out data.validation_fraction={d.validation_fraction}; add documents."
+            )
+        mean_tokens = ds.num_tokens / max(ds.num_documents, 1)
+        sources.append(WeightedSource(Subset(ds, train_idx), weight, path, mean_tokens))
+        val_parts.append(Subset(ds, val_idx))
+    return PreparedCorpus(tok, sources, Concat(val_parts), [p for p, _ in paths])

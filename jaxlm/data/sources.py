@@ -1,0 +1,171 @@
+"""Raw text inputs for tokenizer training and corpus preparation: files -> documents.
+
+Formats, chosen by file name (a trailing `.gz` is decompressed first):
+  *.jsonl, *.json   one JSON object per line; the document is the string under `text_field`
+  anything else     UTF-8 text: the whole file is one document, or with split="blank-lines"
+                    each run of lines between blank lines is one
+
+Bad input that loses only part of the data is skipped and counted in `SkipCounts` (the caller
+prints and records the counts); input that can only be a mistake raises ConfigError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+
+from jaxlm.config import ConfigError
+
+SPLITS = ("file", "blank-lines")
+_BLANK_LINES = re.compile(r"\n\s*\n")  # greedy: a run of blank lines is one break
+SKIP_REASONS = ("empty", "invalid_utf8", "bad_json", "missing_field")
+
+
+@dataclasses.dataclass
+class SkipCounts:
+    """Documents (or JSONL lines) left out, by reason, with the first place each was seen."""
+
+    counts: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0)
+    )
+    first: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def add(self, reason: str, where: str) -> None:
+        """Count one skipped item and remember where the first of its kind was."""
+        self.counts[reason] += 1
+        self.first.setdefault(reason, where)
+
+    def total(self) -> int:
+        """All skipped items."""
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        """One line per reason that occurred, e.g. 'skipped 2 empty (first: a.txt)'."""
+        return "\n".join(
+            f"skipped {n} {reason.replace('_', ' ')} item(s) (first: {self.first[reason]})"
+            for reason, n in self.counts.items()
+            if n
+        )
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """Sorted, de-duplicated files matching glob patterns (or plain paths); error if none."""
+    paths: set[str] = set()
+    for pattern in patterns:
+        matched = glob.glob(os.path.expanduser(pattern), recursive=True)
+        files = [p for p in matched if os.path.isfile(p)]
+        if not files:
+            raise ConfigError(
+                f"No files match the input {pattern!r}; give existing files or a quoted glob "
+                "such as 'corpus/**/*.jsonl.gz'."
+            )
+        paths.update(os.path.abspath(p) for p in files)
+    return sorted(paths)
+
+
+def is_jsonl(path: str) -> bool:
+    """True for .jsonl / .json files, compressed or not."""
+    name = path[:-3] if path.endswith(".gz") else path
+    return name.endswith((".jsonl", ".json"))
+
+
+def _open_bytes(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _read_all(path: str) -> bytes:
+    try:
+        with _open_bytes(path) as f:
+            return f.read()
+    except (OSError, EOFError) as e:  # a truncated or non-gzip .gz lands here
+        raise ConfigError(f"Cannot read {path!r} ({e}); fix or remove the file.") from e
+
+
+def _text_documents(path: str, split: str, skips: SkipCounts) -> Iterator[str]:
+    raw = _read_all(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # One stray byte usually means a wrong encoding for the whole file: skip it rather than
+        # train on mojibake, and say where.
+        skips.add("invalid_utf8", f"{path} at byte {e.start}")
+        return
+    if not text.strip():
+        skips.add("empty", path)
+        return
+    if split == "file":
+        yield text
+        return
+    for piece in _BLANK_LINES.split(text):
+        if piece.strip():
+            yield piece.strip("\n")
+
+
+def _jsonl_documents(path: str, text_field: str, skips: SkipCounts) -> Iterator[str]:
+    lines = 0
+    missing = 0
+    malformed = 0
+    try:
+        with _open_bytes(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                lines += 1
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    skips.add("invalid_utf8", where)
+                    continue
+                except json.JSONDecodeError:
+                    malformed += 1
+                    skips.add("bad_json", where)
+                    continue
+                value = record.get(text_field) if isinstance(record, dict) else None
+                if not isinstance(value, str):
+                    missing += 1
+                    skips.add("missing_field", where)
+                    continue
+                if not value.strip():
+                    skips.add("empty", where)
+                    continue
+                yield value
+    except (OSError, EOFError) as e:
+        raise ConfigError(f"Cannot read {path!r} ({e}); fix or remove the file.") from e
+    if lines == 0:
+        skips.add("empty", path)
+    elif malformed == lines and lines > 1:
+        # Not one line parses: a pretty-printed JSON document or another format, not JSONL.
+        raise ConfigError(
+            f"No line of {path!r} is a JSON object; give JSON Lines (one object per line) or "
+            "rename the file so it is read as plain text."
+        )
+    elif missing == lines:
+        # Not one line has the field: the field name is wrong, not the data.
+        raise ConfigError(
+            f"None of the {lines} lines of {path!r} has a string field {text_field!r}; set "
+            "--text-field to the key that holds the text."
+        )
+
+
+def iter_documents(
+    path: str, split: str = "file", text_field: str = "text", skips: SkipCounts | None = None
+) -> Iterator[str]:
+    """Documents of one file, in file order; skipped items are counted into `skips`."""
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is not known; use one of {', '.join(SPLITS)}.")
+    skips = skips if skips is not None else SkipCounts()
+    if is_jsonl(path):
+        return _jsonl_documents(path, text_field, skips)
+    return _text_documents(path, split, skips)
+
+
+def source_record(path: str) -> dict[str, object]:
+    """Path, size and modification time of an input file, for the manifest."""
+    st = os.stat(path)
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}

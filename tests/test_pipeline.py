@@ -1,0 +1,257 @@
+"""The training pipeline over several streams and sources: determinism, resume, processes,
+packing, mixture weights, and the document split of prepared data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxlm.data.pipeline import BATCH_KEYS, WeightedSource, make_eval_batches, make_train_iterator
+from jaxlm.data.views import Concat, Subset, hash_split
+
+BOS, EOS = 2, 3
+
+
+def _docs(n_docs: int, base: int, lo: int = 2, hi: int = 30, seed: int = 0) -> list[np.ndarray]:
+    """[bos, distinct ids..., eos]; document j's ids are base + 1000*j + (0, 1, ...)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi, size=n_docs)
+    return [
+        np.asarray([BOS, *range(base + 1000 * j, base + 1000 * j + n - 2), EOS], np.int32)
+        for j, n in enumerate(lengths)
+    ]
+
+
+def _doc_of(token: int, base: int = 0) -> int:
+    return (int(token) - base) // 1000
+
+
+def _take(it, n: int) -> list[dict[str, np.ndarray]]:
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def _mixture(weights=(0.7, 0.3)) -> list[WeightedSource]:
+    # Source s: ids >= 10^6 * (s+1), so every token names its source; lengths differ by source.
+    out = []
+    for s, w in enumerate(weights):
+        docs = _docs(40 + 10 * s, base=1_000_000 * (s + 1), lo=3 + 10 * s, hi=20 + 20 * s, seed=s)
+        mean = float(np.mean([len(d) for d in docs]))
+        out.append(WeightedSource(docs, w, f"src{s}", mean))
+    return out
+
+
+# --- determinism and resume ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streams,prefetch", [(1, 0), (4, 2)])
+def test_same_seed_same_batches_and_other_seed_differs(streams, prefetch):
+    srcs = _mixture()
+
+    def run(seed):
+        it = make_train_iterator(srcs, 16, 8, seed, streams=streams, prefetch=prefetch)
+        return _take(it, 10)
+
+    a, b, c = run(0), run(0), run(1)
+    _assert_same(a, b)
+    assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, c, strict=True))
+
+
+@pytest.mark.parametrize("streams,shard", [(4, (0, 1)), (4, (1, 2)), (2, (0, 1))])
+def test_resume_from_json_state_mid_epoch_equals_uninterrupted(streams, shard):
+    srcs = _mixture()
+    make = lambda: make_train_iterator(  # noqa: E731
+        srcs, 16, 8, 7, shard_index=shard[0], shard_count=shard[1], streams=streams, prefetch=2
+    )
+    reference = _take(make(), 14)
+    it = make()
+    for step in range(10):
+        if step in (0, 3, 7, 9):
+            state = json.loads(json.dumps(it.get_state()))  # as grain.checkpoint stores it
+            resumed = make()
+            resumed.set_state(state)
+            _assert_same(_take(resumed, 4), reference[step : step + 4])
+        next(it)
+
+
+def test_resume_through_an_orbax_checkpoint(tmp_path):
+    from jaxlm.checkpoint import Checkpointer
+    from jaxlm.config import CheckpointConfig
+
+    srcs = _mixture()
+    make = lambda: make_train_iterator(srcs, 16, 8, 2, streams=4, prefetch=2)  # noqa: E731
+    reference = _take(make(), 9)
+    it = make()
+    _take(it, 5)
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(async_save=False))
+    state = {"w": np.zeros(2, np.float32)}
+    ckpt.save(5, state, it, {"note": "test"})
+    ckpt.close()
+    resumed = make()
+    Checkpointer(tmp_path / "ckpt", CheckpointConfig(), read_only=True).restore(5, state, resumed)
+    _assert_same(_take(resumed, 4), reference[5:])
+
+
+# --- several processes -----------------------------------------------------------------------
+
+
+class _Recording:
+    """A document list that remembers which documents were read."""
+
+    def __init__(self, docs):
+        self.docs, self.read = docs, set()
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, i):
+        self.read.add(int(i))
+        return self.docs[i]
+
+
+@pytest.mark.parametrize("n_proc", [2, 4])
+def test_process_shards_union_is_the_global_batch(n_proc):
+    docs = _docs(64, base=0)
+    streams, batch, steps = 4, 8, 30
+    whole = _take(make_train_iterator(docs, 12, batch, 3, streams=streams), steps)
+    recorders, parts = [], []
+    for p in range(n_proc):
+        rec = _Recording(docs)
+        it = make_train_iterator(
+            rec, 12, batch, 3, shard_index=p, shard_count=n_proc, streams=streams
+        )
+        parts.append(_take(it, steps))
+        recorders.append(rec)
+    for step in range(steps):
+        rows = [part[step] for part in parts]
+        assert all(r["inputs"].shape == (batch // n_proc, 12) for r in rows)
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(np.concatenate([r[k] for r in rows]), whole[step][k])
+    # Each process read only the documents of its own streams (every streams-th document).
+    per_proc = streams // n_proc
+    for p, rec in enumerate(recorders):
+        own = range(p * per_proc, (p + 1) * per_proc)
+        assert rec.read and rec.read <= {d for k in own for d in range(k, 64, streams)}
+    assert set().union(*(r.read for r in recorders)) == set(range(64))
+
+
+def test_streams_must_divide_batch():
+    with pytest.raises(ValueError, match="data.streams=3"):
+        make_train_iterator(_docs(10, 0), 8, 8, 0, streams=3)
+    with pytest.raises(ValueError, match="fewer than data.streams=4"):
+        make_train_iterator(_docs(3, 0), 8, 8, 0, streams=4)
+
+
+# --- packing ---------------------------------------------------------------------------------
+
+
+def test_each_stream_packs_every_token_once_per_epoch_with_right_segments():
+    docs, streams, batch, seq = _docs(30, base=10_000), 2, 4, 16
+    rows_per_stream = batch // streams
+    batches = _take(make_train_iterator(docs, seq, batch, 11, streams=streams), 40)
+    for k in range(streams):
+        mine = docs[k::streams]
+        expected = sorted(
+            (int(a), int(b)) for d in mine for a, b in zip(d[:-1], d[1:], strict=True)
+        )
+        rows = {
+            key: np.concatenate(
+                [b[key][k * rows_per_stream : (k + 1) * rows_per_stream] for b in batches]
+            )
+            for key in BATCH_KEYS
+        }
+        assert np.all(rows["weights"] == 1.0)  # an endless stream has no padding
+        stream = list(
+            zip(rows["inputs"].ravel().tolist(), rows["targets"].ravel().tolist(), strict=True)
+        )
+        assert len(stream) >= 2 * len(expected)
+        # The documented epoch boundary: the first len(expected) pairs are exactly one epoch.
+        assert sorted(stream[: len(expected)]) == expected
+        assert sorted(stream[len(expected) : 2 * len(expected)]) == expected
+        for seg, pos, inp, tgt in zip(
+            rows["segment_ids"], rows["positions"], rows["inputs"], rows["targets"], strict=True
+        ):
+            assert seg[0] == 1 and np.all(np.diff(seg) >= 0) and np.all(np.diff(seg) <= 1)
+            for s in np.unique(seg):
+                piece = seg == s
+                np.testing.assert_array_equal(pos[piece], np.arange(piece.sum()))
+                # One segment, one document: no row mixes documents inside a segment.
+                owners = {_doc_of(t) for t in inp[piece] if t not in (BOS, EOS)}
+                owners |= {_doc_of(t) for t in tgt[piece] if t not in (BOS, EOS)}
+                assert len(owners) <= 1
+            # A target never starts a document: bos is only ever an input.
+            assert BOS not in tgt
+
+
+def test_document_longer_than_a_row_is_split_across_rows():
+    long_doc = np.asarray([BOS, *range(100, 150), EOS], np.int32)
+    batches = _take(make_train_iterator([long_doc], 8, 1, 0), 7)
+    stream = np.concatenate([b["inputs"][0] for b in batches])
+    np.testing.assert_array_equal(stream[:51], long_doc[:-1])
+    # The continuation rows restart positions at 0 (a new segment piece).
+    assert all(b["positions"][0, 0] == 0 for b in batches)
+
+
+# --- mixtures --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", [(0.7, 0.3), (0.5, 0.3, 0.2)])
+def test_mixture_token_shares_match_weights(weights):
+    srcs = _mixture(weights)
+    seq_len = 32
+    batches = _take(make_train_iterator(srcs, seq_len, 8, 0, streams=2), 150)
+    # Every target token counts for the source of its segment (bos/eos included), read off the
+    # largest id in the segment: content ids >= 10^6 * (source + 1) name their source.
+    seg = np.concatenate([b["segment_ids"] for b in batches])
+    top = np.maximum(*(np.concatenate([b[k] for b in batches]) for k in ("inputs", "targets")))
+    keys = (np.arange(seg.shape[0])[:, None] * seq_len + seg).ravel()
+    _, piece = np.unique(keys, return_inverse=True)
+    piece_top = np.zeros(piece.max() + 1, np.int64)
+    np.maximum.at(piece_top, piece, top.ravel())
+    counts = np.bincount(piece_top[piece] // 1_000_000 - 1, minlength=len(weights))
+    shares = counts / counts.sum()
+    # Tolerance: 4 sigma of the token share when each document's source is drawn at random
+    # with probability q_s ~ weight_s / mean_length_s (how the mix draws): per draw,
+    # z = (L - 1) * (1[source = s] - w_s) has mean 0, and share_s - w_s ~ sum(z) / sum(L - 1).
+    n_docs = sum(int(np.sum(b["inputs"] == BOS)) for b in batches)
+    q = np.array([src.weight / (src.mean_tokens - 1) for src in srcs])
+    q /= q.sum()
+    m1 = np.array([np.mean([len(d) - 1 for d in src.docs]) for src in srcs])  # targets
+    m2 = np.array([np.mean([(len(d) - 1) ** 2 for d in src.docs]) for src in srcs])
+    for s, (share, w) in enumerate(zip(shares, weights, strict=True)):
+        var_z = sum(q[t] * m2[t] * ((t == s) - w) ** 2 for t in range(len(srcs)))
+        sigma = np.sqrt(n_docs * var_z) / (n_docs * float(q @ m1))
+        assert abs(share - w) < 4 * sigma, (s, shares, weights, sigma)
+    assert n_docs > 500  # enough draws for the bound to mean something
+
+
+# --- splits and views ------------------------------------------------------------------------
+
+
+def test_hash_split_is_seeded_stable_and_close_to_the_fraction():
+    train, val = hash_split(10_000, 0.1, seed=0)
+    assert len(train) + len(val) == 10_000 and set(train).isdisjoint(val)
+    assert abs(len(val) / 10_000 - 0.1) < 4 * np.sqrt(0.1 * 0.9 / 10_000)
+    more_train, more_val = hash_split(12_000, 0.1, seed=0)
+    np.testing.assert_array_equal(more_val[more_val < 10_000], val)  # appending moves nothing
+    np.testing.assert_array_equal(hash_split(10_000, 0.1, seed=0)[1], val)
+    assert not np.array_equal(hash_split(10_000, 0.1, seed=1)[1], val)
+
+
+def test_views_and_eval_batches_over_lazy_sources():
+    a, b = _docs(5, 0), _docs(4, 500_000, seed=1)
+    view = Concat([Subset(a, np.array([4, 0])), b])
+    assert len(view) == 6
+    np.testing.assert_array_equal(view[0], a[4])
+    np.testing.assert_array_equal(view[5], b[3])
+    full = make_eval_batches(list(view[i] for i in range(6)), 8, 2)
+    lazy = make_eval_batches(view, 8, 2, max_batches=2)
+    _assert_same(lazy, full[:2])
