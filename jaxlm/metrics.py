@@ -42,18 +42,46 @@ def _recurrent_matmul_params(cfg: ModelConfig) -> int:
     return cfg.n_layers * (3 * d * r + rg_lru + cfg.conv_width * r + mlp)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
-    """Model FLOPs per token: 6*N for training (2*N forward) plus attention scores/values.
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+    """Score and value matmuls per token with causal halving: 2*S*d per layer forward.
 
-    Attention adds 4*S*d per layer forward (QK^T and AV for every query), 12*S*d for
-    training. Counted without causal halving, as PaLM's MFU convention does, so numbers
-    compare with MaxText/nanoGPT reports; the work a causal kernel can skip is half that.
+    QK^T and AV cost 2*S*d multiply-adds each for a query that sees all S keys; a causal
+    query sees S/2 on average, so the forward pass is 2*S*d FLOPs per layer and training
+    (forward + 2x backward) 6*S*d. This is the convention of MaxText and FlashAttention;
+    PaLM's appendix counts the full square (twice this).
+    """
+    if cfg.recurrent:
+        return 0.0
+    return (6.0 if training else 2.0) * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token: 6*N_matmul for training (2*N forward) plus causal attention.
+
+    N_matmul counts every weight that takes part in a matmul (embedding lookups excluded,
+    the output head included); recurrent families count their own input, recurrent, gate
+    and convolution weights. Elementwise work (norms, activations, softmax, the optimizer,
+    the recurrences' gating) is not model FLOPs, as in every MFU convention.
     """
     mult = 6 if training else 2
-    if cfg.recurrent:  # no attention; the elementwise recurrence is O(width), left out
-        return float(mult * matmul_params(cfg))
-    attn = (12 if training else 4) * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
-    return float(mult * matmul_params(cfg) + attn)
+    return float(mult * matmul_params(cfg)) + attention_flops_per_token(cfg, seq_len, training)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters of the model a config describes (shapes only, nothing allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlm.models.transformer import build_model
+
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda t: build_model(cfg).init(jax.random.PRNGKey(0), t), tokens)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.get("params", {})))
+
+
+def mfu(tokens_per_sec: float, fpt: float, peak_per_device: float, n_devices: int) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices."""
+    return tokens_per_sec * fpt / (peak_per_device * max(n_devices, 1))
 
 
 class MetricsWriter:

@@ -16,6 +16,7 @@ from jaxlm.models.attention import Attention
 from jaxlm.models.hawk import HawkLM
 from jaxlm.models.layers import Mlp, Norm, default_segments, dtype_of, lm_head, normal_init
 from jaxlm.models.rnn import RecurrentLM
+from jaxlm.models.scan import SCANNED, remat_block, scan_blocks
 
 
 class Block(nn.Module):
@@ -23,6 +24,7 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     decode: bool = False
+    scanned: bool = False  # under nn.scan: return (carry, None)
 
     @nn.compact
     def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, deterministic: bool = True):
@@ -45,7 +47,8 @@ class Block(nn.Module):
             dtype,
             name="mlp",
         )(h_BxSxD, deterministic)
-        return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed"))
+        x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed"))
+        return (x_BxSxD, None) if self.scanned else x_BxSxD
 
 
 class TransformerLM(nn.Module):
@@ -61,6 +64,7 @@ class TransformerLM(nn.Module):
         positions_BxS: jax.Array | None = None,
         segment_ids_BxS: jax.Array | None = None,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ) -> jax.Array:
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
@@ -90,11 +94,20 @@ class TransformerLM(nn.Module):
         x_BxSxD = nn.Dropout(cfg.dropout)(x_BxSxD, deterministic=deterministic)
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed"))
 
-        for i in range(cfg.n_layers):
-            x_BxSxD = Block(cfg, self.decode, name=f"block_{i}")(
+        if cfg.scan_layers:
+            stack = scan_blocks(remat_block(Block, cfg.remat, scanned=True), cfg.n_layers)
+            x_BxSxD, _ = stack(cfg, self.decode, scanned=True, name=SCANNED)(
                 x_BxSxD, positions_BxS, segment_ids_BxS, deterministic
             )
+        else:
+            block = remat_block(Block, cfg.remat)
+            for i in range(cfg.n_layers):
+                x_BxSxD = block(cfg, self.decode, name=f"block_{i}")(
+                    x_BxSxD, positions_BxS, segment_ids_BxS, deterministic
+                )
 
+        if return_hidden:  # the final normed hidden state, for heads other than the LM's
+            return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name="final_norm")(x_BxSxD)
         return lm_head(cfg, embed, x_BxSxD)
 
 

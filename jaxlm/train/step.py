@@ -6,6 +6,7 @@ device arrays so the loop can read them later without stalling the device.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,15 +25,28 @@ Batch = dict[str, jax.Array]
 
 def _loss_sums(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None):
     """Forward one (micro)batch; returns (ce_sum, z_sum, n_tokens)."""
-    logits_BxSxV = model.apply(
-        {"params": params},
-        batch["inputs"],
-        batch["positions"],
-        batch["segment_ids"],
-        deterministic=rng is None,
-        rngs=None if rng is None else {"dropout": rng},
-    )
+    with _matmul_precision(model):
+        logits_BxSxV = model.apply(
+            {"params": params},
+            batch["inputs"],
+            batch["positions"],
+            batch["segment_ids"],
+            deterministic=rng is None,
+            rngs=None if rng is None else {"dropout": rng},
+        )
     return cross_entropy_sums(logits_BxSxV, batch["targets"], batch["weights"])
+
+
+def _matmul_precision(model: nn.Module):
+    """The model's `matmul_precision` for every matmul traced inside (default: XLA's choice).
+
+    Set while tracing, it reaches the backward pass too: JAX records the precision on each
+    dot it traces.
+    """
+    precision = getattr(getattr(model, "cfg", None), "matmul_precision", "default")
+    if precision == "default":
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)
 
 
 def _split_microbatches(batch: Batch, k: int) -> Batch:
@@ -56,32 +70,35 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure step: token-weighted mean loss over the whole (accumulated) batch."""
 
-    def objective(params, mb, rng):
+    def objective(params, mb, rng, denom):
         ce_sum, z_sum, n = _loss_sums(model, params, mb, rng)
-        return ce_sum + z_loss * z_sum, (ce_sum, n)
+        return (ce_sum + z_loss * z_sum) / denom, (ce_sum, n)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
         rng = jax.random.fold_in(state.rng, state.step) if dropout else None
+        # The token count of the whole batch is known before the forward pass. One batch
+        # divides its loss by it, so the 1/n rides on the scalar cotangent instead of costing
+        # a pass over the gradients; microbatches sum raw gradients and divide once, so
+        # accumulation stays equal to one big batch.
+        denom = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
         if microbatches == 1:
-            (_, (ce_sum, n)), grads = grad_fn(state.params, batch, rng)
+            (_, (ce_sum, n)), grads = grad_fn(state.params, batch, rng, denom)
         else:
 
             def body(carry, xs):
                 g_acc, ce_acc, n_acc = carry
                 mb, i = xs
                 mb_rng = None if rng is None else jax.random.fold_in(rng, i)
-                (_, (ce, n_mb)), g = grad_fn(state.params, mb, mb_rng)
+                (_, (ce, n_mb)), g = grad_fn(state.params, mb, mb_rng, 1.0)
                 return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, n_acc + n_mb), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
             xs = (_split_microbatches(batch, microbatches), jnp.arange(microbatches))
             (grads, ce_sum, n), _ = jax.lax.scan(body, init, xs)
-        # Divide sums by the total token count once: accumulation equals one big batch.
-        denom = jnp.maximum(n, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+            grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxlm.metrics import MetricsWriter
+from jaxlm.metrics import MetricsWriter, mfu
 from jaxlm.train.guard import NonFiniteError, first_nonfinite
 
 
@@ -31,8 +31,10 @@ class StepLog:
         tokens_per_step: int,
         fpt: float,
         nan_policy: str,
+        peak_flops: float | None = None,
     ):
         self.writer, self.bar, self.fpt, self.nan_policy = writer, bar, fpt, nan_policy
+        self.peak_flops = peak_flops  # per device; None: MFU is not reported
         self.tokens_per_step = tokens_per_step
         self.pending: list[tuple[int, Any]] = []
         self.last: dict[str, Any] = {}
@@ -75,16 +77,28 @@ class StepLog:
         tok_s = self.window_tokens / max(elapsed, 1e-9)
         if not self.window_compiles:
             self.throughput.append(tok_s)
-        tflops = tok_s * self.fpt / 1e12 / len(jax.devices())
-        self.writer.write(
-            step, {"tokens_per_sec": tok_s, "tflops_per_sec_per_device": tflops}, "perf"
-        )
+        n_dev = len(jax.devices())
+        tflops = tok_s * self.fpt / 1e12 / n_dev
+        perf = {"tokens_per_sec": tok_s, "tflops_per_sec_per_device": tflops}
+        if self.peak_flops:
+            perf["mfu"] = mfu(tok_s, self.fpt, self.peak_flops, n_dev)
+        self.writer.write(step, perf, "perf")
         loss = float(self.last.get("loss", math.nan))
+        mfu_text = f"{perf['mfu']:.1%}" if "mfu" in perf else "n/a"
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{loss:.3f}",
+                tok_s=f"{tok_s:,.0f}",
+                tflops=f"{tflops:.3g}",
+                mfu=mfu_text,
+                refresh=False,
+            )
             self.bar.update(step - self.shown)
         elif self.writer.enabled:
-            _log(f"step {step}: loss {loss:.4f} {tok_s:,.0f} tok/s")
+            _log(
+                f"step {step}: loss {loss:.4f} {tok_s:,.0f} tok/s "
+                f"{tflops:.3g} TFLOP/s/device MFU {mfu_text}"
+            )
         self.shown = step
         self.window_start, self.window_tokens = time.perf_counter(), 0
         self.window_compiles = False

@@ -1,0 +1,304 @@
+"""`jaxlm bench train`: how fast one config trains on this machine, and how much of it.
+
+Compiles the real train step once (timed), runs warm-up steps, then times N steps on a fixed
+synthetic batch (random tokens, one segment per row). Right before the timed steps it
+measures the matmul peak of the machine in the same process, so MFU stays meaningful on a
+machine other jobs are loading. Memory is XLA's compiled estimate per device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlm.config import RunConfig
+from jaxlm.metrics import flops_per_token, mfu
+from jaxlm.models.transformer import build_model
+from jaxlm.peak import ENV_OVERRIDE, cpu_model, device_peak, measure_matmul_flops
+from jaxlm.sharding import make_mesh, put_batch, validate_mesh
+from jaxlm.train.optimizer import lr_schedule, make_optimizer
+from jaxlm.train.state import init_train_state, param_count
+from jaxlm.train.step import jit_train_step, make_train_step
+
+JSON_KEYS = (
+    "config",
+    "environment",
+    "settings",
+    "params",
+    "flops_per_token",
+    "tokens_per_step",
+    "compile_s",
+    "step_s",
+    "median_step_s",
+    "tokens_per_sec",
+    "tflops_per_sec_per_device",
+    "peak_flops_per_device",
+    "peak_source",
+    "mfu",
+    "xla_flops_per_step",
+    "memory",
+)
+
+
+def synthetic_batch(cfg: RunConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """A global batch of random tokens with the layout the data pipeline produces."""
+    b, s = cfg.train.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.model.vocab_size, (b, s + 1), dtype=np.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+        "segment_ids": np.ones((b, s), np.int32),
+        "weights": np.ones((b, s), np.float32),
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Device, software and time of a measurement."""
+    dev = jax.devices()[0]
+    return {
+        "device": dev.device_kind,
+        "platform": dev.platform,
+        "device_count": jax.device_count(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def memory_per_device(compiled: Any) -> dict[str, int] | None:
+    """XLA's compiled memory estimate per device: arguments, outputs, temporaries, peak."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    out = {
+        k: int(getattr(m, f"{k}_size_in_bytes", 0))
+        for k in ("argument", "output", "temp", "alias", "generated_code")
+    }
+    # Donated state buffers are aliased by the outputs: count them once.
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def _peak(dtype: str) -> tuple[float, str]:
+    """Per-device peak: on CPU measured now (the machine's load changes), else device_peak."""
+    if jax.devices()[0].platform == "cpu" and not os.environ.get(ENV_OVERRIDE):
+        flops = measure_matmul_flops(dtype) / jax.local_device_count()
+        return flops, f"{dtype} matmul measured just before the timed steps"
+    return device_peak(dtype)
+
+
+def bench_train(
+    cfg: RunConfig, *, steps: int = 10, warmup: int = 2, name: str = "", seed: int = 0
+) -> dict[str, Any]:
+    """Compile, warm up and time the train step of `cfg`; the result as a JSON-ready dict."""
+    m, t = cfg.model, cfg.train
+    mesh = make_mesh(cfg.mesh)
+    validate_mesh(cfg, mesh)
+    model = build_model(m)
+    total = max(t.steps, warmup + steps + 1)
+    tx = make_optimizer(cfg.optimizer, total)
+    state, shardings = init_train_state(model, tx, cfg.data.seq_len, t.seed, mesh)
+    step_fn = make_train_step(
+        model,
+        tx,
+        microbatches=t.microbatches,
+        z_loss=t.z_loss,
+        dropout=m.dropout > 0,
+        schedule=lr_schedule(cfg.optimizer, total),
+    )
+    batch = put_batch(synthetic_batch(cfg, seed), mesh)
+
+    start = time.perf_counter()
+    compiled = jit_train_step(step_fn, shardings, mesh).lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # older JAX: one dict per program
+    xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    peak, peak_source = _peak(m.dtype)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    peak_after = _peak(m.dtype)[0]
+    loss = float(jax.device_get(metrics["loss"]))
+
+    n_dev = jax.device_count()
+    tokens = t.batch_size * cfg.data.seq_len
+    fpt = flops_per_token(m, cfg.data.seq_len)
+    median = statistics.median(times)
+    tok_s = tokens / median
+    return {
+        "config": name,
+        "environment": environment(),
+        "settings": {
+            "family": m.family,
+            "d_model": m.d_model,
+            "n_layers": m.n_layers,
+            "n_heads": m.n_heads,
+            "d_ff": m.ff_dim,
+            "vocab_size": m.vocab_size,
+            "seq_len": cfg.data.seq_len,
+            "batch_size": t.batch_size,
+            "microbatches": t.microbatches,
+            "dtype": m.dtype,
+            "attention": m.attention,
+            "scan_layers": m.scan_layers,
+            "remat": m.remat,
+            "matmul_precision": m.matmul_precision,
+            "mesh": dict(mesh.shape),
+        },
+        "params": param_count(state.params),
+        "flops_per_token": fpt,
+        "tokens_per_step": tokens,
+        "compile_s": compile_s,
+        "warmup_steps": warmup,
+        "step_s": times,
+        "median_step_s": median,
+        "tokens_per_sec": tok_s,
+        "tflops_per_sec_per_device": tok_s * fpt / n_dev / 1e12,
+        "peak_flops_per_device": peak,
+        "peak_flops_per_device_after": peak_after,
+        "peak_source": peak_source,
+        "mfu": mfu(tok_s, fpt, peak, n_dev),
+        "xla_flops_per_step": xla_flops,
+        "memory": memory_per_device(compiled),
+        "final_loss": loss,
+    }
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    """One human-readable line of a result."""
+    mem = r["memory"]["peak"] / 2**20 if r.get("memory") else float("nan")
+    return (
+        f"{r['config'] or 'config'}: {r['params'] / 1e6:.1f}M params, "
+        f"step {r['median_step_s'] * 1e3:.0f} ms (median of {len(r['step_s'])}), "
+        f"{r['tokens_per_sec']:,.0f} tokens/s, "
+        f"{r['tflops_per_sec_per_device']:.4g} TFLOP/s/device, "
+        f"MFU {r['mfu']:.1%} of {r['peak_flops_per_device'] / 1e9:,.1f} GFLOP/s peak/device "
+        f"({r['peak_source']}), compile {r['compile_s']:.1f} s, memory {mem:,.0f} MiB/device"
+    )
+
+
+TABLE_HEADER = (
+    "| date (UTC) | config | device | params | seq x batch | settings | step ms | tokens/s "
+    "| TFLOP/s/dev | peak GFLOP/s/dev | MFU | compile s | peak MiB/dev |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def table_row(r: dict[str, Any]) -> str:
+    """One markdown row for the results table."""
+    s, env = r["settings"], r["environment"]
+    knobs = [s["dtype"], f"attn={s['attention']}"]
+    knobs += ["scan"] if s["scan_layers"] else []
+    knobs += [f"remat={s['remat']}"] if s["remat"] != "none" else []
+    knobs += [f"XLA_FLAGS={env['xla_flags']}"] if env["xla_flags"] else []
+    mem = f"{r['memory']['peak'] / 2**20:,.0f}" if r.get("memory") else "n/a"
+    return (
+        f"| {env['date'][:16].replace('T', ' ')} | {r['config']} | {env['device']} x"
+        f"{env['device_count']} | {r['params'] / 1e6:.1f}M | {s['seq_len']}x{s['batch_size']} | "
+        f"{' '.join(knobs)} | {r['median_step_s'] * 1e3:.0f} | {r['tokens_per_sec']:,.0f} | "
+        f"{r['tflops_per_sec_per_device']:.4f} | {r['peak_flops_per_device'] / 1e9:.1f} | "
+        f"{r['mfu']:.1%} | {r['compile_s']:.1f} | {mem} |\n"
+    )
+
+
+def append_table(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Append result rows to a markdown table, writing its header if the file is new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or not path.read_text(encoding="utf-8").strip()
+    with open(path, "a", encoding="utf-8") as f:
+        if new:
+            f.write(
+                "# `jaxlm bench train` results\n\nAppended by `jaxlm bench train`; MFU is against "
+                "the peak measured in the same process just before the timed steps.\n\n"
+            )
+            f.write(TABLE_HEADER)
+        for r in rows:
+            f.write(table_row(r))
+
+
+def write_json(path: str | Path, result: Any) -> None:
+    """Write one result (or a list of sweep results) as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+def sweep_overrides(
+    d_models: list[int] | None, seqs: list[int] | None, batches: list[int] | None
+) -> list[list[str]]:
+    """Override lists for every combination; a d_model change keeps 64-wide heads, d_ff 4d."""
+    out = []
+    for d in d_models or [None]:
+        for s in seqs or [None]:
+            for b in batches or [None]:
+                ov = []
+                if d is not None:
+                    ov += [f"model.d_model={d}", f"model.n_heads={max(d // 64, 1)}"]
+                    ov += [f"model.d_ff={4 * d}"]
+                if s is not None:
+                    ov += [f"data.seq_len={s}", f"model.max_seq_len={s}"]
+                if b is not None:
+                    ov += [f"train.batch_size={b}"]
+                out.append(ov)
+    return out
+
+
+def write_sweep_plot(path: str | Path, rows: list[dict[str, Any]]) -> bool:
+    """tokens/s and MFU against parameter count, one line per (seq, batch); False without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_tok, ax_mfu) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["settings"]["seq_len"], r["settings"]["batch_size"]), []).append(r)
+    for (s, b), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["params"])
+        x = [r["params"] / 1e6 for r in rs]
+        label = f"seq {s}, batch {b}"
+        ax_tok.plot(x, [r["tokens_per_sec"] for r in rs], "o-", label=label)
+        ax_mfu.plot(x, [100 * r["mfu"] for r in rs], "o-", label=label)
+    env = rows[0]["environment"] if rows else {"device": "?", "device_count": 0}
+    for ax, what in ((ax_tok, "tokens/s"), (ax_mfu, "MFU (% of measured peak)")):
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel(what)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"jaxlm bench train: {env['device']} x{env['device_count']}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
