@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,12 @@ def load_run(workdir: str | Path, step: int | None = None) -> Run:
     if not cfg_path.is_file():
         raise ConfigError(f"'{workdir}' holds no config.yaml; pass the --workdir of a jaxlm run.")
     cfg = load_config(cfg_path)
-    # An export carries its own copy of the tokenizer; a run trained here caches it too.
-    local = workdir / "tokenizer.model"
+    # An export carries its own copy of the tokenizer (a Hugging Face conversion may carry a
+    # tokenizer.json instead); a run trained here caches it too.
+    local = next(
+        (p for p in (workdir / "tokenizer.model", workdir / "tokenizer.json") if p.is_file()),
+        workdir / "tokenizer.model",
+    )
     use_local = local.is_file() or not cfg.data.tokenizer
     tokenizer = load_tokenizer(str(local) if use_local else cfg.data.tokenizer)
     if (workdir / EXPORT_INFO).is_file():
@@ -37,3 +42,250 @@ def load_run(workdir: str | Path, step: int | None = None) -> Run:
     else:
         params, saved_step = restore_params(workdir, cfg, step)
     return Run(cfg=cfg, params=params, tokenizer=tokenizer, step=saved_step)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def checkpoint_dir(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
+    """(directory for load_run, step): RUN/checkpoints/N becomes (RUN, N)."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.isdigit() and path.is_dir():
+        if step is not None and step != int(path.name):
+            raise ConfigError(f"--step {step} contradicts the checkpoint '{path}'; drop --step.")
+        path, step = path.parent.parent, int(path.name)
+    if not path.is_dir():
+        raise ConfigError(f"--checkpoint '{path}' is not a directory; give a run or export dir.")
+    return path, step
+
+
+def open_checkpoint(path: str | Path, step: int | None = None) -> Run:
+    """`load_run` for any --checkpoint: a run, an export, a converted model or RUN/checkpoints/N.
+
+    Refuses a tokenizer whose ids would not all fit the model's embedding table.
+    """
+    run = load_run(*checkpoint_dir(path, step))
+    check_vocab(run)
+    return run
+
+
+def check_vocab(run: Run) -> None:
+    """Refuse a tokenizer with more ids than the model has embeddings (a padded table is fine)."""
+    if run.tokenizer.vocab_size > run.cfg.model.vocab_size:
+        raise ConfigError(
+            f"The tokenizer '{run.tokenizer.path}' has {run.tokenizer.vocab_size} tokens but the "
+            f"model only {run.cfg.model.vocab_size} embeddings; pair the checkpoint with the "
+            "tokenizer it was trained with."
+        )
+
+
+class Evaluator:
+    """A run's parameters laid out on the current devices, with compiled scoring steps."""
+
+    def __init__(self, run: Run, batch_size: int | None = None, progress: bool = True) -> None:
+        import jax
+
+        from jaxlm.config import MeshConfig
+        from jaxlm.models.transformer import build_model
+        from jaxlm.sharding import logical_sharding, make_mesh
+        from jaxlm.train.step import jit_eval_step, make_eval_step
+
+        check_vocab(run)
+        self.run, self.progress = run, progress
+        cfg = run.cfg
+        self.mesh = make_mesh(MeshConfig(data=-1))  # pure data parallel over every device
+        dp = self.mesh.shape["data"]
+        wanted = batch_size or cfg.train.batch_size
+        self.batch_size = dp * -(-wanted // dp)  # rows split evenly over the devices
+        self.seq_len = cfg.data.seq_len
+        if not cfg.model.recurrent:
+            self.seq_len = min(self.seq_len, cfg.model.max_seq_len)
+        model = build_model(cfg.model)
+        boxed = jax.eval_shape(
+            lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 8), "int32"))
+        )["params"]
+        shardings = logical_sharding(boxed, self.mesh)
+        self.params = jax.device_put(run.params, shardings)
+        self._loss_fn = jit_eval_step(make_eval_step(model), shardings, self.mesh)
+        self._loglik_fn = jit_eval_step(_make_loglik_step(model), shardings, self.mesh)
+
+    def _run(self, fn, batches, desc: str, total: int | None = None) -> list:
+        """fn(params, batch) over an iterable of batches, results read in order.
+
+        A few batches stay in flight so the device never waits for the host, and the
+        progress bar counts finished batches, not dispatched ones. With several processes
+        each one feeds its own block of every batch's rows.
+        """
+        import collections
+
+        import jax
+
+        from jaxlm.sharding import put_batch
+
+        bar = None
+        if self.progress and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+        n_proc, proc = jax.process_count(), jax.process_index()
+        n = self.batch_size // n_proc
+        pending, results = collections.deque(), []
+
+        def read_one() -> None:
+            results.append(jax.device_get(pending.popleft()))
+            if bar is not None:
+                bar.update()
+
+        for b in batches:
+            local = {k: v[proc * n : (proc + 1) * n] for k, v in b.items()}
+            pending.append(fn(self.params, put_batch(local, self.mesh)))
+            if len(pending) > 2:
+                read_one()
+        while pending:
+            read_one()
+        if bar is not None:
+            bar.close()
+        return results
+
+    def loss_sums(self, token_docs: Iterable, desc: str = "eval") -> tuple[float, float]:
+        """(summed next-token nats, target tokens) over documents packed into seq_len rows."""
+        from jaxlm.scoring import batches_of, iter_rows
+
+        docs = (self._check_ids(d) for d in token_docs)
+        batches = batches_of(iter_rows(docs, self.seq_len), self.batch_size)
+        nats = tokens = 0.0
+        outs = self._run(self._loss_fn, batches, desc)
+        if not outs:
+            raise ConfigError(f"'{desc}' holds no document of two or more tokens to score.")
+        for out in outs:
+            nats += float(out["loss_sum"])
+            tokens += float(out["tokens"])
+        return nats, tokens
+
+    def row_logliks(self, rows: list[dict], desc: str = "choices") -> list[float]:
+        """Summed log-probability of each row's weighted targets."""
+        import numpy as np
+
+        from jaxlm.scoring import batches_of
+
+        for r in rows:
+            self._check_ids(r["inputs"])
+            self._check_ids(r["targets"])
+        total = -(-len(rows) // self.batch_size)
+        outs = self._run(self._loglik_fn, batches_of(rows, self.batch_size), desc, total)
+        return [float(x) for x in np.concatenate([o["loglik"] for o in outs])[: len(rows)]]
+
+    def _check_ids(self, ids):
+        """`ids`, after checking the model can embed every one of them."""
+        import numpy as np
+
+        vocab = self.run.cfg.model.vocab_size
+        top = int(np.max(ids)) if len(ids) else 0
+        if top >= vocab:
+            raise ConfigError(
+                f"The data holds token id {top} but the model has only {vocab} embeddings; "
+                "it was tokenized with another tokenizer."
+            )
+        return ids
+
+
+def _make_loglik_step(model):
+    """Per-row summed log-probability of the weighted targets."""
+    import jax
+    import jax.numpy as jnp
+
+    def step(params, batch):
+        logits_BxSxV = model.apply(
+            {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+        ).astype(jnp.float32)
+        logp_BxSxV = jax.nn.log_softmax(logits_BxSxV, axis=-1)
+        tgt_BxS = jnp.take_along_axis(logp_BxSxV, batch["targets"][..., None], axis=-1)[..., 0]
+        return {"loglik": jnp.sum(tgt_BxS * batch["weights"], axis=-1)}
+
+    return step
+
+
+def evaluate_text(ev: Evaluator, path: str | Path) -> dict[str, Any]:
+    """Loss, perplexity and bits-per-byte of a .txt/.jsonl file (or a prepared shard dir)."""
+    from jaxlm.data.pipeline import tokenize_documents
+    from jaxlm.scoring import read_documents, summarize
+
+    if Path(path).is_dir():
+        return evaluate_prepared(ev, path)
+    docs = read_documents(path, ev.run.cfg.data.doc_chars)
+    if not docs:
+        raise ConfigError(f"--data '{path}' holds no text; give a file with some.")
+    nats, tokens = ev.loss_sums(tokenize_documents(docs, ev.run.tokenizer), Path(path).name)
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    return {"data": str(path), "documents": len(docs), **summarize(nats, tokens, n_bytes)}
+
+
+# Manifest keys that may hold the UTF-8 byte count of a prepared set's text.
+_BYTE_KEYS = ("bytes", "num_bytes", "text_bytes")
+
+
+def evaluate_prepared(ev: Evaluator, path: str | Path) -> dict[str, Any]:
+    """The same for a directory written by `jaxlm data prepare` (token ids, no text)."""
+    from jaxlm.scoring import summarize
+
+    try:
+        from jaxlm.data.shards import open_prepared
+    except ImportError:
+        raise ConfigError(
+            f"--data '{path}' is a directory but this jaxlm cannot read prepared shards; "
+            "give a .txt or .jsonl file."
+        ) from None
+    prepared = open_prepared(path)
+    manifest = prepared.manifest
+    sha = manifest.get("tokenizer_sha256") or (manifest.get("tokenizer") or {}).get("sha256")
+    if sha and sha != ev.run.tokenizer.sha256:
+        raise ConfigError(
+            f"--data '{path}' was tokenized with another tokenizer (sha256 {sha[:12]}..., the "
+            f"checkpoint's is {ev.run.tokenizer.sha256[:12]}...); prepare it with this one."
+        )
+    docs = (prepared.document(i) for i in range(prepared.num_documents))
+    nats, tokens = ev.loss_sums(docs, Path(path).name)
+    n_bytes = next((int(manifest[k]) for k in _BYTE_KEYS if manifest.get(k)), None)
+    out = {"data": str(path), "documents": prepared.num_documents}
+    out.update(summarize(nats, tokens, n_bytes))
+    if n_bytes is None:
+        out["bits_per_byte_reason"] = "the prepared set's manifest records no byte count"
+    return out
+
+
+def evaluate_validation(ev: Evaluator, workdir: str | Path) -> dict[str, Any]:
+    """The run's own validation split; bytes are those of the decoded documents."""
+    from jaxlm.scoring import summarize
+    from jaxlm.train.loop import prepare_corpus
+
+    docs = prepare_corpus(ev.run.cfg, Path(workdir)).val_docs
+    nats, tokens = ev.loss_sums(docs, "validation")
+    n_bytes = sum(len(ev.run.tokenizer.decode(d).encode("utf-8")) for d in docs)
+    return {"data": "validation", "documents": len(docs), **summarize(nats, tokens, n_bytes)}
+
+
+def evaluate_choices(
+    ev: Evaluator, path: str | Path, items: list[dict] | None = None
+) -> dict[str, Any]:
+    """Multiple-choice accuracy (summed and per-byte log-likelihood) of a JSONL item file."""
+    from jaxlm.scoring import choice_accuracy, choice_rows, read_choice_items
+
+    items = read_choice_items(path) if items is None else items
+    tok = ev.run.tokenizer
+    contexts = tok.encode_batch([it["context"] for it in items], bos=True)
+    choices = tok.encode_batch([c for it in items for c in it["choices"]])
+    if any(not ids for ids in choices):
+        raise ConfigError(f"A choice in '{path}' encodes to no tokens; give non-empty choices.")
+    longest = max(len(contexts[i]) + len(c) for i, it in enumerate(items) for c in it["choices"])
+    length = min(16 * -(-(longest - 1) // 16), ev.seq_len)  # few shapes, at most seq_len
+    rows, k = [], 0
+    for ctx, it in zip(contexts, items, strict=True):
+        for _ in it["choices"]:
+            rows.append(choice_rows(ctx, choices[k], length))
+            k += 1
+    flat = ev.row_logliks(rows, Path(path).name)
+    logliks, k = [], 0
+    for it in items:
+        logliks.append(flat[k : k + len(it["choices"])])
+        k += len(it["choices"])
+    return {"data": str(path), **choice_accuracy(items, logliks), "logliks": logliks}

@@ -1,76 +1,272 @@
-"""Autoregressive decoding with a KV cache: prefill the prompt once, then one token a step.
+"""Autoregressive decoding: prefill the prompts once, then one token a step inside jit.
 
-Recurrent models use the same path: their `cache` holds the carried state instead of keys
-and values, so each new token costs O(1) whatever the length.
+Transformers keep a KV cache and recurrent models (LSTM, GRU, Hawk) their carried state in
+the flax `cache` collection, so each new token costs one row of work whatever the length.
+`use_cache=False` instead recomputes the whole (fixed-size) sequence at every step: the
+ground truth for tests and the baseline of `jaxlm bench decode`.
 
-The whole decode (prefill + `lax.scan` over new tokens) is one jit-compiled function, so a
-sample costs one compilation and no per-token Python dispatch.
+Prompts of different lengths share a batch by left padding: every row ends at the same
+column, so one scalar step counter indexes the cache for all rows. Padding gets segment id
+0 and real tokens segment 1, which the attention mask (same segment only) and the recurrent
+layers (state reset where the segment changes) already honour; each row's positions count
+from its own first real token. A row thus decodes exactly as it would alone.
+
+Decoding runs in chunks of `chunk_size` steps, each one jit-compiled `lax.scan`; between
+chunks the host may print the new tokens (streaming) or stop early (EOS, stop strings).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.models.transformer import build_model
 
 
-def sample_logits(
-    logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k: int
-) -> jax.Array:
-    """Greedy when temperature == 0, else softmax(logits / T) restricted to the top k."""
-    logits_BxV = logits_BxV.astype(jnp.float32)
-    if temperature == 0.0:
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked from the logits (hashable: a static jit argument)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    no_repeat_ngram_size: int = 0  # 0: off
+
+    def check(self) -> None:
+        """Refuse values that have no meaning, one sentence each."""
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature {self.temperature} is negative; use 0 for greedy.")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k {self.top_k} is negative; use 0 to keep every token.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p {self.top_p} must lie in (0, 1]; use 1 to turn it off.")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(
+                f"--no-repeat-ngram-size {self.no_repeat_ngram_size} is negative; use 0 for off."
+            )
+
+
+# --------------------------------------------------------------------------- token choice
+
+
+def banned_by_ngrams(tokens_BxT: jax.Array, start_B: jax.Array, cur: jax.Array, n: int, vocab: int):
+    """bool_BxV: tokens that would complete an n-gram already present in the row.
+
+    The row's text is columns [start_B, cur); the candidate n-gram is its last n-1 tokens
+    plus the next one, so any earlier n-gram with the same first n-1 tokens bans its last.
+    """
+    b, t = tokens_BxT.shape
+    j = t - n + 1  # candidate start columns 0..t-n
+    prefix_BxM = jax.lax.dynamic_slice(tokens_BxT, (0, jnp.maximum(cur - (n - 1), 0)), (b, n - 1))
+    match_BxJ = jnp.ones((b, j), bool)
+    for k in range(n - 1):
+        match_BxJ &= tokens_BxT[:, k : k + j] == prefix_BxM[:, k : k + 1]
+    col_J = jnp.arange(j)
+    valid_BxJ = (col_J[None] >= start_B[:, None]) & (col_J[None] + n - 1 < cur)
+    valid_BxJ &= (cur - (n - 1) >= start_B)[:, None]  # the row has n-1 tokens to match
+    last_BxJ = tokens_BxT[:, n - 1 : n - 1 + j]
+    hits_BxV = jnp.zeros((b, vocab), jnp.int32)
+    hits_BxV = hits_BxV.at[jnp.arange(b)[:, None], last_BxJ].max((match_BxJ & valid_BxJ) * 1)
+    return hits_BxV > 0
+
+
+def filter_logits(logits_BxV: jax.Array, sampling: Sampling) -> jax.Array:
+    """Logits / temperature with everything outside top-k and the top-p nucleus at -inf."""
+    logits_BxV = logits_BxV.astype(jnp.float32) / sampling.temperature
+    v = logits_BxV.shape[-1]
+    if 0 < sampling.top_k < v:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if sampling.top_p < 1.0:
+        sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        # Keep a token while the mass of the tokens before it is below p (the first always).
+        keep_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < sampling.top_p
+        n_keep_B = jnp.sum(keep_BxV, axis=-1)
+        cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=-1)
+        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    return logits_BxV
+
+
+def choose_tokens(logits_BxV: jax.Array, keys_B: jax.Array, sampling: Sampling) -> jax.Array:
+    """Greedy at temperature 0, else one sample per row from the filtered distribution."""
+    if sampling.temperature == 0.0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = logits_BxV / temperature
-    if top_k > 0:
-        kth_BxK = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_BxK, -jnp.inf, logits_BxV)
-    return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = filter_logits(logits_BxV, sampling)
+    return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k"))
-def _decode(
+# --------------------------------------------------------------------------- the decode loop
+
+
+class DecodeState(NamedTuple):
+    """Everything one decode step reads and writes."""
+
+    cache: Any  # the model's `cache` collection (None when recomputing)
+    tokens_BxT: jax.Array  # left-padded prompts, then the tokens decoded so far
+    start_B: jax.Array  # first real column of each row
+    cur: jax.Array  # scalar: the column the next token goes to
+    logits_BxV: jax.Array  # next-token logits (float32)
+    keys_B: jax.Array  # one PRNG key per row
+
+
+def _row_layout(cfg: ModelConfig, start_B: jax.Array, cols: jax.Array):
+    """Per-row positions (clipped to the position table) and segment ids of some columns."""
+    pos_BxC = jnp.clip(cols[None, :] - start_B[:, None], 0, cfg.max_seq_len - 1)
+    seg_BxC = (cols[None, :] >= start_B[:, None]).astype(jnp.int32)
+    return pos_BxC.astype(jnp.int32), seg_BxC
+
+
+def _full_logits(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, start_B: jax.Array):
+    """Logits of every column of the padded buffer, computed from scratch."""
+    pos_BxT, seg_BxT = _row_layout(cfg, start_B, jnp.arange(tokens_BxT.shape[1]))
+    return build_model(cfg).apply({"params": params}, tokens_BxT, pos_BxT, seg_BxT)
+
+
+@partial(jax.jit, static_argnames=("cfg", "total", "use_cache"))
+def _prefill(cfg, params, prompt_BxP, start_B, keys_B, total: int, use_cache: bool):
+    """Run the prompts once; the state holds the logits for the first new token."""
+    b, p = prompt_BxP.shape
+    tokens_BxT = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt_BxP)
+    cur = jnp.asarray(p, jnp.int32)
+    if not use_cache:
+        logits_BxV = _full_logits(cfg, params, tokens_BxT, start_B)[:, p - 1]
+        return DecodeState(None, tokens_BxT, start_B, cur, logits_BxV.astype(jnp.float32), keys_B)
+    model = build_model(cfg, decode=True)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens_BxT)["cache"])
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    pos_BxP, seg_BxP = _row_layout(cfg, start_B, jnp.arange(p))
+    logits_BxPxV, vars_ = model.apply(
+        {"params": params, "cache": cache}, prompt_BxP, pos_BxP, seg_BxP, mutable=["cache"]
+    )
+    logits_BxV = logits_BxPxV[:, -1].astype(jnp.float32)
+    return DecodeState(vars_["cache"], tokens_BxT, start_B, cur, logits_BxV, keys_B)
+
+
+@partial(jax.jit, static_argnames=("cfg", "sampling", "steps"))
+def _decode_chunk(cfg, params, state: DecodeState, sampling: Sampling, steps: int):
+    """`steps` new tokens per row: choose from the logits, write, run the model on it."""
+    model = build_model(cfg, decode=True)
+
+    def step(state: DecodeState, _):
+        logits_BxV = state.logits_BxV
+        n = sampling.no_repeat_ngram_size
+        if n:
+            banned_BxV = banned_by_ngrams(
+                state.tokens_BxT, state.start_B, state.cur, n, logits_BxV.shape[-1]
+            )
+            logits_BxV = jnp.where(banned_BxV, -jnp.inf, logits_BxV)
+        step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(state.keys_B, state.cur)
+        token_B = choose_tokens(logits_BxV, step_keys_B, sampling)
+        tokens_BxT = jax.lax.dynamic_update_slice(
+            state.tokens_BxT, token_B[:, None], (0, state.cur)
+        )
+        if state.cache is None:
+            all_BxTxV = _full_logits(cfg, params, tokens_BxT, state.start_B)
+            next_BxV, cache = jax.lax.dynamic_index_in_dim(all_BxTxV, state.cur, 1, False), None
+        else:
+            pos_Bx1, seg_Bx1 = _row_layout(cfg, state.start_B, state.cur[None])
+            logits_Bx1xV, vars_ = model.apply(
+                {"params": params, "cache": state.cache},
+                token_B[:, None],
+                pos_Bx1,
+                seg_Bx1,
+                mutable=["cache"],
+            )
+            next_BxV, cache = logits_Bx1xV[:, 0], vars_["cache"]
+        new = DecodeState(
+            cache,
+            tokens_BxT,
+            state.start_B,
+            state.cur + 1,
+            next_BxV.astype(jnp.float32),
+            state.keys_B,
+        )
+        return new, token_B
+
+    state, tokens_NxB = jax.lax.scan(step, state, None, length=steps)
+    return state, tokens_NxB.T
+
+
+def _left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt_BxP right-aligned, start_B: the column where each row's prompt begins)."""
+    p = 8 * -(-max(len(x) for x in prompts) // 8)  # fewer distinct shapes to compile
+    out = np.zeros((len(prompts), p), np.int32)
+    start = np.zeros(len(prompts), np.int32)
+    for i, ids in enumerate(prompts):
+        out[i, p - len(ids) :] = ids
+        start[i] = p - len(ids)
+    return out, start
+
+
+def fit_prompt(cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """The prompt's end that leaves room for the new tokens within model.max_seq_len."""
+    if cfg.recurrent:  # a carried state of fixed size: no length limit
+        room = max(len(prompt_ids), 1)
+    else:
+        room = cfg.max_seq_len - max_new_tokens
+    if room < 1:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for the prompt within "
+            f"model.max_seq_len={cfg.max_seq_len}; ask for fewer new tokens."
+        )
+    return list(prompt_ids)[-room:] or [0]
+
+
+def decode(
     cfg: ModelConfig,
     params: Any,
-    prompt_BxP: jax.Array,
-    rng: jax.Array,
+    prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-) -> jax.Array:
-    model = build_model(cfg, decode=True)
-    b, p = prompt_BxP.shape
-    total = p + max_new_tokens
-    cache_shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((b, total), jnp.int32))["cache"]
+    sampling: Sampling = Sampling(),
+    *,
+    seed: int = 0,
+    row_ids: Sequence[int] | None = None,
+    use_cache: bool = True,
+    chunk_size: int | None = None,
+    on_chunk: Callable[[np.ndarray], bool] | None = None,
+) -> np.ndarray:
+    """New tokens_BxN for a batch of prompts (trimmed by `fit_prompt`), uncut at EOS.
+
+    Row b samples with key fold_in(PRNGKey(seed), row_ids[b]) (default: b), so a row's
+    tokens depend on its prompt and id only, not on what else shares the batch.
+    `on_chunk(tokens_BxN_so_far)` runs after each chunk; returning True stops decoding
+    early (the result then holds only the tokens decoded so far).
+    """
+    sampling.check()
+    prompts = [fit_prompt(cfg, p, max_new_tokens) for p in prompts]
+    if max_new_tokens <= 0:
+        return np.zeros((len(prompts), 0), np.int32)
+    chunk = max(1, min(chunk_size or max_new_tokens, max_new_tokens))
+    n_chunks = -(-max_new_tokens // chunk)
+    prompt_BxP, start_B = _left_pad(prompts)
+    rows = np.arange(len(prompts)) if row_ids is None else np.asarray(row_ids)
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), rows)
+    total = prompt_BxP.shape[1] + n_chunks * chunk
+    state = _prefill(
+        cfg, params, jnp.asarray(prompt_BxP), jnp.asarray(start_B), keys_B, total, use_cache
     )
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
+    pieces: list[np.ndarray] = []
+    for _ in range(n_chunks):
+        state, new_BxC = _decode_chunk(cfg, params, state, sampling, chunk)
+        pieces.append(np.asarray(new_BxC))
+        so_far = np.concatenate(pieces, axis=1)[:, :max_new_tokens]
+        if on_chunk is not None and on_chunk(so_far):
+            return so_far
+    return np.concatenate(pieces, axis=1)[:, :max_new_tokens]
 
-    positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
-    logits_BxPxV, vars_ = model.apply(
-        {"params": params, "cache": cache}, prompt_BxP, positions_BxP, mutable=["cache"]
-    )
-    rng, first_rng = jax.random.split(rng)
-    token_B = sample_logits(logits_BxPxV[:, -1], first_rng, temperature, top_k)
 
-    def step(carry, i):
-        cache, token_B, rng = carry
-        rng, step_rng = jax.random.split(rng)
-        pos_Bx1 = jnp.full((b, 1), p + i, jnp.int32)
-        logits_Bx1xV, vars_ = model.apply(
-            {"params": params, "cache": cache}, token_B[:, None], pos_Bx1, mutable=["cache"]
-        )
-        nxt_B = sample_logits(logits_Bx1xV[:, 0], step_rng, temperature, top_k)
-        return (vars_["cache"], nxt_B, rng), token_B
-
-    _, tokens_NxB = jax.lax.scan(step, (vars_["cache"], token_B, rng), jnp.arange(max_new_tokens))
-    return tokens_NxB.T
+def cut_at_eos(row: Sequence[int], eos_id: int | None) -> list[int]:
+    """The tokens before the first EOS."""
+    row = [int(t) for t in row]
+    return row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row
 
 
 def generate(
@@ -88,29 +284,12 @@ def generate(
     """Continue one prompt `num_samples` times; each continuation stops before EOS."""
     if max_new_tokens <= 0:
         return [[] for _ in range(num_samples)]
-    if cfg.recurrent:  # a carried state of fixed size: no length limit
-        room = max(len(prompt_ids), 1)
-    else:
-        room = cfg.max_seq_len - max_new_tokens
-    if room < 1:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} leaves no room for the prompt within "
-            f"model.max_seq_len={cfg.max_seq_len}; ask for fewer new tokens."
-        )
-    prompt = list(prompt_ids)[-room:] or [0]  # keep the prompt's end if it is too long
-    prompt_BxP = jnp.asarray(np.tile(np.asarray(prompt, np.int32), (num_samples, 1)))
-    out = _decode(
+    out = decode(
         cfg,
         params,
-        prompt_BxP,
-        jax.random.PRNGKey(seed),
+        [prompt_ids] * num_samples,
         max_new_tokens,
-        float(temperature),
-        int(top_k),
+        Sampling(temperature=float(temperature), top_k=int(top_k)),
+        seed=seed,
     )
-    results = []
-    for row in np.asarray(out).tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id)]
-        results.append(row)
-    return results
+    return [cut_at_eos(row, eos_id) for row in out]

@@ -219,6 +219,7 @@ class HawkLM(nn.Module):
         positions_BxS: jax.Array | None = None,
         segment_ids_BxS: jax.Array | None = None,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ) -> jax.Array:
         cfg = self.cfg
         del positions_BxS  # the convolution and recurrence see order directly
@@ -230,4 +231,7 @@ class HawkLM(nn.Module):
             x_BxSxD = HawkBlock(cfg, self.decode, name=f"block_{i}")(
                 x_BxSxD, segment_ids_BxS, reset_BxS, deterministic
             )
+        if return_hidden:  # the final normed hidden state, for heads other than the LM's
+            dtype = dtype_of(cfg.dtype)
+            return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name="final_norm")(x_BxSxD)
         return lm_head(cfg, embed, x_BxSxD)

@@ -208,6 +208,7 @@ class RecurrentLM(nn.Module):
         positions_BxS: jax.Array | None = None,
         segment_ids_BxS: jax.Array | None = None,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ) -> jax.Array:
         cfg = self.cfg
         del positions_BxS  # order is carried by the recurrence itself
@@ -222,6 +223,9 @@ class RecurrentLM(nn.Module):
             h_BxSxD = nn.Dropout(cfg.dropout)(h_BxSxD, deterministic=deterministic)
             x_BxSxD = x_BxSxD + h_BxSxD if cfg.rnn_residual else h_BxSxD
             x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed"))
+        if return_hidden:  # the final normed hidden state, for heads other than the LM's
+            dtype = dtype_of(cfg.dtype)
+            return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name="final_norm")(x_BxSxD)
         return lm_head(cfg, embed, x_BxSxD)
 
 

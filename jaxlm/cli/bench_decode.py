@@ -1,0 +1,81 @@
+"""`jaxlm bench decode`: decoding tokens/s with the KV cache vs recomputing every step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jaxlm.cli.common import add_config_args, csv, formatter
+
+
+def register_bench(what) -> None:
+    """`jaxlm bench decode`: sizes take comma-separated lists."""
+    d = what.add_parser(
+        "decode",
+        formatter_class=formatter,
+        help="decoding tokens/s: KV cache / carried state vs recomputing the sequence",
+        description="Greedy decoding speed of a model (a config with random parameters, or a "
+        "checkpoint), with and without the cache, for each batch x prompt x new-token size.",
+    )
+    add_config_args(d)
+    d.add_argument("--checkpoint", metavar="DIR", help="use this run/export instead of --config")
+    d.add_argument(
+        "--batch", type=csv(int), default=[1], metavar="LIST", help="rows decoded at once"
+    )
+    d.add_argument(
+        "--prompt-lens", type=csv(int), default=[16, 64], metavar="LIST", help="prompt lengths"
+    )
+    d.add_argument(
+        "--new-tokens", type=csv(int), default=[32, 64], metavar="LIST", help="tokens to generate"
+    )
+    d.add_argument("--iters", type=int, default=3, metavar="N", help="timed calls per case")
+    d.add_argument("--json", metavar="FILE", help="write results and environment as JSON")
+    d.add_argument("--markdown", metavar="FILE", help="write a markdown results file")
+    d.set_defaults(run=cmd_bench_decode)
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from jaxlm.config import ConfigError
+
+    if args.iters < 1:
+        raise ConfigError(f"--iters {args.iters} must be at least 1.")
+    if args.checkpoint and (args.config or args.overrides):
+        raise ConfigError("Give --checkpoint or --config/overrides, not both.")
+    from jaxlm import bench, decode_bench
+
+    if args.checkpoint:
+        from jaxlm.evaluate import checkpoint_dir, open_checkpoint
+
+        run = open_checkpoint(*checkpoint_dir(args.checkpoint))
+        cfg, params, source = run.cfg.model, run.params, f"checkpoint {args.checkpoint}"
+    else:
+        from jaxlm.config import load_config
+
+        cfg = load_config(args.config, args.overrides).model
+        params = decode_bench.random_params(cfg)
+        source = " ".join(["config", args.config or "(defaults)", *args.overrides])
+        source += ", random params"
+    env = {**bench.environment(), "model": source}
+    env.pop("pallas_mode", None)
+    rows = decode_bench.sweep(
+        cfg,
+        params,
+        args.batch,
+        args.prompt_lens,
+        args.new_tokens,
+        args.iters,
+        progress=lambda row: print(decode_bench.table([row]).splitlines()[-1], file=sys.stderr),
+    )
+    print(json.dumps(env))
+    print(decode_bench.table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+    if args.markdown:
+        facts = ", ".join(f"{k}: {v}" for k, v in env.items())
+        text = f"# Decoding speed: KV cache vs recompute\n\n{facts}\n\n{decode_bench.table(rows)}\n"
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text)
+    return 0

@@ -1,0 +1,1 @@
+"""Hugging Face interop: GPT-2 and Llama checkpoints to and from jaxlm (local files only)."""

@@ -1,0 +1,188 @@
+"""Hugging Face `config.json` <-> jaxlm ModelConfig for GPT-2 and Llama.
+
+Only architectures jaxlm computes exactly are accepted: anything else (another model type,
+rope scaling, exact-erf GELU, per-layer attention scaling, ...) is refused with one sentence
+naming the field, before any weight is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxlm.config import ConfigError, ModelConfig
+
+SUPPORTED_TYPES = ("gpt2", "llama")
+# GPT-2's "gelu_new" and torch's tanh GELU are the tanh approximation flax's nn.gelu computes.
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def _need(hf: dict[str, Any], key: str, model_type: str) -> Any:
+    if hf.get(key) is None:
+        raise ConfigError(f"config.json of this {model_type} model has no '{key}'; add it there.")
+    return hf[key]
+
+
+def _refuse(ok: bool, field: str, value: Any, supported: str) -> None:
+    if not ok:
+        raise ConfigError(
+            f"config.json has {field}={value!r}, which jaxlm can't compute; it supports {supported}."
+        )
+
+
+def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
+    act = hf.get("activation_function", "gelu_new")
+    _refuse(act in GPT2_ACTIVATIONS, "activation_function", act, " or ".join(GPT2_ACTIVATIONS))
+    for key, want in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("add_cross_attention", False),
+    ):
+        got = hf.get(key, want)
+        _refuse(got == want, key, got, f"only {key}={want}")
+    d_model = _need(hf, "n_embd", "gpt2")
+    n_inner = hf.get("n_inner")
+    return ModelConfig(
+        family="gpt2",
+        vocab_size=_need(hf, "vocab_size", "gpt2"),
+        d_model=d_model,
+        n_layers=_need(hf, "n_layer", "gpt2"),
+        n_heads=_need(hf, "n_head", "gpt2"),
+        d_ff=n_inner,
+        max_seq_len=hf.get("n_positions") or _need(hf, "n_ctx", "gpt2"),
+        norm="layernorm",
+        position="learned",
+        mlp="gelu",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        bias=True,
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        # jaxlm drops out embeddings and residual branches, GPT-2's embd/resid_pdrop.
+        dropout=float(hf.get("resid_pdrop", 0.0)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    """The rotary base, refusing any scaled variant (old `rope_scaling` or new `rope_parameters`)."""
+    scaling = hf.get("rope_scaling")
+    _refuse(scaling is None, "rope_scaling", scaling, "only rope_scaling=null (plain RoPE)")
+    params = hf.get("rope_parameters") or {}
+    kind = params.get("rope_type", "default")
+    _refuse(kind == "default", "rope_parameters.rope_type", kind, "only 'default' (plain RoPE)")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _llama_config(hf: dict[str, Any]) -> ModelConfig:
+    act = hf.get("hidden_act", "silu")
+    _refuse(act == "silu", "hidden_act", act, "only silu (SwiGLU)")
+    d_model = _need(hf, "hidden_size", "llama")
+    n_heads = _need(hf, "num_attention_heads", "llama")
+    head_dim = hf.get("head_dim") or d_model // n_heads
+    _refuse(
+        head_dim * n_heads == d_model, "head_dim", head_dim, "only hidden_size/num_attention_heads"
+    )
+    attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    _refuse(
+        attn_bias == mlp_bias, "mlp_bias", mlp_bias, f"only mlp_bias == attention_bias={attn_bias}"
+    )
+    n_kv = hf.get("num_key_value_heads") or n_heads
+    return ModelConfig(
+        family="llama",
+        vocab_size=_need(hf, "vocab_size", "llama"),
+        d_model=d_model,
+        n_layers=_need(hf, "num_hidden_layers", "llama"),
+        n_heads=n_heads,
+        n_kv_heads=None if n_kv == n_heads else n_kv,
+        d_ff=_need(hf, "intermediate_size", "llama"),
+        max_seq_len=_need(hf, "max_position_embeddings", "llama"),
+        norm="rmsnorm",
+        position="rope",
+        mlp="swiglu",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bias=attn_bias,
+        rope_theta=_rope_theta(hf),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig computing exactly what a GPT-2 or Llama `config.json` describes."""
+    kind = hf.get("model_type")
+    _refuse(kind in SUPPORTED_TYPES, "model_type", kind, " and ".join(SUPPORTED_TYPES))
+    return _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """'gpt2' or 'llama': the Hugging Face architecture with exactly this model's math."""
+    layout = (cfg.norm, cfg.position, cfg.mlp)
+    if cfg.recurrent or layout not in (
+        ("layernorm", "learned", "gelu"),
+        ("rmsnorm", "rope", "swiglu"),
+    ):
+        raise ConfigError(
+            f"model.family={cfg.family} with norm={cfg.norm}, position={cfg.position}, mlp={cfg.mlp} "
+            f"has no Hugging Face counterpart; to-hf writes GPT-2 (layernorm, learned, gelu) and "
+            f"Llama (rmsnorm, rope, swiglu) models."
+        )
+    if layout[0] == "layernorm" and not cfg.bias:
+        raise ConfigError(
+            "GPT-2 in Hugging Face always has biases, but this model has model.bias=false; "
+            "only models with bias=true convert to GPT-2."
+        )
+    if layout[0] == "layernorm" and cfg.kv_heads != cfg.n_heads:
+        raise ConfigError(
+            f"GPT-2 has no grouped-query attention, but model.n_kv_heads={cfg.kv_heads}; "
+            f"only n_kv_heads=n_heads converts to GPT-2."
+        )
+    return "gpt2" if layout[0] == "layernorm" else "llama"
+
+
+def hf_config_from_model(cfg: ModelConfig, special_ids: dict[str, int]) -> dict[str, Any]:
+    """A transformers `config.json` dict for GPT2LMHeadModel or LlamaForCausalLM."""
+    kind = hf_model_type(cfg)
+    ids = {f"{k}_token_id": v for k, v in special_ids.items() if v is not None and v >= 0}
+    if kind == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_inner": cfg.d_ff,
+            "n_positions": cfg.max_seq_len,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": 0.0,
+            "initializer_range": cfg.init_std,
+            "tie_word_embeddings": bool(cfg.tie_embeddings),
+            "dtype": "float32",
+            **ids,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ff_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        # Both spellings: transformers 4.x reads rope_theta, 5.x rope_parameters.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": bool(cfg.bias),
+        "mlp_bias": bool(cfg.bias),
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": bool(cfg.tie_embeddings),
+        "dtype": "float32",
+        **ids,
+    }

@@ -1,0 +1,274 @@
+"""`jaxlm convert`: local Hugging Face GPT-2/Llama directories <-> jaxlm exports.
+
+from-hf writes the layout of `jaxlm export` (params/, config.yaml, export.json and the
+tokenizer), so `evaluate.load_run`, eval, generate and finetune read it like any export.
+to-hf writes `config.json`, `model.safetensors` and the tokenizer files, which
+`GPT2LMHeadModel` / `LlamaForCausalLM.from_pretrained` load. Only local files are read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxlm.config import ConfigError, DataConfig, RunConfig, resolve, to_yaml, validate
+from jaxlm.hf.config import hf_config_from_model, hf_model_type, model_config_from_hf
+from jaxlm.hf.weights import params_from_hf, params_to_hf
+
+DTYPES = ("float32", "bfloat16")
+# Tokenizer files, in order of preference: transformers itself prefers tokenizer.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+ROLES = ("bos", "eos", "pad", "unk")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"Cannot read '{path}' as JSON ({e}); fix or replace the file.") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{path}' must hold a JSON object; fix or replace the file.")
+    return data
+
+
+def _np_dtype(name: str) -> Any:
+    import ml_dtypes  # comes with JAX; also teaches safetensors' numpy side bfloat16
+
+    return np.float32 if name == "float32" else ml_dtypes.bfloat16
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}.")
+
+
+def _new_output(output: Path) -> Path:
+    """A temporary directory beside `output`, which must not exist or be empty."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError(f"--output '{output}' already exists and is not empty; name a new one.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+
+
+def _publish(tmp: Path, output: Path, fill: Callable[[Path], None]) -> None:
+    """Fill `tmp`, then rename it to `output`: a crash never leaves a half-written output."""
+    try:
+        fill(tmp)
+        if output.exists():
+            output.rmdir()  # empty, checked by _new_output
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------- reading HF
+
+
+class SafetensorsWeights(Mapping[str, np.ndarray]):
+    """The tensors of `model.safetensors` or of its shards, each read only when asked for.
+
+    Reading lazily keeps the peak memory of a conversion near one copy of the model.
+    """
+
+    def __init__(self, src: Path) -> None:
+        import ml_dtypes  # noqa: F401  (lets safetensors' numpy side read bfloat16)
+        from safetensors import safe_open
+
+        index = src / "model.safetensors.index.json"
+        if (src / "model.safetensors").is_file():
+            files = [src / "model.safetensors"]
+        elif index.is_file():
+            weight_map = _read_json(index).get("weight_map") or {}
+            files = [src / name for name in sorted(set(weight_map.values()))]
+        else:
+            other = sorted(p.name for p in (*src.glob("*.bin"), *src.glob("*.pt")))
+            hint = f" (found {other[0]}: re-save it with save_pretrained)" if other else ""
+            raise ConfigError(
+                f"'{src}' has no model.safetensors or model.safetensors.index.json{hint}; only "
+                f"safetensors weights are read."
+            )
+        self._where: dict[str, Any] = {}
+        for path in files:
+            if not path.is_file():
+                raise ConfigError(f"The shard '{path}' named in {index.name} is missing; fetch it.")
+            handle = safe_open(str(path), framework="numpy")
+            self._where.update(dict.fromkeys(handle.keys(), handle))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _tokenizer_file(src: Path) -> Path | None:
+    """The directory's tokenizer: tokenizer.json (what transformers uses) before .model."""
+    return next((src / n for n in TOKENIZER_FILES if (src / n).is_file()), None)
+
+
+def _copy_tokenizer(src_file: Path, dst_file: Path) -> Any:
+    """Copy a tokenizer to `dst_file`, with the special-token names HFTokenizer reads."""
+    from jaxlm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(src_file))  # reads the HF files beside it for special ids
+    shutil.copyfile(src_file, dst_file)
+    if src_file.suffix == ".json":
+        if (src_file.parent / "special_tokens_map.json").is_file():
+            shutil.copyfile(
+                src_file.parent / "special_tokens_map.json",
+                dst_file.parent / "special_tokens_map.json",
+            )
+        template = src_file.parent / "tokenizer_config.json"
+        _write_tokenizer_config(tokenizer, template, dst_file.parent)
+    return tokenizer
+
+
+def _token(tokenizer: Any, i: int) -> str:
+    if hasattr(tokenizer, "id_to_token"):
+        return tokenizer.id_to_token(i)
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=tokenizer.path).IdToPiece(i)
+
+
+def _write_tokenizer_config(tokenizer: Any, template: Path, dst: Path) -> None:
+    """tokenizer_config.json naming every special token the tokenizer has an id for."""
+    data = _read_json(template) if template.is_file() else {}
+    if not data and tokenizer.path.endswith(".json"):
+        data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for role in ROLES:
+        i = getattr(tokenizer, f"{role}_id")
+        if i >= 0 and data.get(f"{role}_token") is None:
+            data[f"{role}_token"] = _token(tokenizer, i)
+    (dst / "tokenizer_config.json").write_text(json.dumps(data, indent=2) + "\n", "utf-8")
+
+
+# ---------------------------------------------------------------------------- from-hf
+
+
+def _run_config(hf: dict[str, Any], tokenizer_path: Path | None) -> RunConfig:
+    model = model_config_from_hf(hf)
+    data = DataConfig(
+        tokenizer=str(tokenizer_path.absolute()) if tokenizer_path else None,
+        seq_len=min(model.max_seq_len, 1024),
+    )
+    cfg = resolve(RunConfig(model=model, data=data))
+    validate(cfg)
+    return cfg
+
+
+def from_hf(
+    src: str | Path, output: str | Path, dtype: str = "float32", tokenizer: str | None = None
+) -> dict[str, Any]:
+    """Convert a local HF GPT-2/Llama directory into a jaxlm export directory `output`.
+
+    The tokenizer is `tokenizer` if given, else the directory's tokenizer.json or
+    tokenizer.model; it is copied so the output is self-contained.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jaxlm.export import EXPORT_INFO, abstract_params
+
+    src, output = Path(src), Path(output)
+    _check_dtype(dtype)
+    if not (src / "config.json").is_file():
+        raise ConfigError(f"'{src}' holds no config.json; pass a Hugging Face model directory.")
+    hf = _read_json(src / "config.json")
+    tok_src = Path(tokenizer) if tokenizer else _tokenizer_file(src)
+    if tok_src is None:
+        raise ConfigError(
+            f"'{src}' has no tokenizer.json or tokenizer.model; add the model's tokenizer files "
+            f"there or pass --tokenizer FILE."
+        )
+    if not tok_src.is_file() or tok_src.suffix not in (".json", ".model"):
+        raise ConfigError(
+            f"--tokenizer '{tok_src}' is not a tokenizer.json or SentencePiece .model file."
+        )
+    tok_name = "tokenizer.json" if tok_src.suffix == ".json" else "tokenizer.model"
+    cfg = _run_config(hf, output / tok_name)  # refuses unsupported models before any I/O
+    weights = SafetensorsWeights(src)
+    tmp = _new_output(output)
+
+    def fill(tmp: Path) -> None:
+        tokenizer = _copy_tokenizer(tok_src, tmp / tok_name)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"The tokenizer in '{src}' has {tokenizer.vocab_size} tokens but the model only "
+                f"{cfg.model.vocab_size} embeddings; the two don't belong together."
+            )
+        _, abstract = abstract_params(cfg)
+        params = params_from_hf(
+            hf["model_type"],
+            cfg.model,
+            weights,
+            abstract,
+            lambda x, a: jax.device_put(x.astype(_np_dtype(dtype)), a.sharding),
+        )
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp.absolute() / "params", params)
+            checkpointer.wait_until_finished()
+        (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        info = {
+            "source": str(src.absolute()),
+            "step": 0,
+            "dtype": dtype,
+            "from_hf": hf["model_type"],
+        }
+        info["params"] = sum(int(x.size) for x in jax.tree.leaves(params))
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    _publish(tmp, output, fill)
+    return {"output": str(output), "family": cfg.model.family, "dtype": dtype}
+
+
+# ------------------------------------------------------------------------------ to-hf
+
+
+def to_hf(path: str | Path, output: str | Path, dtype: str = "float32") -> dict[str, Any]:
+    """Write a run's or export's model as a transformers directory `output`."""
+    import jax
+    from safetensors.numpy import save_file
+
+    from jaxlm.evaluate import load_run
+
+    output = Path(output)
+    _check_dtype(dtype)
+    run = load_run(path)
+    model = run.cfg.model
+    kind = hf_model_type(model)  # refuses models HF has no class for, before writing
+    tmp = _new_output(output)
+
+    def fill(tmp: Path) -> None:
+        params = jax.device_get(run.params)
+        if getattr(model, "scan_layers", False):  # stacked blocks -> block_0 .. block_{L-1}
+            from jaxlm.models.scan import unstack_blocks
+
+            params = unstack_blocks(params, model.n_layers)
+        tensors = params_to_hf(kind, model, params)
+        tensors = {k: v.astype(_np_dtype(dtype)) for k, v in tensors.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        ids = {role: getattr(run.tokenizer, f"{role}_id") for role in ("bos", "eos", "pad")}
+        hf = hf_config_from_model(model, ids) | {"dtype": dtype}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        tok = Path(run.tokenizer.path)
+        shutil.copyfile(
+            tok, tmp / ("tokenizer.json" if tok.suffix == ".json" else "tokenizer.model")
+        )
+        template = tok.parent / "tokenizer_config.json"
+        _write_tokenizer_config(run.tokenizer, template, tmp)
+        if (tok.parent / "special_tokens_map.json").is_file():
+            shutil.copyfile(tok.parent / "special_tokens_map.json", tmp / "special_tokens_map.json")
+
+    _publish(tmp, output, fill)
+    return {"output": str(output), "model_type": kind, "dtype": dtype}
