@@ -15,13 +15,18 @@ if [ ! -x .venv/bin/python ]; then
   echo "run.sh: creating .venv with $("$PYTHON" --version)" >&2
   "$PYTHON" -m venv .venv
 fi
-# Reinstall only when the dependency list changed.
-stamp=".venv/.installed-$(cksum pyproject.toml | cut -d' ' -f1)"
+mode="${1:-train}"
+# The main job needs only jaxlm; the tests also need pytest, transformers and a CPU torch (the
+# Hugging Face parity tests) and libtpu (TPU compile tests). Reinstall only when the dependency
+# list changed.
+extra=""
+[ "$mode" = test ] && extra="[test]"
+stamp=".venv/.installed$extra-$(cksum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
-  echo "run.sh: installing jaxlm and its dependencies into .venv" >&2
+  echo "run.sh: installing jaxlm$extra and its dependencies into .venv" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[test]"
-  rm -f .venv/.installed-*
+  .venv/bin/python -m pip install --quiet -e ".$extra"
+  rm -f ".venv/.installed$extra"-*
   touch "$stamp"
 fi
 
@@ -29,7 +34,6 @@ fi
 # probe for a TPU at every start; set JAX_PLATFORMS= (empty) to use an accelerator instead.
 export JAX_PLATFORMS="${JAX_PLATFORMS-cpu}"
 
-mode="${1:-train}"
 case "$mode" in
   test)
     shift

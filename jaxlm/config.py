@@ -38,9 +38,18 @@ RECURRENT_DEFAULTS = {
     "gru": dict(norm="layernorm", tie_embeddings=True, bias=True),
     "hawk": dict(norm="rmsnorm", mlp="swiglu", tie_embeddings=True, bias=False),
 }
-ATTENTION_IMPLS = ("reference", "xla", "cudnn", "pallas", "auto")
+ATTENTION_IMPLS = ("reference", "xla", "dense", "cudnn", "pallas", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 NAN_POLICIES = ("stop", "skip")
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "save_attention_output",
+    "save_qkv_attention",
+)
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,7 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout rate on residual branches and embeddings")
     init_std: float = _f(0.02, "std of the normal initialiser (output projections scaled by depth)")
     attention: str = _f(
-        "xla", "attention implementation: reference | xla | cudnn | pallas | auto (best on device)"
+        "xla", "attention: reference | xla | dense (fastest on CPU) | cudnn | pallas | auto (best)"
     )
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16 | float16 (params stay float32)")
     rnn_residual: bool = _f(True, "lstm/gru: add each recurrent layer's input to its output")
@@ -77,6 +86,15 @@ class ModelConfig:
         None, "hawk: width of the RG-LRU state (null: ~4/3*d_model, a multiple of 8*n_heads)"
     )
     conv_width: int = _f(4, "hawk: taps of the causal depthwise conv before the RG-LRU")
+    scan_layers: bool = _f(
+        False, "Transformers: run the blocks as one nn.scan (compile time independent of depth)"
+    )
+    remat: str = _f(
+        "none", "recompute in backward: " + " | ".join(REMAT_POLICIES) + " (jaxlm.models.remat)"
+    )
+    matmul_precision: str = _f(
+        "default", "matmul precision: default | high | highest (f32 passes on TPU/GPU)"
+    )
 
     @property
     def recurrent(self) -> bool:
@@ -110,14 +128,29 @@ class ModelConfig:
 class DataConfig:
     """Where the text comes from and how it becomes batches."""
 
-    corpus: str = _f("builtin", "builtin (bundled Shakespeare) or a glob of UTF-8 .txt files")
+    corpus: str = _f(
+        "builtin",
+        "builtin (bundled Shakespeare), a glob of UTF-8 .txt files, or a `jaxlm data prepare` dir",
+    )
+    sources: list[dict[str, Any]] | None = _f(
+        None,
+        "mixture of prepared dirs, [{path: DIR, weight: W}, ...], W = token share; replaces corpus",
+    )
     tokenizer: str | None = _f(
-        None, "SentencePiece .model path (null: train one, cache in workdir)"
+        None,
+        "SentencePiece .model path (null: train one, cache in workdir; prepared data: its own)",
     )
     seq_len: int = _f(256, "tokens per packed training row")
-    validation_fraction: float = _f(0.1, "share of whole works held out for validation")
+    validation_fraction: float = _f(
+        0.1, "share held out for validation: whole works (text), documents (prepared data)"
+    )
     doc_chars: int = _f(2000, "works are cut into documents of about this many characters")
     seed: int = _f(0, "seed of the shuffle and of the train/validation split")
+    streams: int | None = _f(
+        None,
+        "independent packed streams per global batch; divides batch_size (null: 1 text, gcd(B,8))",
+    )
+    prefetch: int = _f(2, "batches prepared ahead in a background thread (0: off)")
 
 
 @dataclass(frozen=True)
@@ -172,6 +205,9 @@ class TrainConfig:
     temperature: float = _f(0.8, "sampling temperature of the sampled continuation")
     top_k: int = _f(40, "top-k of the sampled continuation (0: off)")
     nan_policy: str = _f("stop", "non-finite loss or grad norm: stop (the run) | skip (the update)")
+    init_from: str | None = _f(
+        None, "fine-tune: start from this run/export/converted dir's params (fresh optimizer)"
+    )
 
 
 @dataclass(frozen=True)
@@ -247,6 +283,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key} must be a string, got {value!r}.")
+    if origin is list:  # a list of plain YAML values (mappings included), checked in validate
+        if isinstance(value, list):
+            return list(value)
+        raise ConfigError(f"{key} must be a list, got {value!r}.")
     raise TypeError(f"unsupported config field type {typ!r} for {key}")
 
 
@@ -366,6 +406,24 @@ def _positive(section: Any, name: str, keys: tuple[str, ...]) -> None:
         _require(v is None or v > 0, f"{name}.{k}={v} must be positive; set it to a value > 0.")
 
 
+def _validate_sources(sources: list[dict[str, Any]] | None) -> None:
+    """data.sources: a non-empty list of {path: str, weight: positive number}."""
+    if sources is None:
+        return
+    _require(bool(sources), "data.sources is an empty list; give at least one source or null.")
+    for i, src in enumerate(sources):
+        ok = isinstance(src, dict) and set(src) <= {"path", "weight"} and "path" in src
+        _require(
+            ok and isinstance(src["path"], str) and bool(src["path"].strip()),
+            f"data.sources[{i}]={src!r} must be a mapping {{path: DIR, weight: W}}.",
+        )
+        w = src.get("weight", 1.0)
+        _require(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0,
+            f"data.sources[{i}].weight={w!r} must be a positive number (a share of the tokens).",
+        )
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every value and every cross-field constraint; raise ConfigError on the first."""
     m, d, o, t, c, mesh = cfg.model, cfg.data, cfg.optimizer, cfg.train, cfg.checkpoint, cfg.mesh
@@ -393,6 +451,8 @@ def validate(cfg: RunConfig) -> None:
         ("mlp", ("gelu", "swiglu")),
         ("attention", ATTENTION_IMPLS),
         ("dtype", DTYPES),
+        ("remat", REMAT_POLICIES),
+        ("matmul_precision", MATMUL_PRECISIONS),
     ):
         v = getattr(m, key)
         if v is None and m.recurrent:  # an option this family does not use
@@ -406,6 +466,11 @@ def validate(cfg: RunConfig) -> None:
         f"change model.d_model or model.n_heads.",
     )
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
+    _require(
+        not m.recurrent or (not m.scan_layers and m.remat == "none"),
+        f"model.scan_layers and model.remat apply to Transformer families only, not "
+        f"model.family={m.family!r}; set model.scan_layers=false and model.remat=none.",
+    )
     _require(
         m.vocab_size >= 300 or d.tokenizer is not None,
         f"model.vocab_size={m.vocab_size} is too small for a byte-fallback tokenizer; "
@@ -422,6 +487,14 @@ def validate(cfg: RunConfig) -> None:
         0.0 < d.validation_fraction < 1.0,
         f"data.validation_fraction={d.validation_fraction} must be between 0 and 1 (exclusive).",
     )
+    _validate_sources(d.sources)
+    _positive(d, "data", ("streams",))
+    _require(
+        d.streams is None or t.batch_size % d.streams == 0,
+        f"data.streams={d.streams} does not divide train.batch_size={t.batch_size}; "
+        f"choose a divisor of the batch size.",
+    )
+    _require(d.prefetch >= 0, f"data.prefetch={d.prefetch} must be >= 0.")
 
     _positive(o, "optimizer", ("lr",))
     _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0.")
@@ -475,6 +548,10 @@ def validate(cfg: RunConfig) -> None:
         _require(v >= 0, f"train.{k}={v} must be >= 0.")
     _require(t.z_loss >= 0.0, f"train.z_loss={t.z_loss} must be >= 0.")
     _require(t.temperature > 0.0, f"train.temperature={t.temperature} must be positive.")
+    _require(
+        t.init_from is None or bool(t.init_from.strip()),
+        "train.init_from is empty; give a run, export or converted directory, or null.",
+    )
 
 
 # ----------------------------------------------------------------------------- output

@@ -17,17 +17,39 @@ from jaxlm.config import ConfigError
 
 COMMAND_MODULES = [
     "jaxlm.cli.train",  # train, config, export
+    "jaxlm.cli.evaluate",  # eval
     "jaxlm.cli.generate",
+    "jaxlm.cli.finetune",
     "jaxlm.cli.bench",
+    "jaxlm.cli.plot",
     "jaxlm.cli.plan",  # launch, plan
+    "jaxlm.cli.tokenizer",
+    "jaxlm.cli.data",
+    "jaxlm.cli.convert",  # convert from-hf, to-hf
 ]
+
+
+class _CommandListFormatter(argparse.HelpFormatter):
+    """The shared layout, with the help column wide enough for the longest command name."""
+
+    # argparse sizes the column without the extra indent of subcommands, so a command name
+    # over 8 characters (`tokenizer`) would push its help onto a second line.
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        for subaction in self._iter_indented_subactions(action):
+            width = len(self._format_action_invocation(subaction)) + self._current_indent
+            self._action_max_length = max(self._action_max_length, width)
+
+
+def _top_formatter(prog: str) -> argparse.HelpFormatter:
+    return _CommandListFormatter(prog, max_help_position=30, width=110)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
         prog="jaxlm",
-        formatter_class=formatter,
+        formatter_class=_top_formatter,
         description="Train, evaluate and sample JAX/Flax language models, from a laptop CPU "
         "to a multi-host pod.",
     )

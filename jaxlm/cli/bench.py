@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import importlib
 
-BENCH_KINDS = ["jaxlm.cli.bench_attention"]
+BENCH_KINDS = [
+    "jaxlm.cli.bench_attention",
+    "jaxlm.cli.bench_train",
+    "jaxlm.cli.bench_data",
+    "jaxlm.cli.bench_decode",
+]
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "bench",
-        help="benchmarks: attention kernels (Pallas flash vs XLA vs cuDNN), ...",
+        help="benchmarks: attention kernels (Pallas flash vs XLA vs cuDNN), train step (MFU)",
         description="Benchmarks on this machine's default device. Each prints a table.",
     )
     what = p.add_subparsers(dest="what", metavar="KIND", required=True)

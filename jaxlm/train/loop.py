@@ -17,6 +17,7 @@ import dataclasses
 import math
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,14 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer, abstract_with_shardings
 from jaxlm.config import ConfigError, RunConfig
-from jaxlm.data import corpus, pipeline
+from jaxlm.data import corpus, mixture, pipeline
 from jaxlm.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from jaxlm.data.views import Concat
+from jaxlm.finetune import load_init_params, resolve_init_from
 from jaxlm.generate import generate
 from jaxlm.metrics import MetricsWriter, flops_per_token
 from jaxlm.models.transformer import build_model
+from jaxlm.peak import device_peak
 from jaxlm.sharding import make_mesh, put_batch, validate_mesh
 from jaxlm.train.guard import NonFiniteError, StepBoundary, skip_nonfinite, tree_all_finite
 from jaxlm.train.optimizer import lr_schedule, make_optimizer
@@ -45,15 +49,33 @@ class Corpus:
     """Tokenised train/validation documents and the tokenizer that made them."""
 
     tokenizer: Tokenizer
-    train_docs: list[np.ndarray]
-    val_docs: list[np.ndarray]
+    train_docs: Sequence[np.ndarray]  # random access; prepared data is read lazily
+    val_docs: Sequence[np.ndarray]
     train_works: list[str]
     val_works: list[str]
+    sources: list[pipeline.WeightedSource] | None = None  # weighted train sources (mixtures)
+    streams: int = 1  # packed streams per global batch (data.streams resolved)
 
 
 def prepare_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
-    """Read works, split by whole works, load or train the tokenizer, tokenise documents."""
+    """Read works, split by whole works, load or train the tokenizer, tokenise documents.
+
+    Prepared directories (data.corpus or data.sources) are opened instead, checked against
+    the run's tokenizer and model, and split by document.
+    """
     d = cfg.data
+    prepared = mixture.prepared_paths(cfg)
+    if prepared:
+        pc = mixture.load_prepared_corpus(cfg, prepared)
+        return Corpus(
+            tokenizer=pc.tokenizer,
+            train_docs=Concat([s.docs for s in pc.sources]),
+            val_docs=pc.val_docs,
+            train_works=pc.names,
+            val_works=pc.names,
+            sources=pc.sources,
+            streams=mixture.default_streams(cfg, prepared=True),
+        )
     works = (
         corpus.load_builtin_works() if d.corpus == "builtin" else corpus.read_text_works(d.corpus)
     )
@@ -72,6 +94,7 @@ def prepare_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
         val_docs=pipeline.tokenize_documents(val_text, tok),
         train_works=[w.name for w in train_works],
         val_works=[w.name for w in val_works],
+        streams=mixture.default_streams(cfg, prepared=False),
     )
 
 
@@ -104,6 +127,8 @@ def train(
     boundary and returns early with `stopped_at` set to that step.
     """
     workdir = Path(workdir)
+    if cfg.train.init_from:  # fine-tuning: the source's tokenizer, its model config checked
+        cfg = resolve_init_from(cfg)
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -117,16 +142,18 @@ def train(
         raise ConfigError(f"data.corpus={cfg.data.corpus!r} produced no training documents.")
     n_proc, proc = jax.process_count(), jax.process_index()
     train_iter = pipeline.make_train_iterator(
-        data.train_docs,
+        data.sources or data.train_docs,
         cfg.data.seq_len,
         t.batch_size,
         cfg.data.seed,
         shard_index=proc,
         shard_count=n_proc,
+        streams=data.streams,
+        prefetch=cfg.data.prefetch,
     )
-    eval_batches = pipeline.make_eval_batches(data.val_docs, cfg.data.seq_len, t.batch_size)
-    if t.eval_batches:
-        eval_batches = eval_batches[: t.eval_batches]
+    eval_batches = pipeline.make_eval_batches(
+        data.val_docs, cfg.data.seq_len, t.batch_size, max_batches=t.eval_batches or None
+    )
     eval_batches = [_process_rows(b, proc, n_proc) for b in eval_batches]
 
     model = build_model(m)
@@ -157,6 +184,8 @@ def train(
             _log("Settings changed since that checkpoint: " + "; ".join(changes))
     else:
         state, _ = init_train_state(model, tx, cfg.data.seq_len, t.seed, mesh)
+        if t.init_from:  # the source's parameters; optimizer and step start fresh
+            state = state.replace(params=load_init_params(cfg, shardings.params))
 
     n_params = param_count(state.params)
     fpt = flops_per_token(m, cfg.data.seq_len)
@@ -171,11 +200,13 @@ def train(
         ckpt.close()
         _log(f"The run is complete at step {start_step}; raise train.steps to train further.")
         return {**summary, "tokens_per_sec": None, "state": state}
+    peak, peak_source = device_peak(m.dtype)  # MFU's denominator; cached per machine on CPU
     _log(
         f"jaxlm: {m.family} model, {n_params / 1e6:.2f}M parameters, "
         f"{fpt / 1e6:.1f} MFLOPs/token (training), {len(jax.devices())} device(s) "
         f"mesh {dict(mesh.shape)}, {len(data.train_docs)} train / {len(data.val_docs)} val docs"
     )
+    _log(f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
 
     step_fn = make_train_step(
         model,
@@ -192,7 +223,7 @@ def train(
     writer = MetricsWriter(workdir, enabled=is_main)
     config_dict = config_lib.to_dict(cfg)
     bar = _progress_bar(progress and is_main, start_step, t.steps)
-    log = StepLog(writer, bar, start_step, t.batch_size * cfg.data.seq_len, fpt, t.nan_policy)
+    log = StepLog(writer, bar, start_step, t.batch_size * cfg.data.seq_len, fpt, t.nan_policy, peak)
     boundary = StepBoundary(stop, cfg.checkpoint.every_minutes)
     last_saved = None if restored is None else restored.step
     history: list[tuple[int, float]] = []
