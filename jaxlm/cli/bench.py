@@ -19,7 +19,7 @@ BENCH_KINDS = [
 def register(sub) -> None:
     p = sub.add_parser(
         "bench",
-        help="benchmarks: attention kernels (Pallas flash vs XLA vs cuDNN), train step (MFU)",
+        help="benchmarks: attention kernels, train step (MFU), data pipeline, decoding",
         description="Benchmarks on this machine's default device. Each prints a table.",
     )
     what = p.add_subparsers(dest="what", metavar="KIND", required=True)
