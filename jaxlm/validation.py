@@ -1,0 +1,175 @@
+"""Validation of a RunConfig: every value and cross-field constraint, checked before any JAX
+work, each problem reported as one ConfigError sentence naming the key and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxlm.config import (
+    ATTENTION_IMPLS,
+    DTYPES,
+    MATMUL_PRECISIONS,
+    NAN_POLICIES,
+    REMAT_POLICIES,
+    ConfigError,
+    RunConfig,
+)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(section: Any, name: str, keys: tuple[str, ...]) -> None:
+    for k in keys:
+        v = getattr(section, k)
+        _require(v is None or v > 0, f"{name}.{k}={v} must be positive; set it to a value > 0.")
+
+
+def _validate_sources(sources: list[dict[str, Any]] | None) -> None:
+    """data.sources: a non-empty list of {path: str, weight: positive number}."""
+    if sources is None:
+        return
+    _require(bool(sources), "data.sources is an empty list; give at least one source or null.")
+    for i, src in enumerate(sources):
+        ok = isinstance(src, dict) and set(src) <= {"path", "weight"} and "path" in src
+        _require(
+            ok and isinstance(src["path"], str) and bool(src["path"].strip()),
+            f"data.sources[{i}]={src!r} must be a mapping {{path: DIR, weight: W}}.",
+        )
+        w = src.get("weight", 1.0)
+        _require(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0,
+            f"data.sources[{i}].weight={w!r} must be a positive number (a share of the tokens).",
+        )
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every value and every cross-field constraint; raise ConfigError on the first."""
+    m, d, o, t, c, mesh = cfg.model, cfg.data, cfg.optimizer, cfg.train, cfg.checkpoint, cfg.mesh
+    _positive(m, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"))
+    _positive(m, "model", ("max_seq_len", "rope_theta", "norm_eps", "init_std"))
+    _positive(m, "model", ("rnn_width", "conv_width"))
+    _require(
+        m.family != "hawk" or m.rnn_dim % m.n_heads == 0,
+        f"model.n_heads={m.n_heads} does not divide model.rnn_width={m.rnn_dim}; "
+        f"choose an rnn_width that n_heads divides.",
+    )
+    _require(
+        m.recurrent or m.d_model % m.n_heads == 0,
+        f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+        f"choose n_heads that divides d_model.",
+    )
+    _require(
+        m.recurrent or m.n_heads % m.kv_heads == 0,
+        f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads}; "
+        f"choose n_kv_heads that divides n_heads.",
+    )
+    for key, allowed in (
+        ("norm", ("layernorm", "rmsnorm")),
+        ("position", ("learned", "rope")),
+        ("mlp", ("gelu", "swiglu")),
+        ("attention", ATTENTION_IMPLS),
+        ("dtype", DTYPES),
+        ("remat", REMAT_POLICIES),
+        ("matmul_precision", MATMUL_PRECISIONS),
+    ):
+        v = getattr(m, key)
+        if v is None and m.recurrent:  # an option this family does not use
+            continue
+        _require(
+            v in allowed, f"model.{key}={v!r} is not supported; use one of {', '.join(allowed)}."
+        )
+    _require(
+        m.recurrent or m.position != "rope" or m.head_dim % 2 == 0,
+        f"Rotary positions need an even head dimension, but d_model/n_heads = {m.head_dim}; "
+        f"change model.d_model or model.n_heads.",
+    )
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
+    _require(
+        not m.recurrent or (not m.scan_layers and m.remat == "none"),
+        f"model.scan_layers and model.remat apply to Transformer families only, not "
+        f"model.family={m.family!r}; set model.scan_layers=false and model.remat=none.",
+    )
+    _require(
+        m.vocab_size >= 300 or d.tokenizer is not None,
+        f"model.vocab_size={m.vocab_size} is too small for a byte-fallback tokenizer; "
+        f"use at least 300.",
+    )
+
+    _positive(d, "data", ("seq_len", "doc_chars"))
+    _require(
+        m.recurrent or d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+        f"raise model.max_seq_len or lower data.seq_len.",
+    )
+    _require(
+        0.0 < d.validation_fraction < 1.0,
+        f"data.validation_fraction={d.validation_fraction} must be between 0 and 1 (exclusive).",
+    )
+    _validate_sources(d.sources)
+    _positive(d, "data", ("streams",))
+    _require(
+        d.streams is None or t.batch_size % d.streams == 0,
+        f"data.streams={d.streams} does not divide train.batch_size={t.batch_size}; "
+        f"choose a divisor of the batch size.",
+    )
+    _require(d.prefetch >= 0, f"data.prefetch={d.prefetch} must be >= 0.")
+
+    _positive(o, "optimizer", ("lr",))
+    _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0.")
+    _require(
+        o.warmup_steps <= t.steps,
+        f"optimizer.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}; "
+        f"lower the warmup or train longer.",
+    )
+    _require(
+        0.0 <= o.min_lr_ratio <= 1.0, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]."
+    )
+    for k in ("b1", "b2"):
+        v = getattr(o, k)
+        _require(0.0 <= v < 1.0, f"optimizer.{k}={v} must be in [0, 1).")
+    _positive(o, "optimizer", ("eps",))
+    for k in ("weight_decay", "grad_clip"):
+        v = getattr(o, k)
+        _require(v >= 0.0, f"optimizer.{k}={v} must be >= 0.")
+
+    for k in ("data", "fsdp", "tensor", "sequence"):
+        v = getattr(mesh, k)
+        _require(v == -1 or v >= 1, f"mesh.{k}={v} must be a positive size or -1 (the rest).")
+    auto = [k for k in ("data", "fsdp", "tensor", "sequence") if getattr(mesh, k) == -1]
+    _require(
+        len(auto) <= 1,
+        f"Only one mesh axis may be -1, but {', '.join('mesh.' + a for a in auto)} are; fix all but one.",
+    )
+
+    _require(c.every_steps >= 0, f"checkpoint.every_steps={c.every_steps} must be >= 0.")
+    _require(c.every_minutes >= 0, f"checkpoint.every_minutes={c.every_minutes} must be >= 0.")
+    _require(c.keep_every >= 0, f"checkpoint.keep_every={c.keep_every} must be >= 0.")
+    _require(
+        not (c.keep_every and c.every_steps) or c.keep_every % c.every_steps == 0,
+        f"checkpoint.keep_every={c.keep_every} is not a multiple of checkpoint.every_steps="
+        f"{c.every_steps}, so those steps are never saved; make it a multiple.",
+    )
+    _require(
+        t.nan_policy in NAN_POLICIES,
+        f"train.nan_policy={t.nan_policy!r} is not supported; use one of {', '.join(NAN_POLICIES)}.",
+    )
+    _positive(c, "checkpoint", ("keep",))
+
+    _positive(t, "train", ("steps", "batch_size", "microbatches", "log_every"))
+    _require(
+        t.batch_size % t.microbatches == 0,
+        f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}; "
+        f"choose a divisor of the batch size.",
+    )
+    for k in ("eval_every", "eval_batches", "sample_tokens", "top_k"):
+        v = getattr(t, k)
+        _require(v >= 0, f"train.{k}={v} must be >= 0.")
+    _require(t.z_loss >= 0.0, f"train.z_loss={t.z_loss} must be >= 0.")
+    _require(t.temperature > 0.0, f"train.temperature={t.temperature} must be positive.")
+    _require(
+        t.init_from is None or bool(t.init_from.strip()),
+        "train.init_from is empty; give a run, export or converted directory, or null.",
+    )
