@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 
 from jaxlm.cli.common import add_config_args, formatter
 
@@ -95,20 +94,9 @@ def cmd_finetune_lm(args: argparse.Namespace) -> int:
     from jaxlm.finetune import lm_finetune_config
 
     cfg = lm_finetune_config(args.checkpoint, args.config, args.overrides)
-    from jaxlm.cli.train import _stop_on_signals
-    from jaxlm.train.guard import NonFiniteError
-    from jaxlm.train.loop import train  # imports JAX: keep `--help` fast
+    from jaxlm.cli.train import run_training
 
-    stop = threading.Event()
-    try:
-        with _stop_on_signals(stop):
-            summary = train(cfg, args.workdir, progress=not args.no_progress, stop=stop)
-    except NonFiniteError as e:
-        print(f"jaxlm finetune: error: {e}", file=sys.stderr)
-        return 1
-    report = {k: v for k, v in summary.items() if k not in ("state", "samples", "eval_history")}
-    print(json.dumps(report), file=sys.stderr)
-    return 0
+    return run_training(cfg, args.workdir, progress=not args.no_progress, command="finetune")
 
 
 def cmd_finetune_classify(args: argparse.Namespace) -> int:

@@ -111,6 +111,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jaxlm.distributed import initialize
 
     initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
+    return run_training(cfg, args.workdir, progress=not args.no_progress, command="train")
+
+
+def run_training(cfg, workdir: str, progress: bool, command: str) -> int:
+    """Train `cfg` into `workdir` under the preemption signal handlers; print the summary.
+
+    Exit codes: 0 done or stopped cleanly, 1 non-finite loss, 3 a peer process died.
+    """
     import jax
 
     from jaxlm.train.guard import NonFiniteError
@@ -119,9 +127,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     stop = threading.Event()
     try:
         with _stop_on_signals(stop):
-            summary = train(cfg, args.workdir, progress=not args.no_progress, stop=stop)
+            summary = train(cfg, workdir, progress=progress, stop=stop)
     except NonFiniteError as e:
-        print(f"jaxlm train: error: {e}", file=sys.stderr)
+        print(f"jaxlm {command}: error: {e}", file=sys.stderr)
         return 1
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
