@@ -25,9 +25,9 @@ from jaxlm.metrics import flops_per_token, mfu
 from jaxlm.models.transformer import build_model
 from jaxlm.peak import ENV_OVERRIDE, cpu_model, device_peak, measure_matmul_flops
 from jaxlm.sharding import make_mesh, put_batch, validate_mesh
-from jaxlm.train.optimizer import lr_schedule, make_optimizer
+from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import init_train_state, param_count
-from jaxlm.train.step import jit_train_step, make_train_step
+from jaxlm.train.step import jit_train_step, train_step_for
 
 JSON_KEYS = (
     "config",
@@ -115,14 +115,7 @@ def bench_train(
     total = max(t.steps, warmup + steps + 1)
     tx = make_optimizer(cfg.optimizer, total)
     state, shardings = init_train_state(model, tx, cfg.data.seq_len, t.seed, mesh)
-    step_fn = make_train_step(
-        model,
-        tx,
-        microbatches=t.microbatches,
-        z_loss=t.z_loss,
-        dropout=m.dropout > 0,
-        schedule=lr_schedule(cfg.optimizer, total),
-    )
+    step_fn = train_step_for(cfg, model, tx, total)
     batch = put_batch(synthetic_batch(cfg, seed), mesh)
 
     start = time.perf_counter()

@@ -23,9 +23,9 @@ from jaxlm.data.pipeline import BATCH_KEYS
 from jaxlm.metrics import flops_per_token
 from jaxlm.models.transformer import build_model
 from jaxlm.sharding import batch_sharding, make_mesh, mesh_shape, validate_mesh
-from jaxlm.train.optimizer import lr_schedule, make_optimizer
+from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import state_shardings
-from jaxlm.train.step import jit_train_step, make_train_step
+from jaxlm.train.step import jit_train_step, train_step_for
 
 GIB = 1024**3
 # HBM per chip by TPU generation, the default --device-memory-gb for a --topology.
@@ -129,14 +129,7 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
     model = build_model(m)
     tx = make_optimizer(cfg.optimizer, t.steps)
     abstract, shardings = state_shardings(model, tx, seq, mesh)
-    step = make_train_step(
-        model,
-        tx,
-        microbatches=t.microbatches,
-        z_loss=t.z_loss,
-        dropout=m.dropout > 0,
-        schedule=lr_schedule(cfg.optimizer, t.steps),
-    )
+    step = train_step_for(cfg, model, tx)
     rows = batch_sharding(mesh)
     batch = {
         k: jax.ShapeDtypeStruct(

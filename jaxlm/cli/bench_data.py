@@ -10,11 +10,9 @@ The pipeline rows also give their ratio to the train step (the issue asks for >=
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -55,22 +53,20 @@ def register_bench(what) -> None:
 
 
 def _env() -> dict[str, Any]:
+    """bench train's environment plus the data libraries' versions and the machine's load."""
     import grain
-    import jax
     import numpy as np
     import sentencepiece
 
+    from jaxlm.bench_train import environment
+
     return {
-        "device": jax.devices()[0].device_kind,
-        "cpus": os.cpu_count(),
+        **environment(),
         # Other work on the machine slows the train step more than the pipeline: say how much.
         "load average (1 min)": round(os.getloadavg()[0], 1),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
         "grain": getattr(grain, "__version__", "?"),
         "numpy": np.__version__,
         "sentencepiece": sentencepiece.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -83,42 +79,6 @@ def _time_pipeline(it, batches: int, warmup: int) -> float:
     for _ in range(batches):
         tokens += next(it)["inputs"].size
     return tokens / (time.perf_counter() - t0)
-
-
-def _time_train(cfg, batch: dict, steps: int) -> float:
-    """Tokens per second of the configured model's jitted train step (compile excluded)."""
-    import jax
-
-    from jaxlm.models.transformer import build_model
-    from jaxlm.sharding import make_mesh, put_batch
-    from jaxlm.train.optimizer import lr_schedule, make_optimizer
-    from jaxlm.train.state import init_train_state, state_shardings
-    from jaxlm.train.step import jit_train_step, make_train_step
-
-    t, m, seq = cfg.train, cfg.model, cfg.data.seq_len
-    mesh = make_mesh(cfg.mesh)
-    model = build_model(m)
-    tx = make_optimizer(cfg.optimizer, t.steps)
-    _, shardings = state_shardings(model, tx, seq, mesh)
-    state, _ = init_train_state(model, tx, seq, t.seed, mesh)
-    step = make_train_step(
-        model,
-        tx,
-        microbatches=t.microbatches,
-        z_loss=t.z_loss,
-        dropout=m.dropout > 0,
-        schedule=lr_schedule(cfg.optimizer, t.steps),
-    )
-    step = jit_train_step(step, shardings, mesh)
-    device_batch = put_batch(batch, mesh)
-    for _ in range(2):  # compile, then one more to settle
-        state, metrics = step(state, device_batch)
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, device_batch)
-    jax.block_until_ready(metrics)
-    return steps * batch["inputs"].size / (time.perf_counter() - t0)
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
@@ -179,19 +139,19 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
             (f"prepared shards, {k} streams, one host of 4", pc.sources, k, 4),
             (f"mixture of 2 prepared sources, {k} streams", pc2.sources, k, 1),
         ]
-        batch_for_train = None
         for name, sources, streams, hosts in cases:
             it = make_train_iterator(
                 sources, d.seq_len, t.batch_size, d.seed, shard_count=hosts, streams=streams,
                 prefetch=d.prefetch,
             )  # fmt: skip
             rate = _time_pipeline(it, args.batches, args.warmup)
-            batch_for_train = batch_for_train or next(it)
             rows.append({"what": f"pipeline: {name}", "tokens/s": rate, "hosts": hosts})
         if args.train_tokens_per_s:
             train_rate, how = args.train_tokens_per_s, "given by --train-tokens-per-s"
         else:
-            train_rate = _time_train(cfg, batch_for_train, args.train_steps)
+            from jaxlm.bench_train import bench_train
+
+            train_rate = bench_train(cfg, steps=args.train_steps)["tokens_per_sec"]
             how = f"{args.train_steps} timed steps of {t.batch_size}x{d.seq_len} tokens"
         rows.append({"what": "train step consumes", "tokens/s": train_rate, "note": how})
     for r in rows:

@@ -37,10 +37,10 @@ from jaxlm.models.transformer import build_model
 from jaxlm.peak import device_peak
 from jaxlm.sharding import make_mesh, put_batch, validate_mesh
 from jaxlm.train.guard import NonFiniteError, StepBoundary, skip_nonfinite, tree_all_finite
-from jaxlm.train.optimizer import lr_schedule, make_optimizer
+from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.resume import changed_settings, check_resumable, rewind_metrics
 from jaxlm.train.state import init_train_state, param_count, state_shardings
-from jaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from jaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, train_step_for
 from jaxlm.train.steplog import StepLog
 
 
@@ -158,7 +158,6 @@ def train(
 
     model = build_model(m)
     tx = make_optimizer(cfg.optimizer, t.steps)
-    schedule = lr_schedule(cfg.optimizer, t.steps)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
     abstract, shardings = state_shardings(model, tx, cfg.data.seq_len, mesh)
     # The newest readable checkpoint, its config checked first; damaged newer ones are moved
@@ -208,14 +207,7 @@ def train(
     )
     _log(f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
 
-    step_fn = make_train_step(
-        model,
-        tx,
-        microbatches=t.microbatches,
-        z_loss=t.z_loss,
-        dropout=m.dropout > 0,
-        schedule=schedule,
-    )
+    step_fn = train_step_for(cfg, model, tx)
     if t.nan_policy == "skip":
         step_fn = skip_nonfinite(step_fn)
     step_fn = jit_train_step(step_fn, shardings, mesh)

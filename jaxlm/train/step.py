@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from jaxlm.config import RunConfig
 from jaxlm.sharding import LOGICAL_RULES, batch_sharding, mesh_context, replicated
 from jaxlm.train.loss import cross_entropy_sums
+from jaxlm.train.optimizer import lr_schedule
 from jaxlm.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -112,6 +114,22 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def train_step_for(
+    cfg: RunConfig, model: nn.Module, tx: optax.GradientTransformation, total_steps: int = 0
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step `cfg` describes: its microbatches, z-loss, dropout and lr schedule
+    (over `total_steps`, default train.steps)."""
+    t = cfg.train
+    return make_train_step(
+        model,
+        tx,
+        microbatches=t.microbatches,
+        z_loss=t.z_loss,
+        dropout=cfg.model.dropout > 0,
+        schedule=lr_schedule(cfg.optimizer, total_steps or t.steps),
+    )
 
 
 def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], dict[str, jax.Array]]:
