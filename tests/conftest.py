@@ -9,6 +9,17 @@ import pytest
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+# The smallest model the CLI and resume tests train (a few seconds on 2 cores); each test adds
+# its own train/checkpoint overrides.
+TINY_MODEL = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.vocab_size=512",
+    "model.max_seq_len=32",
+    "data.seq_len=32",
+]
+
 # A short text that the shared tiny run below memorises: greedy decoding must reproduce it
 # and scoring must find it far likelier than unseen text.
 MEMORISED_TEXT = (

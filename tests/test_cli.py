@@ -6,18 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY_MODEL
 
 from jaxlm import cli
 from jaxlm.config import load_config
 from jaxlm.data.tokenizer import train_tokenizer
 
 TINY = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.vocab_size=512",
-    "model.max_seq_len=32",
-    "data.seq_len=32",
+    *TINY_MODEL,
     "train.batch_size=8",
     "train.steps=30",
     "train.log_every=5",

@@ -8,6 +8,7 @@ import random
 import shutil
 
 import pytest
+from conftest import TINY_MODEL
 
 from jaxlm import cli
 from jaxlm.config import ConfigError
@@ -15,12 +16,7 @@ from jaxlm.data.tokenizer import train_tokenizer
 from jaxlm.finetune_data import label_ids, label_names, read_labeled, split_examples
 
 TINY = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.vocab_size=512",
-    "model.max_seq_len=32",
-    "data.seq_len=32",
+    *TINY_MODEL,
     "train.batch_size=8",
     "train.steps=30",
     "train.log_every=10",

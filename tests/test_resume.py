@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_MODEL
 
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import load_config
@@ -31,12 +32,7 @@ from jaxlm.export import abstract_params
 
 STEPS = 40
 TINY = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.vocab_size=512",
-    "model.max_seq_len=32",
-    "data.seq_len=32",
+    *TINY_MODEL,
     "train.batch_size=4",
     f"train.steps={STEPS}",
     "train.log_every=1",
