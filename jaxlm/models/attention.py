@@ -235,7 +235,53 @@ def attend(
             )
         impl = "xla"  # KV-cache decoding: the offset is only known at run time
     mask = attention_mask(q_segment_ids_BxS, kv_segment_ids_BxT, causal, q_offset)
+    if impl == "dense" and causal and isinstance(q_offset, int) and q_offset == 0:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1:  # slicing a sharded batch or length would reshard
+            s = q_BxSxHxE.shape[1]
+            return blocked_causal_attention(
+                q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, mask, scale, query_blocks=min(4, s // 128)
+            )
     return IMPLEMENTATIONS[impl](q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, mask, scale)
+
+
+def blocked_causal_attention(
+    q_BxSxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1xSxS, scale: float, query_blocks: int = 2
+):
+    """`dense_attention` of causal self-attention cut into independent pieces for the CPU.
+
+    Query block i (of `query_blocks` equal blocks) only attends to keys up to its own end,
+    so the score matrices skip most of the masked upper triangle: 2 blocks compute 3/4 of
+    the full S x S, 4 blocks 5/8. The batch is also split in two halves. XLA's CPU runtime
+    runs a batched matmul on one thread but runs independent operations concurrently, so
+    the halves keep both cores of a small machine busy. Every row sees exactly the keys it
+    saw before; only the work on fully masked keys is gone. On the bench-cpu model (S 256)
+    this made the whole train step about 4% faster than one `dense_attention` call.
+    """
+    b, s = q_BxSxHxE.shape[:2]
+    if s != k_BxSxKxE.shape[1] or query_blocks < 1 or s % query_blocks:
+        query_blocks = 1
+    halves = 2 if b % 2 == 0 else 1
+    size, rows = s // query_blocks, b // halves
+    outs = []
+    for j in range(halves):
+        r = slice(j * rows, (j + 1) * rows)
+        for i in range(query_blocks):
+            qs, end = slice(i * size, (i + 1) * size), (i + 1) * size
+            outs.append(
+                dense_attention(
+                    q_BxSxHxE[r, qs],
+                    k_BxSxKxE[r, :end],
+                    v_BxSxKxE[r, :end],
+                    mask_Bx1xSxS[r, :, qs, :end],
+                    scale,
+                )
+            )
+    by_half = [
+        jnp.concatenate(outs[j : j + query_blocks], axis=1)
+        for j in range(0, len(outs), query_blocks)
+    ]
+    return jnp.concatenate(by_half, axis=0)
 
 
 class Attention(nn.Module):
