@@ -96,7 +96,9 @@ def test_microbatches_equal_one_big_batch():
     np.testing.assert_allclose(m_four["loss"], m_one["loss"], rtol=1e-5)
     np.testing.assert_allclose(m_four["grad_norm"], m_one["grad_norm"], rtol=1e-5)
     assert float(m_one["tokens"]) == float(m_four["tokens"]) == sum(LENGTHS)
-    assert_trees_close(four.params, one.params, atol=1e-6)
+    # The same sums in another order: float32 differences reach ~1.3e-6 on gradients of up
+    # to ~0.3 (the first block and the embedding, at the end of the backward chain).
+    assert_trees_close(four.params, one.params, atol=5e-6)
     assert int(four.step) == int(one.step) == 1
     np.testing.assert_allclose(m_one["loss"], plain_ce(model, state.params, batch), rtol=1e-5)
 
