@@ -60,9 +60,8 @@ class Dense(nn.Module):
         )
         if axes == tuple(range(x.ndim - len(axes), x.ndim)):  # trailing axes: flatten them
             n_in = math.prod(in_shape)
-            x_LxN = x.astype(self.dtype).reshape(*x.shape[: x.ndim - len(axes)], n_in)
-            kernel_NxF = kernel.astype(self.dtype).reshape(n_in, *features)
-            (y,) = _stacked_matmul(jax.config.jax_default_matmul_precision, x_LxN, kernel_NxF)
+            x_LxN = x.reshape(*x.shape[: x.ndim - len(axes)], n_in)
+            (y,) = stacked_dense(x_LxN, [kernel.reshape(n_in, *features)], [None], self.dtype)
         else:
             y = jax.lax.dot_general(
                 x.astype(self.dtype),
