@@ -76,6 +76,21 @@ def test_flops_convention_on_the_bench_model():
     assert mfu(1000.0, 1e9, 1e12, 2) == pytest.approx(0.5)
 
 
+def test_gpt2_small_config_is_the_124m_model():
+    """configs/gpt2-small.yaml (the GPU MFU check) is GPT-2 small: 124M parameters, with the
+    tied head counted once, at sequence 1024 in bfloat16."""
+    cfg = config_lib.load_config("configs/gpt2-small.yaml")
+    m = cfg.model
+    assert (m.family, m.tie_embeddings, m.dtype, cfg.data.seq_len) == (
+        "gpt2",
+        True,
+        "bfloat16",
+        1024,
+    )
+    assert round(param_count(m) / 1e6) == 124
+    assert flops_per_token(m, 1024) == pytest.approx(7.99e8, rel=0.01)
+
+
 def test_peak_table_cache_and_override(tmp_path, monkeypatch):
     assert peak.table_peak("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
     assert peak.table_peak("NVIDIA H100 PCIe") == pytest.approx(756e12)
