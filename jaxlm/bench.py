@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from jaxlm.kernels.flash_attention import BlockSizes, flash_attention, reference_attention
 from jaxlm.models.attention import attention_mask
 from jaxlm.models.attention import reference_attention as model_reference
+from jaxlm.plot import save_figure
 
 IMPLS = ("reference", "xla", "cudnn", "pallas")
 MODES = ("fwd", "fwd+bwd")
@@ -337,8 +338,5 @@ def write_plot(path: str | Path, rows: Sequence[dict[str, Any]], env: dict[str, 
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"attention on {env['device']} (Pallas {env['pallas_mode']}), jax {env['jax']}")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
     return True

@@ -24,6 +24,7 @@ from jaxlm.config import RunConfig
 from jaxlm.metrics import flops_per_token, mfu
 from jaxlm.models.transformer import build_model
 from jaxlm.peak import ENV_OVERRIDE, cpu_model, device_peak, measure_matmul_flops
+from jaxlm.plot import save_figure
 from jaxlm.sharding import make_mesh, put_batch, validate_mesh
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import init_train_state, param_count
@@ -290,8 +291,5 @@ def write_sweep_plot(path: str | Path, rows: list[dict[str, Any]]) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"jaxlm bench train: {env['device']} x{env['device_count']}")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

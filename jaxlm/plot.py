@@ -99,9 +99,16 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path, x: str = "steps") 
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return save_figure(fig, output)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out `fig`, write it to `path` (creating its directory) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return output
+    return path
