@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from jaxlm import bench
+from jaxlm.bench import attention as bench
 from jaxlm.cli import main
 
 

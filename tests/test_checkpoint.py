@@ -18,11 +18,9 @@ import numpy as np
 import pytest
 
 from jaxlm import cli
-from jaxlm.checkpoint import Checkpointer
 from jaxlm.cli import train as cli_train
 from jaxlm.config import (
     CheckpointConfig,
-    ConfigError,
     DataConfig,
     MeshConfig,
     ModelConfig,
@@ -33,10 +31,12 @@ from jaxlm.config import (
     to_yaml,
 )
 from jaxlm.data.tokenizer import train_tokenizer
-from jaxlm.evaluate import load_run
-from jaxlm.models.transformer import build_model
-from jaxlm.sharding import make_mesh
+from jaxlm.errors import ConfigError
+from jaxlm.models import build_model
+from jaxlm.parallel.sharding import make_mesh
+from jaxlm.runs import load_run
 from jaxlm.train import guard
+from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train.guard import StepBoundary, skip_nonfinite, tree_all_finite
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.resume import changed_settings, check_resumable, rewind_metrics
@@ -285,10 +285,10 @@ RESHARD = textwrap.dedent(
     """
     import sys
     import jax, numpy as np
-    from jaxlm.checkpoint import Checkpointer, abstract_with_shardings
+    from jaxlm.train.checkpoint import Checkpointer, abstract_with_shardings
     from jaxlm.config import CheckpointConfig, MeshConfig, ModelConfig, RunConfig, resolve
-    from jaxlm.models.transformer import build_model
-    from jaxlm.sharding import make_mesh
+    from jaxlm.models import build_model
+    from jaxlm.parallel.sharding import make_mesh
     from jaxlm.train.optimizer import make_optimizer
     from jaxlm.train.state import init_train_state, state_shardings
 

@@ -8,7 +8,6 @@ import pytest
 
 from jaxlm.config import (
     FAMILY_DEFAULTS,
-    ConfigError,
     ModelConfig,
     RunConfig,
     describe,
@@ -19,6 +18,7 @@ from jaxlm.config import (
     to_yaml,
     validate,
 )
+from jaxlm.errors import ConfigError
 
 
 def _assert_one_sentence(message: str) -> None:

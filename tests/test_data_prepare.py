@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from jaxlm import cli
-from jaxlm.config import ConfigError, load_config
+from jaxlm.config import load_config
 from jaxlm.data.prepare import prepare
 from jaxlm.data.shards import open_prepared
 from jaxlm.data.tokenizer import load_tokenizer, train_tokenizer
+from jaxlm.errors import ConfigError
 
 _WORDS = "the quick brown fox jumps over a lazy dog while kings sing of swords and light".split()
 
@@ -237,7 +238,7 @@ def test_changed_input_under_a_finished_shard_is_refused(tmp_path, tok_path):
 
 
 def test_training_refuses_a_tokenizer_or_vocab_that_does_not_match(tmp_path, tok_path):
-    from jaxlm.train.loop import prepare_corpus
+    from jaxlm.data.dataset import prepare_corpus
 
     _write_corpus(tmp_path / "in")
     prepare([str(tmp_path / "in" / "*")], tok_path, tmp_path / "out", progress=False)

@@ -17,12 +17,14 @@ import pytest
 from conftest import MEMORISED_TEXT as TEXT
 
 from jaxlm import cli
-from jaxlm.config import ConfigError, ModelConfig, RunConfig, resolve
+from jaxlm.config import ModelConfig, RunConfig, resolve
 from jaxlm.data.corpus import split_documents
 from jaxlm.data.tokenizer import train_tokenizer
-from jaxlm.evaluate import Evaluator, Run, evaluate_choices, evaluate_text
-from jaxlm.models.transformer import build_model
-from jaxlm.scoring import choice_accuracy, pack_rows
+from jaxlm.errors import ConfigError
+from jaxlm.inference.evaluate import Evaluator, evaluate_choices, evaluate_text
+from jaxlm.inference.scoring import choice_accuracy, pack_rows
+from jaxlm.models import build_model
+from jaxlm.runs import Run
 
 # Non-ASCII letters make bytes differ from characters, so a wrong byte count shows.
 EVAL_TEXT = "Ça va? The café owner smiles.\n\nThe fox sleeps by the fire — naïve bird.\n\nÜber."

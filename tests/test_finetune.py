@@ -11,9 +11,9 @@ import pytest
 from conftest import TINY_MODEL
 
 from jaxlm import cli
-from jaxlm.config import ConfigError
+from jaxlm.data.labeled import label_ids, label_names, read_labeled, split_examples
 from jaxlm.data.tokenizer import train_tokenizer
-from jaxlm.finetune_data import label_ids, label_names, read_labeled, split_examples
+from jaxlm.errors import ConfigError
 
 TINY = [
     *TINY_MODEL,
@@ -161,7 +161,7 @@ def test_lm_finetune_refuses_a_mismatched_model_or_tokenizer(pretrained, tmp_pat
 
 def test_lm_finetune_config_takes_the_checkpoints_model(pretrained, tmp_path):
     from jaxlm.config import load_config
-    from jaxlm.finetune import lm_finetune_config
+    from jaxlm.finetune.lm import lm_finetune_config
 
     user = tmp_path / "ft.yaml"
     user.write_text("train:\n  steps: 5\nmodel:\n  dropout: 0.1\n", encoding="utf-8")
@@ -224,8 +224,8 @@ def _random_export(tmp_path, pretrained, overrides: list[str]):
     import orbax.checkpoint as ocp
 
     from jaxlm.config import load_config, to_yaml
-    from jaxlm.export import EXPORT_INFO
-    from jaxlm.models.transformer import build_model
+    from jaxlm.models import build_model
+    from jaxlm.runs import EXPORT_INFO
 
     cfg = load_config(None, [*TINY, *overrides])
     tokens = jnp.zeros((1, 8), jnp.int32)
@@ -292,7 +292,7 @@ def test_return_hidden_is_what_the_tied_head_reads(family):
     import jax.numpy as jnp
 
     from jaxlm.config import load_config
-    from jaxlm.models.transformer import build_model
+    from jaxlm.models import build_model
 
     cfg = load_config(None, [*TINY, f"model.family={family}"]).model
     model = build_model(cfg)

@@ -241,7 +241,7 @@ def test_training_with_pallas_matches_reference_losses():
     import optax
 
     from jaxlm.config import ModelConfig, RunConfig, resolve
-    from jaxlm.models.transformer import build_model
+    from jaxlm.models import build_model
     from jaxlm.train.state import TrainState
     from jaxlm.train.step import make_train_step
 
@@ -283,7 +283,7 @@ SHARDED_WORKER = r"""
 import json, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxlm.config import MeshConfig
-from jaxlm.sharding import make_mesh, mesh_context
+from jaxlm.parallel.sharding import make_mesh, mesh_context
 import jaxlm.models.attention as attention
 
 local_shapes = []

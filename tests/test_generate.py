@@ -13,8 +13,8 @@ import pytest
 from jaxlm import cli
 from jaxlm.cli.generate import Finisher, Streamer, cut_at_stop
 from jaxlm.config import ModelConfig, RunConfig, resolve
-from jaxlm.generate import Sampling, decode, filter_logits
-from jaxlm.models.transformer import build_model
+from jaxlm.inference.generate import Sampling, decode, filter_logits
+from jaxlm.models import build_model
 
 V = 64
 FAMILIES = ("llama", "gpt2", "lstm", "gru", "hawk")

@@ -23,11 +23,11 @@ transformers = pytest.importorskip(
 )
 
 from jaxlm.cli import main  # noqa: E402
-from jaxlm.config import ConfigError  # noqa: E402
 from jaxlm.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
-from jaxlm.evaluate import load_run  # noqa: E402
+from jaxlm.errors import ConfigError  # noqa: E402
 from jaxlm.hf.convert import from_hf, to_hf  # noqa: E402
-from jaxlm.models.transformer import build_model  # noqa: E402
+from jaxlm.models import build_model  # noqa: E402
+from jaxlm.runs import load_run  # noqa: E402
 
 VOCAB = 320  # embedding rows; the tokenizers below have 300 (HF pads embeddings like this)
 TEXT = (
@@ -266,7 +266,7 @@ def test_sentencepiece_tokenizer_comes_along(tmp_path, spm_file):
 
 def test_cli_eval_and_generate_match_transformers(tmp_path, bpe_file, capsys):
     """`jaxlm eval` scores and `jaxlm generate` continues exactly as transformers does."""
-    from jaxlm.scoring import read_documents
+    from jaxlm.inference.scoring import read_documents
 
     model = hf_model("gpt2")
     src = save_hf(model, tmp_path / "hf", bpe_file)

@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from jaxlm import cli
-from jaxlm.config import ConfigError, RunConfig, from_dict, load_config, resolve
-from jaxlm.launch import TARGETS, LaunchOptions, job_name, launch, render
+from jaxlm.config import RunConfig, from_dict, load_config, resolve
+from jaxlm.errors import ConfigError
+from jaxlm.launch.render import TARGETS, LaunchOptions, job_name, launch, render
 
 CFG = load_config(None, ["model.n_layers=2", "train.steps=50", "optimizer.warmup_steps=5"])
 TWO_NODES = dict(

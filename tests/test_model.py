@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from jaxlm.config import ModelConfig, RunConfig, resolve
-from jaxlm.generate import generate
-from jaxlm.metrics import matmul_params
+from jaxlm.inference.generate import generate
+from jaxlm.models import build_model
 from jaxlm.models.attention import attend
-from jaxlm.models.transformer import build_model
-from jaxlm.sharding import LOGICAL_RULES
+from jaxlm.parallel.sharding import LOGICAL_RULES
+from jaxlm.perf.flops import matmul_params
 from jaxlm.train.state import param_count
 
 B, S, V = 2, 16, 64

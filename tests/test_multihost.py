@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxlm.config import ConfigError
-from jaxlm.distributed import jax_cluster, resolve_layout
+from jaxlm.errors import ConfigError
+from jaxlm.parallel.distributed import jax_cluster, resolve_layout
 
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # A one-block model, 3 steps, one eval batch, no samples: all the work is start-up.
@@ -116,7 +116,7 @@ def test_multi_process_checkpoints_are_written_once(runs):
 def _probe(env_for_rank, n: int = 2) -> list[list]:
     """Start n processes that only join through jaxlm.distributed.initialize()."""
     code = (
-        "import json, jax; from jaxlm.distributed import initialize; layout = initialize(); "
+        "import json, jax; from jaxlm.parallel.distributed import initialize; layout = initialize(); "
         "print(json.dumps([layout.source, jax.process_index(), jax.process_count(), "
         "jax.device_count()]))"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -11,11 +12,11 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import peak
-from jaxlm.config import ConfigError
-from jaxlm.metrics import attention_flops_per_token, flops_per_token, mfu, param_count
+from jaxlm.errors import ConfigError
+from jaxlm.models import build_model
 from jaxlm.models.scan import SCANNED, stack_blocks, unstack_blocks
-from jaxlm.models.transformer import build_model
+from jaxlm.perf import peak
+from jaxlm.perf.flops import attention_flops_per_token, flops_per_token, mfu, param_count
 from jaxlm.train.loss import cross_entropy_sums
 
 B, S = 2, 64
@@ -139,7 +140,7 @@ def plain():
 )
 def test_remat_gives_the_same_loss_and_gradients(plain, policy):
     cfg, params, tokens, (loss, grads) = plain
-    remat_cfg = config_lib.dataclasses.replace(cfg, remat=policy)
+    remat_cfg = dataclasses.replace(cfg, remat=policy)
     loss_r, grads_r = _loss_and_grads(remat_cfg, params, tokens)
     np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
     _close(grads_r, grads)
@@ -151,7 +152,7 @@ def test_scan_layers_gives_the_same_loss_and_gradients(family, remat):
     tokens = jax.random.randint(jax.random.PRNGKey(1), (B, 16), 0, 300)
     params = nn.unbox(build_model(cfg).init(jax.random.PRNGKey(0), tokens)["params"])
     loss, grads = _loss_and_grads(cfg, params, tokens)
-    scan_cfg = config_lib.dataclasses.replace(cfg, scan_layers=True, remat=remat)
+    scan_cfg = dataclasses.replace(cfg, scan_layers=True, remat=remat)
     loss_s, grads_s = _loss_and_grads(scan_cfg, stack_blocks(params, 3), tokens)
     np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
     _close(unstack_blocks(grads_s, 3), grads)
@@ -160,7 +161,7 @@ def test_scan_layers_gives_the_same_loss_and_gradients(family, remat):
 def test_scanned_params_layout_and_round_trip():
     """A scanned model's params are the stacked blocks, with `layers` as the leading axis."""
     cfg = _model_cfg("gpt2", "model.d_model=32", "model.vocab_size=300", "model.n_layers=3")
-    scan_cfg = config_lib.dataclasses.replace(cfg, scan_layers=True)
+    scan_cfg = dataclasses.replace(cfg, scan_layers=True)
     tokens = jnp.zeros((1, 8), jnp.int32)
     boxed = jax.eval_shape(build_model(scan_cfg).init, jax.random.PRNGKey(0), tokens)["params"]
     plain = nn.unbox(jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0), tokens)["params"])
@@ -187,7 +188,7 @@ def test_matmul_precision_reaches_every_dot():
     from jaxlm.train.step import _loss_sums
 
     cfg = _model_cfg("llama", "model.d_model=32", "model.vocab_size=300", "model.n_layers=1")
-    cfg = config_lib.dataclasses.replace(cfg, matmul_precision="highest")
+    cfg = dataclasses.replace(cfg, matmul_precision="highest")
     model = build_model(cfg)
     tokens = jnp.zeros((1, 8), jnp.int32)
     params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"])
@@ -215,7 +216,7 @@ TINY = [
 
 
 def test_bench_train_writes_json_and_table(tmp_path, capsys):
-    from jaxlm.bench_train import JSON_KEYS
+    from jaxlm.bench.train import JSON_KEYS
     from jaxlm.cli import main
 
     out, table = tmp_path / "r.json", tmp_path / "t.md"
@@ -243,8 +244,8 @@ def _write_run(d, losses, evals):
 
 def test_plot_writes_png_of_several_runs(tmp_path):
     pytest.importorskip("matplotlib")
+    from jaxlm.bench.plot import read_run
     from jaxlm.cli import main
-    from jaxlm.plot import read_run
 
     _write_run(tmp_path / "a", [5.0, 4.0, 3.5], [(0, 5.5), (3, 3.6)])
     _write_run(tmp_path / "b", [5.1, 4.2], [])

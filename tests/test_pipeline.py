@@ -83,8 +83,8 @@ def test_resume_from_json_state_mid_epoch_equals_uninterrupted(streams, shard):
 
 
 def test_resume_through_an_orbax_checkpoint(tmp_path):
-    from jaxlm.checkpoint import Checkpointer
     from jaxlm.config import CheckpointConfig
+    from jaxlm.train.checkpoint import Checkpointer
 
     srcs = _mixture()
     make = lambda: make_train_iterator(srcs, 16, 8, 2, streams=4, prefetch=2)  # noqa: E731

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from jaxlm.config import ConfigError, MeshConfig, RunConfig
-from jaxlm.plan import GIB, Plan, cpu_device_count, format_plan
+from jaxlm.bench.plan import GIB, Plan, cpu_device_count, format_plan
+from jaxlm.config import MeshConfig, RunConfig
+from jaxlm.errors import ConfigError
 
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 SMALL = [

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from conftest import TINY_MODEL
 
-from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import load_config
-from jaxlm.export import abstract_params
+from jaxlm.runs import abstract_params
+from jaxlm.train.checkpoint import Checkpointer
 
 STEPS = 40
 TINY = [

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxlm.config import ConfigError, load_config, to_dict
+from jaxlm.config import load_config, to_dict
+from jaxlm.errors import ConfigError
 from jaxlm.train.resume import check_resumable
 
 

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.config import ConfigError, ModelConfig, RunConfig, load_config, resolve
-from jaxlm.generate import generate
-from jaxlm.metrics import flops_per_token, matmul_params
+from jaxlm.config import ModelConfig, RunConfig, load_config, resolve
+from jaxlm.errors import ConfigError
+from jaxlm.inference.generate import generate
+from jaxlm.models import build_model
 from jaxlm.models.hawk import GATE_EXPONENT, linear_scan, linear_scan_sequential
 from jaxlm.models.rnn import GatedLayer, RecurrentEncoder, gru_step, lstm_step
-from jaxlm.models.transformer import build_model
-from jaxlm.sharding import LOGICAL_RULES
+from jaxlm.parallel.sharding import LOGICAL_RULES
+from jaxlm.perf.flops import flops_per_token, matmul_params
 
 B, S, V = 2, 12, 64
 FAMILIES = ("lstm", "gru", "hawk")

@@ -16,8 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from jaxlm.config import ConfigError, MeshConfig, ModelConfig, RunConfig, TrainConfig, resolve
-from jaxlm.sharding import MESH_AXES, mesh_shape, validate_mesh
+from jaxlm.config import MeshConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from jaxlm.errors import ConfigError
+from jaxlm.parallel.sharding import MESH_AXES, mesh_shape, validate_mesh
 
 S, V, B, STEPS = 16, 64, 8, 3
 # Mesh sizes (data, fsdp, tensor, sequence); "single" runs on the first device only.
@@ -70,8 +71,8 @@ def _fsdp_report(family: str) -> dict:
     import jax
 
     from jaxlm.config import OptimizerConfig
-    from jaxlm.models.transformer import build_model
-    from jaxlm.sharding import make_mesh
+    from jaxlm.models import build_model
+    from jaxlm.parallel.sharding import make_mesh
     from jaxlm.train.optimizer import make_optimizer
     from jaxlm.train.state import init_train_state
 
@@ -96,8 +97,8 @@ def worker(family: str) -> dict:
     import jax
 
     from jaxlm.config import OptimizerConfig
-    from jaxlm.models.transformer import build_model
-    from jaxlm.sharding import make_mesh, put_batch
+    from jaxlm.models import build_model
+    from jaxlm.parallel.sharding import make_mesh, put_batch
     from jaxlm.train.optimizer import make_optimizer
     from jaxlm.train.state import init_train_state
     from jaxlm.train.step import jit_train_step, make_train_step
@@ -290,7 +291,7 @@ def test_minus_one_takes_the_remaining_devices():
 
 def test_kv_heads_replicated_in_state_shardings_when_fewer_than_tensor():
     from jaxlm.config import OptimizerConfig
-    from jaxlm.models.transformer import build_model
+    from jaxlm.models import build_model
     from jaxlm.train.optimizer import make_optimizer
     from jaxlm.train.state import state_shardings
 

@@ -10,8 +10,8 @@ import optax
 import pytest
 
 from jaxlm.config import MeshConfig, ModelConfig, OptimizerConfig, RunConfig, resolve
-from jaxlm.models.transformer import build_model
-from jaxlm.sharding import make_mesh
+from jaxlm.models import build_model
+from jaxlm.parallel.sharding import make_mesh
 from jaxlm.train.optimizer import decay_mask, lr_schedule, make_optimizer
 from jaxlm.train.state import TrainState, init_train_state
 from jaxlm.train.step import jit_train_step, make_train_step

@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from jaxlm.cli.common import formatter
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 COMMAND_MODULES = [
     "jaxlm.cli.train",  # train, config, export

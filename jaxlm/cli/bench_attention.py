@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from jaxlm.cli.common import csv, formatter
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 
 def register_bench(what) -> None:
@@ -88,7 +88,7 @@ def _jax_version() -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
 
-    from jaxlm import bench  # imports JAX: keep `--help` fast
+    from jaxlm.bench import attention as bench  # imports JAX: keep `--help` fast
 
     mesh = None
     if args.tpu_topology:

@@ -58,7 +58,7 @@ def _env() -> dict[str, Any]:
     import numpy as np
     import sentencepiece
 
-    from jaxlm.bench_train import environment
+    from jaxlm.bench.train import environment
 
     return {
         **environment(),
@@ -126,8 +126,8 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
         shutil.copytree(prepared, root / "prepared-1b")
         cfg = _with(cfg, tokenizer=tok.path)
 
+        from jaxlm.data.dataset import prepare_corpus
         from jaxlm.data.pipeline import make_train_iterator
-        from jaxlm.train.loop import prepare_corpus
 
         text_corpus = prepare_corpus(cfg, root / "run")
         pc = load_prepared_corpus(cfg, [(prepared, 1.0)])
@@ -149,7 +149,7 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
         if args.train_tokens_per_s:
             train_rate, how = args.train_tokens_per_s, "given by --train-tokens-per-s"
         else:
-            from jaxlm.bench_train import bench_train
+            from jaxlm.bench.train import bench_train
 
             train_rate = bench_train(cfg, steps=args.train_steps)["tokens_per_sec"]
             how = f"{args.train_steps} timed steps of {t.batch_size}x{d.seq_len} tokens"

@@ -37,16 +37,17 @@ def register_bench(what) -> None:
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> int:
-    from jaxlm.config import ConfigError
+    from jaxlm.errors import ConfigError
 
     if args.iters < 1:
         raise ConfigError(f"--iters {args.iters} must be at least 1.")
     if args.checkpoint and (args.config or args.overrides):
         raise ConfigError("Give --checkpoint or --config/overrides, not both.")
-    from jaxlm import bench, decode_bench
+    from jaxlm.bench import attention as bench
+    from jaxlm.bench import decode as decode_bench
 
     if args.checkpoint:
-        from jaxlm.evaluate import checkpoint_dir, open_checkpoint
+        from jaxlm.runs import checkpoint_dir, open_checkpoint
 
         run = open_checkpoint(*checkpoint_dir(args.checkpoint))
         cfg, params, source = run.cfg.model, run.params, f"checkpoint {args.checkpoint}"

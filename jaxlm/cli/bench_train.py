@@ -36,8 +36,9 @@ def register_bench(what) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from jaxlm import bench_train  # imports JAX: keep `--help` fast
-    from jaxlm.config import ConfigError, load_config
+    from jaxlm.bench import train as bench_train  # imports JAX: keep `--help` fast
+    from jaxlm.config import load_config
+    from jaxlm.errors import ConfigError
 
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(

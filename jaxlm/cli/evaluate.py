@@ -35,14 +35,15 @@ def register(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from jaxlm.config import ConfigError
+    from jaxlm.errors import ConfigError
 
     if not args.checkpoint:
         raise ConfigError("Name the model to evaluate with --checkpoint DIR.")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1.")
-    from jaxlm import evaluate
-    from jaxlm.scoring import read_choice_items
+    from jaxlm import runs
+    from jaxlm.inference import evaluate
+    from jaxlm.inference.scoring import read_choice_items
 
     # Every input is checked before the checkpoint is read or anything compiles.
     for path in args.data or []:
@@ -51,8 +52,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"--data '{path}' does not exist; give a text file or a prepared dir."
             )
     items = read_choice_items(args.multiple_choice) if args.multiple_choice else None
-    workdir, step = evaluate.checkpoint_dir(args.checkpoint, args.step)
-    run = evaluate.open_checkpoint(workdir, step)
+    workdir, step = runs.checkpoint_dir(args.checkpoint, args.step)
+    run = runs.open_checkpoint(workdir, step)
     ev = evaluate.Evaluator(run, args.batch_size, progress=not args.no_progress)
     report = {
         "checkpoint": str(args.checkpoint),

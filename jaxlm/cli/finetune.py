@@ -91,7 +91,7 @@ def register(sub) -> None:
 
 
 def cmd_finetune_lm(args: argparse.Namespace) -> int:
-    from jaxlm.finetune import lm_finetune_config
+    from jaxlm.finetune.lm import lm_finetune_config
 
     cfg = lm_finetune_config(args.checkpoint, args.config, args.overrides)
     from jaxlm.cli.train import run_training
@@ -100,7 +100,7 @@ def cmd_finetune_lm(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune_classify(args: argparse.Namespace) -> int:
-    from jaxlm.finetune import ClassifyOptions, finetune_classifier
+    from jaxlm.finetune.classify import ClassifyOptions, finetune_classifier
 
     opts = ClassifyOptions(
         checkpoint=args.checkpoint,
@@ -125,8 +125,8 @@ def cmd_finetune_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune_predict(args: argparse.Namespace) -> int:
-    from jaxlm.finetune import predict
-    from jaxlm.finetune_data import read_texts
+    from jaxlm.data.labeled import read_texts
+    from jaxlm.finetune.classify import predict
 
     texts = read_texts(args.input)
     for text, pred in zip(texts, predict(args.workdir, texts), strict=True):

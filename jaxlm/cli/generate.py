@@ -59,7 +59,7 @@ def register(sub) -> None:
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """The prompts of --prompt / --prompts-file (the default prompt when neither is given)."""
-    from jaxlm.config import ConfigError
+    from jaxlm.errors import ConfigError
 
     if args.prompt is not None and args.prompts_file:
         raise ConfigError("Give --prompt or --prompts-file, not both.")
@@ -112,7 +112,7 @@ class Finisher:
 
     def text(self, row) -> tuple[str, bool]:
         """(text so far, whether the row has ended)."""
-        from jaxlm.generate import cut_at_eos
+        from jaxlm.inference.generate import cut_at_eos
 
         ids = cut_at_eos(row, self.tok.eos_id)
         text, stopped = cut_at_stop(self.tok.decode(ids), self.stops)
@@ -145,8 +145,8 @@ class Streamer:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from jaxlm.config import ConfigError
-    from jaxlm.generate import Sampling
+    from jaxlm.errors import ConfigError
+    from jaxlm.inference.generate import Sampling
 
     if not args.checkpoint:
         raise ConfigError("Name the model to sample from with --checkpoint DIR.")
@@ -161,8 +161,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--stop '' would cut every text; give a non-empty stop string.")
     prompts = read_prompts(args)
 
-    from jaxlm.evaluate import checkpoint_dir, open_checkpoint
-    from jaxlm.generate import decode
+    from jaxlm.inference.generate import decode
+    from jaxlm.runs import checkpoint_dir, open_checkpoint
 
     run = open_checkpoint(*checkpoint_dir(args.checkpoint, args.step))
     tok, k = run.tokenizer, args.num_return_sequences

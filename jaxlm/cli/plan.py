@@ -7,7 +7,7 @@ import json
 
 from jaxlm.cli.common import add_config_args, formatter
 from jaxlm.config import load_config
-from jaxlm.launch import add_launch_parser
+from jaxlm.launch.render import add_launch_parser
 
 
 def register(sub) -> None:
@@ -32,7 +32,7 @@ def register(sub) -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from jaxlm.launch import LaunchOptions, launch
+    from jaxlm.launch.render import LaunchOptions, launch
 
     cfg = load_config(args.config, args.overrides)
     return launch(args.target, cfg, LaunchOptions.from_dict(vars(args)), dry_run=args.dry_run)
@@ -40,7 +40,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from jaxlm import plan  # imports JAX: keep `--help` fast
+    from jaxlm.bench import plan  # imports JAX: keep `--help` fast
 
     devices = plan.target_devices(cfg, args.topology, args.devices)
     memory = plan.default_device_memory(args.topology)

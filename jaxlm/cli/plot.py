@@ -25,7 +25,7 @@ def register(sub) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from jaxlm.plot import plot_runs
+    from jaxlm.bench.plot import plot_runs
 
     out = plot_runs(args.runs, args.output, args.x)
     print(f"jaxlm plot: wrote {out}", file=sys.stderr)

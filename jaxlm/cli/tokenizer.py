@@ -58,9 +58,9 @@ def register(sub) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from jaxlm.config import ConfigError
     from jaxlm.data.sources import SkipCounts, expand_inputs, iter_documents
     from jaxlm.data.tokenizer import train_tokenizer
+    from jaxlm.errors import ConfigError
 
     prefix = args.output.removesuffix(".model")
     model_path = prefix + ".model"

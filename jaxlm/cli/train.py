@@ -54,7 +54,7 @@ def register(sub) -> None:
         "export",
         help="write a run's parameters (optionally bf16) for evaluation and sharing",
         description="Write a params-only checkpoint with the run's config and tokenizer; "
-        "`jaxlm generate -w OUTPUT` and evaluate.load_run read it.",
+        "`jaxlm generate -w OUTPUT` and runs.load_run read it.",
     )
     p.add_argument("--workdir", "-w", required=True, metavar="DIR", help="a run directory")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="new export directory")
@@ -108,7 +108,7 @@ def _exit_after_peer_failure(error: Exception) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from jaxlm.distributed import initialize
+    from jaxlm.parallel.distributed import initialize
 
     initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
     return run_training(cfg, args.workdir, progress=not args.no_progress, command="train")
@@ -121,7 +121,7 @@ def run_training(cfg, workdir: str, progress: bool, command: str) -> int:
     """
     import jax
 
-    from jaxlm.train.guard import NonFiniteError
+    from jaxlm.errors import NonFiniteError
     from jaxlm.train.loop import train  # imports JAX: keep `--help` fast
 
     stop = threading.Event()
@@ -151,7 +151,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from jaxlm.export import export_params
+    from jaxlm.runs import export_params
 
     info = export_params(args.workdir, args.output, step=args.step, dtype=args.dtype)
     print(json.dumps(info), file=sys.stderr)

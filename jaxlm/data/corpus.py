@@ -12,7 +12,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 _BUILTIN_PACKAGE = "jaxlm.data"
 _BUILTIN_FILE = ("corpus", "shakespeare.jsonl.xz")

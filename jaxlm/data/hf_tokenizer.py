@@ -23,7 +23,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _RustTokenizer
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 ROLES = ("pad", "unk", "bos", "eos")
 # Last resort for a tokenizer.json standing alone: the special tokens these names usually are

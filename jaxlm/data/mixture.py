@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm.config import ConfigError, RunConfig
+from jaxlm.config import RunConfig
 from jaxlm.data.pipeline import WeightedSource
 from jaxlm.data.shards import PreparedShards, is_prepared, open_prepared
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.data.views import Concat, Subset, hash_split
+from jaxlm.errors import ConfigError
 
 STREAMS_CAP = 8  # default streams for prepared data: gcd(batch_size, 8)
 

@@ -31,8 +31,8 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
-from jaxlm.config import ConfigError
 from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")

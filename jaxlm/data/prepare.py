@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxlm.config import ConfigError
 from jaxlm.data import shards as shard_io
 from jaxlm.data.sources import SkipCounts, expand_inputs, iter_documents, source_record
 from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.errors import ConfigError
 
 CHUNK_BYTES = 1 << 20  # text handed to a worker at a time: big enough to amortise pickling
 

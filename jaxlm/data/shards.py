@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 FORMAT = "jaxlm-token-shards"
 FORMAT_VERSION = 1

@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 SPLITS = ("file", "blank-lines")
 _BLANK_LINES = re.compile(r"\n\s*\n")  # greedy: a run of blank lines is one break

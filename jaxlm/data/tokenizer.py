@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 # Fixed special ids, so every model trained here lays out its embedding table the same way.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 
 class Subset:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxlm.config import ConfigError, ModelConfig
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
 
 SUPPORTED_TYPES = ("gpt2", "llama")
 # GPT-2's "gelu_new" and torch's tanh GELU are the tanh approximation flax's nn.gelu computes.

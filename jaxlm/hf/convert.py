@@ -1,7 +1,7 @@
 """`jaxlm convert`: local Hugging Face GPT-2/Llama directories <-> jaxlm exports.
 
 from-hf writes the layout of `jaxlm export` (params/, config.yaml, export.json and the
-tokenizer), so `evaluate.load_run`, eval, generate and finetune read it like any export.
+tokenizer), so `runs.load_run`, eval, generate and finetune read it like any export.
 to-hf writes `config.json`, `model.safetensors` and the tokenizer files, which
 `GPT2LMHeadModel` / `LlamaForCausalLM.from_pretrained` load. Only local files are read.
 """
@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxlm.config import ConfigError, DataConfig, RunConfig, resolve, to_yaml, validate
+from jaxlm.config import DataConfig, RunConfig, resolve, to_yaml, validate
+from jaxlm.errors import ConfigError
 from jaxlm.hf.config import hf_config_from_model, hf_model_type, model_config_from_hf
 from jaxlm.hf.weights import params_from_hf, params_to_hf
 
@@ -178,7 +179,7 @@ def from_hf(
     import jax
     import orbax.checkpoint as ocp
 
-    from jaxlm.export import EXPORT_INFO, abstract_params
+    from jaxlm.runs import EXPORT_INFO, abstract_params
 
     src, output = Path(src), Path(output)
     _check_dtype(dtype)
@@ -240,7 +241,7 @@ def to_hf(path: str | Path, output: str | Path, dtype: str = "float32") -> dict[
     import jax
     from safetensors.numpy import save_file
 
-    from jaxlm.evaluate import load_run
+    from jaxlm.runs import load_run
 
     output = Path(output)
     _check_dtype(dtype)

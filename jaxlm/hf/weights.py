@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxlm.config import ConfigError, ModelConfig
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
 
 Path = tuple[str, ...]
 

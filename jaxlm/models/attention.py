@@ -26,7 +26,7 @@ from jaxlm.config import ModelConfig
 from jaxlm.kernels.flash_attention import flash_attention
 from jaxlm.models.layers import Dense, Kernel, dtype_of, rotary, stacked_dense
 from jaxlm.models.scan import ATTENTION_OUT, QKV
-from jaxlm.sharding import BATCH_AXES
+from jaxlm.parallel.sharding import BATCH_AXES
 
 
 def attention_mask(

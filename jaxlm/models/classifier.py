@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.config import ConfigError, ModelConfig
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
 from jaxlm.models.hawk import HawkLM
 from jaxlm.models.layers import Dense
 from jaxlm.models.rnn import RecurrentEncoder, RecurrentLM

@@ -13,9 +13,7 @@ import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import Attention
-from jaxlm.models.hawk import HawkLM
 from jaxlm.models.layers import Mlp, Norm, default_segments, dtype_of, lm_head, normal_init
-from jaxlm.models.rnn import RecurrentLM
 from jaxlm.models.scan import SCANNED, remat_block, scan_blocks
 
 
@@ -109,12 +107,3 @@ class TransformerLM(nn.Module):
         if return_hidden:  # the final normed hidden state, for heads other than the LM's
             return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name="final_norm")(x_BxSxD)
         return lm_head(cfg, embed, x_BxSxD)
-
-
-def build_model(cfg: ModelConfig, decode: bool = False) -> nn.Module:
-    """The language model a ModelConfig describes (Transformer or recurrent family)."""
-    if cfg.family == "hawk":
-        return HawkLM(cfg, decode=decode)
-    if cfg.recurrent:
-        return RecurrentLM(cfg, decode=decode)
-    return TransformerLM(cfg, decode=decode)

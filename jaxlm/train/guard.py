@@ -17,10 +17,6 @@ from jaxlm.train.state import TrainState
 WATCHED = ("loss", "grad_norm")
 
 
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss, gradient norm or state; the message is one sentence."""
-
-
 def skip_nonfinite(step_fn: Callable) -> Callable:
     """Wrap a train step so a non-finite loss or grad norm leaves params and opt state as they were.
 

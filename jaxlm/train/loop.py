@@ -13,11 +13,9 @@ dropped from metrics.jsonl because the resumed run logs those steps again.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,77 +23,24 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm.checkpoint import Checkpointer, abstract_with_shardings
-from jaxlm.config import ConfigError, RunConfig
-from jaxlm.data import corpus, mixture, pipeline
-from jaxlm.data.tokenizer import Tokenizer, load_or_train_tokenizer
-from jaxlm.data.views import Concat
-from jaxlm.finetune import load_init_params, resolve_init_from
-from jaxlm.generate import generate
-from jaxlm.metrics import MetricsWriter, flops_per_token
-from jaxlm.models.transformer import build_model
-from jaxlm.peak import device_peak
-from jaxlm.sharding import make_mesh, put_batch, validate_mesh
-from jaxlm.train.guard import NonFiniteError, StepBoundary, skip_nonfinite, tree_all_finite
+from jaxlm.config import RunConfig
+from jaxlm.data import pipeline
+from jaxlm.data.dataset import prepare_corpus
+from jaxlm.errors import ConfigError, NonFiniteError
+from jaxlm.finetune.lm import load_init_params, resolve_init_from
+from jaxlm.inference.samples import write_samples
+from jaxlm.models import build_model
+from jaxlm.parallel.sharding import make_mesh, put_batch, validate_mesh
+from jaxlm.perf.flops import flops_per_token
+from jaxlm.perf.peak import device_peak
+from jaxlm.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxlm.train.guard import StepBoundary, skip_nonfinite, tree_all_finite
+from jaxlm.train.metrics import MetricsWriter
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.resume import changed_settings, check_resumable, rewind_metrics
 from jaxlm.train.state import init_train_state, param_count, state_shardings
 from jaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, train_step_for
 from jaxlm.train.steplog import StepLog
-
-
-@dataclasses.dataclass
-class Corpus:
-    """Tokenised train/validation documents and the tokenizer that made them."""
-
-    tokenizer: Tokenizer
-    train_docs: Sequence[np.ndarray]  # random access; prepared data is read lazily
-    val_docs: Sequence[np.ndarray]
-    train_works: list[str]
-    val_works: list[str]
-    sources: list[pipeline.WeightedSource] | None = None  # weighted train sources (mixtures)
-    streams: int = 1  # packed streams per global batch (data.streams resolved)
-
-
-def prepare_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
-    """Read works, split by whole works, load or train the tokenizer, tokenise documents.
-
-    Prepared directories (data.corpus or data.sources) are opened instead, checked against
-    the run's tokenizer and model, and split by document.
-    """
-    d = cfg.data
-    prepared = mixture.prepared_paths(cfg)
-    if prepared:
-        pc = mixture.load_prepared_corpus(cfg, prepared)
-        return Corpus(
-            tokenizer=pc.tokenizer,
-            train_docs=Concat([s.docs for s in pc.sources]),
-            val_docs=pc.val_docs,
-            train_works=pc.names,
-            val_works=pc.names,
-            sources=pc.sources,
-            streams=mixture.default_streams(cfg, prepared=True),
-        )
-    works = (
-        corpus.load_builtin_works() if d.corpus == "builtin" else corpus.read_text_works(d.corpus)
-    )
-    train_works, val_works = corpus.train_validation_split(works, d.validation_fraction, d.seed)
-
-    def split_docs(ws):
-        return [doc for w in ws for doc in corpus.split_documents(w.text, d.doc_chars)]
-
-    train_text, val_text = split_docs(train_works), split_docs(val_works)
-    tok = load_or_train_tokenizer(
-        d.tokenizer, str(workdir / "tokenizer.model"), lambda: train_text, cfg.model.vocab_size
-    )
-    return Corpus(
-        tokenizer=tok,
-        train_docs=pipeline.tokenize_documents(train_text, tok),
-        val_docs=pipeline.tokenize_documents(val_text, tok),
-        train_works=[w.name for w in train_works],
-        val_works=[w.name for w in val_works],
-        streams=mixture.default_streams(cfg, prepared=False),
-    )
 
 
 def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], mesh) -> dict[str, float]:
@@ -303,34 +248,6 @@ def train(
         "samples": samples,
         "state": state,
     }
-
-
-def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> dict[str, str]:
-    """A greedy and a sampled continuation of the configured prompt; printed and saved."""
-    t = cfg.train
-    prompt_ids = tok.encode(t.sample_prompt, bos=True)
-    params = jax.device_get(params)  # decoding runs unsharded on one device
-    out = {}
-    for name, temp, top_k in (("greedy", 0.0, 0), ("sampled", t.temperature, t.top_k)):
-        ids = generate(
-            cfg.model,
-            params,
-            prompt_ids,
-            t.sample_tokens,
-            temperature=temp,
-            top_k=top_k,
-            seed=t.seed,
-            eos_id=tok.eos_id,
-        )[0]
-        out[name] = t.sample_prompt + tok.decode(ids)
-    if jax.process_index() == 0:
-        text = "".join(
-            f"--- {name} (temperature {temp}) ---\n{out[name]}\n\n"
-            for name, temp in (("greedy", 0.0), ("sampled", t.temperature))
-        )
-        (workdir / "samples.txt").write_text(text, encoding="utf-8")
-        print(text, end="", flush=True)
-    return out
 
 
 def _process_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:

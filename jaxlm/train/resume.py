@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from jaxlm import config as config_lib
-from jaxlm.config import ConfigError, RunConfig
+from jaxlm.config import RunConfig
+from jaxlm.errors import ConfigError
 
 # Keys that fix the shapes or meaning of the saved state/data; everything else may change.
 RESUME_CRITICAL = (

@@ -11,7 +11,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from jaxlm.sharding import logical_sharding
+from jaxlm.parallel.sharding import logical_sharding
 
 
 class TrainState(struct.PyTreeNode):

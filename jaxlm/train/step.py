@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxlm.config import RunConfig
-from jaxlm.sharding import LOGICAL_RULES, batch_sharding, mesh_context, replicated
+from jaxlm.parallel.sharding import LOGICAL_RULES, batch_sharding, mesh_context, replicated
 from jaxlm.train.loss import cross_entropy_sums
 from jaxlm.train.optimizer import lr_schedule
 from jaxlm.train.state import TrainState

@@ -11,8 +11,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxlm.metrics import MetricsWriter, mfu
-from jaxlm.train.guard import NonFiniteError, first_nonfinite
+from jaxlm.errors import NonFiniteError
+from jaxlm.perf.flops import mfu
+from jaxlm.train.guard import first_nonfinite
+from jaxlm.train.metrics import MetricsWriter
 
 
 def _log(msg: str) -> None:

@@ -27,7 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxlm.config import CheckpointConfig, ConfigError
+from jaxlm.config import CheckpointConfig
+from jaxlm.errors import ConfigError
 
 ITEMS = ("state", "data_iter", "config")
 TMP_MARKER = ".orbax-checkpoint-tmp"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 
 @dataclass

@@ -18,11 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlm.config import ConfigError, RunConfig
+from jaxlm.config import RunConfig
 from jaxlm.data.pipeline import BATCH_KEYS
-from jaxlm.metrics import flops_per_token
-from jaxlm.models.transformer import build_model
-from jaxlm.sharding import batch_sharding, make_mesh, mesh_shape, validate_mesh
+from jaxlm.errors import ConfigError
+from jaxlm.models import build_model
+from jaxlm.parallel.sharding import batch_sharding, make_mesh, mesh_shape, validate_mesh
+from jaxlm.perf.flops import flops_per_token
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import state_shardings
 from jaxlm.train.step import jit_train_step, train_step_for

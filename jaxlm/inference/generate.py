@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.config import ConfigError, ModelConfig
-from jaxlm.models.transformer import build_model
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
+from jaxlm.models import build_model
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxlm.config import ConfigError
 from jaxlm.data import corpus
+from jaxlm.errors import ConfigError
 
 
 def read_documents(path: str | Path, doc_chars: int) -> list[str]:

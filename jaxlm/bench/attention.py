@@ -27,10 +27,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxlm.bench.plot import save_figure
 from jaxlm.kernels.flash_attention import BlockSizes, flash_attention, reference_attention
 from jaxlm.models.attention import attention_mask
 from jaxlm.models.attention import reference_attention as model_reference
-from jaxlm.plot import save_figure
 
 IMPLS = ("reference", "xla", "cudnn", "pallas")
 MODES = ("fwd", "fwd+bwd")

@@ -16,7 +16,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.config import ConfigError, MeshConfig, RunConfig
+from jaxlm.config import MeshConfig, RunConfig
+from jaxlm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from jaxlm.config import ModelConfig
-from jaxlm.finetune_data import batches
+from jaxlm.data.labeled import batches
 from jaxlm.models.classifier import SequenceClassifier, init_params, transfer_backbone
 from jaxlm.train.optimizer import decay_mask
 
@@ -98,7 +98,7 @@ def train_classifier(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Initialise from the checkpoint, train for o.epochs, evaluate; returns params + metrics."""
-    from jaxlm.evaluate import load_run
+    from jaxlm.runs import load_run
 
     run = load_run(o.checkpoint)
     pad = run.tokenizer.pad_id  # only fills masked positions; some tokenizers have none

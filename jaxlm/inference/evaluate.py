@@ -1,82 +1,14 @@
-"""Load a finished (or running) training run, or an export of one, for evaluation and sampling."""
+"""Evaluation of a loaded run: loss, perplexity and bits per byte of text, prepared shards or
+the run's validation split, and multiple-choice accuracy."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from jaxlm.config import ConfigError, RunConfig, load_config
-from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
-from jaxlm.export import EXPORT_INFO, load_exported, restore_params
-
-
-@dataclasses.dataclass
-class Run:
-    """A run's config, its parameters (float32, on one device) and its tokenizer."""
-
-    cfg: RunConfig
-    params: Any
-    tokenizer: Tokenizer
-    step: int
-
-
-def load_run(workdir: str | Path, step: int | None = None) -> Run:
-    """Restore a run directory's checkpoint (newest readable by default) or an export."""
-    workdir = Path(workdir)
-    cfg_path = workdir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ConfigError(f"'{workdir}' holds no config.yaml; pass the --workdir of a jaxlm run.")
-    cfg = load_config(cfg_path)
-    # An export carries its own copy of the tokenizer (a Hugging Face conversion may carry a
-    # tokenizer.json instead); a run trained here caches it too.
-    local = next(
-        (p for p in (workdir / "tokenizer.model", workdir / "tokenizer.json") if p.is_file()),
-        workdir / "tokenizer.model",
-    )
-    use_local = local.is_file() or not cfg.data.tokenizer
-    tokenizer = load_tokenizer(str(local) if use_local else cfg.data.tokenizer)
-    if (workdir / EXPORT_INFO).is_file():
-        params, saved_step = load_exported(workdir, cfg)
-    else:
-        params, saved_step = restore_params(workdir, cfg, step)
-    return Run(cfg=cfg, params=params, tokenizer=tokenizer, step=saved_step)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def checkpoint_dir(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
-    """(directory for load_run, step): RUN/checkpoints/N becomes (RUN, N)."""
-    path = Path(path)
-    if path.parent.name == "checkpoints" and path.name.isdigit() and path.is_dir():
-        if step is not None and step != int(path.name):
-            raise ConfigError(f"--step {step} contradicts the checkpoint '{path}'; drop --step.")
-        path, step = path.parent.parent, int(path.name)
-    if not path.is_dir():
-        raise ConfigError(f"--checkpoint '{path}' is not a directory; give a run or export dir.")
-    return path, step
-
-
-def open_checkpoint(path: str | Path, step: int | None = None) -> Run:
-    """`load_run` for any --checkpoint: a run, an export, a converted model or RUN/checkpoints/N.
-
-    Refuses a tokenizer whose ids would not all fit the model's embedding table.
-    """
-    run = load_run(*checkpoint_dir(path, step))
-    check_vocab(run)
-    return run
-
-
-def check_vocab(run: Run) -> None:
-    """Refuse a tokenizer with more ids than the model has embeddings (a padded table is fine)."""
-    if run.tokenizer.vocab_size > run.cfg.model.vocab_size:
-        raise ConfigError(
-            f"The tokenizer '{run.tokenizer.path}' has {run.tokenizer.vocab_size} tokens but the "
-            f"model only {run.cfg.model.vocab_size} embeddings; pair the checkpoint with the "
-            "tokenizer it was trained with."
-        )
+from jaxlm.errors import ConfigError
+from jaxlm.runs import Run, check_vocab
 
 
 class Evaluator:
@@ -86,8 +18,8 @@ class Evaluator:
         import jax
 
         from jaxlm.config import MeshConfig
-        from jaxlm.models.transformer import build_model
-        from jaxlm.sharding import logical_sharding, make_mesh
+        from jaxlm.models import build_model
+        from jaxlm.parallel.sharding import logical_sharding, make_mesh
         from jaxlm.train.step import jit_eval_step, make_eval_step
 
         check_vocab(run)
@@ -120,7 +52,7 @@ class Evaluator:
 
         import jax
 
-        from jaxlm.sharding import put_batch
+        from jaxlm.parallel.sharding import put_batch
 
         bar = None
         if self.progress and jax.process_index() == 0:
@@ -149,7 +81,7 @@ class Evaluator:
 
     def loss_sums(self, token_docs: Iterable, desc: str = "eval") -> tuple[float, float]:
         """(summed next-token nats, target tokens) over documents packed into seq_len rows."""
-        from jaxlm.scoring import batches_of, iter_rows
+        from jaxlm.inference.scoring import batches_of, iter_rows
 
         docs = (self._check_ids(d) for d in token_docs)
         batches = batches_of(iter_rows(docs, self.seq_len), self.batch_size)
@@ -166,7 +98,7 @@ class Evaluator:
         """Summed log-probability of each row's weighted targets."""
         import numpy as np
 
-        from jaxlm.scoring import batches_of
+        from jaxlm.inference.scoring import batches_of
 
         for r in rows:
             self._check_ids(r["inputs"])
@@ -208,7 +140,7 @@ def _make_loglik_step(model):
 def evaluate_text(ev: Evaluator, path: str | Path) -> dict[str, Any]:
     """Loss, perplexity and bits-per-byte of a .txt/.jsonl file (or a prepared shard dir)."""
     from jaxlm.data.pipeline import tokenize_documents
-    from jaxlm.scoring import read_documents, summarize
+    from jaxlm.inference.scoring import read_documents, summarize
 
     if Path(path).is_dir():
         return evaluate_prepared(ev, path)
@@ -226,7 +158,7 @@ _BYTE_KEYS = ("bytes", "num_bytes", "text_bytes")
 
 def evaluate_prepared(ev: Evaluator, path: str | Path) -> dict[str, Any]:
     """The same for a directory written by `jaxlm data prepare` (token ids, no text)."""
-    from jaxlm.scoring import summarize
+    from jaxlm.inference.scoring import summarize
 
     try:
         from jaxlm.data.shards import open_prepared
@@ -255,8 +187,8 @@ def evaluate_prepared(ev: Evaluator, path: str | Path) -> dict[str, Any]:
 
 def evaluate_validation(ev: Evaluator, workdir: str | Path) -> dict[str, Any]:
     """The run's own validation split; bytes are those of the decoded documents."""
-    from jaxlm.scoring import summarize
-    from jaxlm.train.loop import prepare_corpus
+    from jaxlm.data.dataset import prepare_corpus
+    from jaxlm.inference.scoring import summarize
 
     docs = prepare_corpus(ev.run.cfg, Path(workdir)).val_docs
     nats, tokens = ev.loss_sums(docs, "validation")
@@ -268,7 +200,7 @@ def evaluate_choices(
     ev: Evaluator, path: str | Path, items: list[dict] | None = None
 ) -> dict[str, Any]:
     """Multiple-choice accuracy (summed and per-byte log-likelihood) of a JSONL item file."""
-    from jaxlm.scoring import choice_accuracy, choice_rows, read_choice_items
+    from jaxlm.inference.scoring import choice_accuracy, choice_rows, read_choice_items
 
     items = read_choice_items(path) if items is None else items
     tok = ev.run.tokenizer

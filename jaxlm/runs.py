@@ -1,15 +1,17 @@
-"""Parameters out of a run: restore them alone, and export them for evaluation and sharing.
+"""The run directory format: a run's config, tokenizer and parameters, and exports of them.
 
-An export directory holds what is needed to run the model and nothing of training:
+A run directory (written by `jaxlm train`) holds config.yaml, the tokenizer, metrics.jsonl,
+tensorboard/ and checkpoints/. An export directory holds what is needed to run the model
+and nothing of training:
   params/          Orbax checkpoint of the parameter tree (float32 or bfloat16)
   config.yaml      the run's resolved config
   tokenizer.model  the SentencePiece model (and .vocab when present)
   export.json      source run, step and dtype
-`evaluate.load_run(DIR)` (and so `jaxlm generate -w DIR`) reads it like a run directory.
-"""
+`load_run(DIR)` reads either kind."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -21,14 +23,83 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jaxlm.checkpoint import Checkpointer, abstract_with_shardings
-from jaxlm.config import ConfigError, MeshConfig, RunConfig, load_config
-from jaxlm.models.transformer import build_model
-from jaxlm.sharding import make_mesh
+from jaxlm.config import MeshConfig, RunConfig, load_config
+from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.errors import ConfigError
+from jaxlm.models import build_model
+from jaxlm.parallel.sharding import make_mesh
+from jaxlm.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import state_shardings
 
+
+@dataclasses.dataclass
+class Run:
+    """A run's config, its parameters (float32, on one device) and its tokenizer."""
+
+    cfg: RunConfig
+    params: Any
+    tokenizer: Tokenizer
+    step: int
+
+
+def load_run(workdir: str | Path, step: int | None = None) -> Run:
+    """Restore a run directory's checkpoint (newest readable by default) or an export."""
+    workdir = Path(workdir)
+    cfg_path = workdir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"'{workdir}' holds no config.yaml; pass the --workdir of a jaxlm run.")
+    cfg = load_config(cfg_path)
+    # An export carries its own copy of the tokenizer (a Hugging Face conversion may carry a
+    # tokenizer.json instead); a run trained here caches it too.
+    local = next(
+        (p for p in (workdir / "tokenizer.model", workdir / "tokenizer.json") if p.is_file()),
+        workdir / "tokenizer.model",
+    )
+    use_local = local.is_file() or not cfg.data.tokenizer
+    tokenizer = load_tokenizer(str(local) if use_local else cfg.data.tokenizer)
+    if (workdir / EXPORT_INFO).is_file():
+        params, saved_step = load_exported(workdir, cfg)
+    else:
+        params, saved_step = restore_params(workdir, cfg, step)
+    return Run(cfg=cfg, params=params, tokenizer=tokenizer, step=saved_step)
+
+
+def checkpoint_dir(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
+    """(directory for load_run, step): RUN/checkpoints/N becomes (RUN, N)."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.isdigit() and path.is_dir():
+        if step is not None and step != int(path.name):
+            raise ConfigError(f"--step {step} contradicts the checkpoint '{path}'; drop --step.")
+        path, step = path.parent.parent, int(path.name)
+    if not path.is_dir():
+        raise ConfigError(f"--checkpoint '{path}' is not a directory; give a run or export dir.")
+    return path, step
+
+
+def open_checkpoint(path: str | Path, step: int | None = None) -> Run:
+    """`load_run` for any --checkpoint: a run, an export, a converted model or RUN/checkpoints/N.
+
+    Refuses a tokenizer whose ids would not all fit the model's embedding table.
+    """
+    run = load_run(*checkpoint_dir(path, step))
+    check_vocab(run)
+    return run
+
+
+def check_vocab(run: Run) -> None:
+    """Refuse a tokenizer with more ids than the model has embeddings (a padded table is fine)."""
+    if run.tokenizer.vocab_size > run.cfg.model.vocab_size:
+        raise ConfigError(
+            f"The tokenizer '{run.tokenizer.path}' has {run.tokenizer.vocab_size} tokens but the "
+            f"model only {run.cfg.model.vocab_size} embeddings; pair the checkpoint with the "
+            "tokenizer it was trained with."
+        )
+
+
 EXPORT_INFO = "export.json"
+
+
 EXPORT_DTYPES = ("float32", "bfloat16")
 
 

@@ -20,12 +20,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxlm.bench.plot import save_figure
 from jaxlm.config import RunConfig
-from jaxlm.metrics import flops_per_token, mfu
-from jaxlm.models.transformer import build_model
-from jaxlm.peak import ENV_OVERRIDE, cpu_model, device_peak, measure_matmul_flops
-from jaxlm.plot import save_figure
-from jaxlm.sharding import make_mesh, put_batch, validate_mesh
+from jaxlm.models import build_model
+from jaxlm.parallel.sharding import make_mesh, put_batch, validate_mesh
+from jaxlm.perf.flops import flops_per_token, mfu
+from jaxlm.perf.peak import ENV_OVERRIDE, cpu_model, device_peak, measure_matmul_flops
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import init_train_state, param_count
 from jaxlm.train.step import jit_train_step, train_step_for

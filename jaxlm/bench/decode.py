@@ -18,15 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.config import ConfigError, ModelConfig
-from jaxlm.generate import decode
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
+from jaxlm.inference.generate import decode
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> Any:
     """Freshly initialised float32 parameters (speed does not depend on training)."""
     import flax.linen as nn
 
-    from jaxlm.models.transformer import build_model
+    from jaxlm.models import build_model
 
     init = jax.jit(build_model(cfg).init)
     return nn.unbox(init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"])

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import jax
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 INIT_TIMEOUT_S = 300  # how long processes wait for each other at start-up
 HEARTBEAT_TIMEOUT_S = 100  # a peer silent this long is declared dead and the job fails

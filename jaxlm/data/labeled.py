@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

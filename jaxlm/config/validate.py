@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxlm.config import (
+from jaxlm.config.schema import (
     ATTENTION_IMPLS,
     DTYPES,
     MATMUL_PRECISIONS,
     NAN_POLICIES,
     REMAT_POLICIES,
-    ConfigError,
     RunConfig,
 )
+from jaxlm.errors import ConfigError
 
 
 def _require(ok: bool, message: str) -> None:

@@ -1,4 +1,4 @@
-"""Render the launch recipes in `launch/` for a config, and run them (`jaxlm launch`).
+"""Render the launch recipes in `jaxlm/launch/recipes/` for a config, and run them (`jaxlm launch`).
 
 Every recipe starts the same `jaxlm train` on each host and lets `jaxlm.distributed` find
 its place in the run; the recipes differ only in how the scheduler starts processes.
@@ -22,10 +22,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jaxlm import config as config_lib
-from jaxlm.config import ConfigError, RunConfig
+from jaxlm.config import RunConfig
+from jaxlm.errors import ConfigError
 
 TARGETS = ("local", "slurm", "tpu", "k8s")
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "launch"
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"  # package data: wheels carry it
 RECIPES = {
     "local": "local.sh",
     "slurm": "slurm.sbatch",
@@ -193,7 +194,7 @@ def _values(target: str, cfg: RunConfig, opts: LaunchOptions) -> dict[str, str]:
 
 
 def render(target: str, cfg: RunConfig, opts: LaunchOptions) -> Rendered:
-    """Fill the target's recipe from `launch/` and pair it with the command that runs it."""
+    """Fill the target's recipe from `recipes/` and pair it with the command that runs it."""
     _check(target, opts)
     path = RECIPE_DIR / RECIPES[target]
     if not path.is_file():
@@ -206,7 +207,7 @@ def render(target: str, cfg: RunConfig, opts: LaunchOptions) -> Rendered:
         "k8s": opts.nodes * opts.gpus_per_node,
     }.get(target, 0)
     if devices:  # known before submitting: refuse a mesh that can't cover them now
-        from jaxlm.sharding import mesh_shape  # imports JAX: keep `--help` fast
+        from jaxlm.parallel.sharding import mesh_shape  # imports JAX: keep `--help` fast
 
         mesh_shape(cfg.mesh, devices)
     values = _values(target, cfg, opts)
@@ -238,7 +239,7 @@ def add_launch_parser(sub: Any, add_config_args: Callable, formatter: Any) -> No
     p = sub.add_parser(
         "launch",
         help="start a multi-process run: local, SLURM, TPU pod or Kubernetes (JobSet)",
-        description="Render the recipe in launch/ for the config and run it. --dry-run "
+        description="Render the recipe (jaxlm/launch/recipes/) for the config and run it. --dry-run "
         "prints exactly what would run instead.",
     )
     targets = p.add_subparsers(dest="target", metavar="TARGET", required=True)

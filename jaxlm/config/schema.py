@@ -1,0 +1,228 @@
+"""The run configuration's schema: frozen dataclasses, one per section, each field with its
+default and a one-line description (the `doc` metadata), and the allowed values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+FAMILY_DEFAULTS = {
+    "gpt2": dict(norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, bias=True),
+    "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=False, bias=False),
+}
+
+
+# Recurrent families mix time with a recurrence instead of attention, so the attention and
+# position options are unused (left null). `hawk` is the RG-LRU model of De et al. (2024).
+RECURRENT_DEFAULTS = {
+    "lstm": dict(norm="layernorm", tie_embeddings=True, bias=True),
+    "gru": dict(norm="layernorm", tie_embeddings=True, bias=True),
+    "hawk": dict(norm="rmsnorm", mlp="swiglu", tie_embeddings=True, bias=False),
+}
+
+
+ATTENTION_IMPLS = ("reference", "xla", "dense", "cudnn", "pallas", "auto")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+NAN_POLICIES = ("stop", "skip")
+
+
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "save_attention_output",
+    "save_qkv_attention",
+)
+
+
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the language model: a decoder-only Transformer or a recurrent LM."""
+
+    family: str = _f(
+        "llama", "gpt2 | llama (Transformers), lstm | gru | hawk (recurrent): fills in nulls"
+    )
+    vocab_size: int = _f(2048, "tokenizer vocabulary size; must equal the tokenizer's")
+    d_model: int = _f(256, "residual stream width")
+    n_layers: int = _f(4, "number of Transformer blocks or recurrent layers")
+    n_heads: int = _f(4, "query heads; must divide d_model (hawk: blocks of the RG-LRU gates)")
+    n_kv_heads: int | None = _f(None, "key/value heads for grouped-query attention (null: n_heads)")
+    d_ff: int | None = _f(None, "MLP hidden width (null: 4*d_model for gelu, ~8/3*d_model swiglu)")
+    max_seq_len: int = _f(
+        256, "longest sequence a Transformer accepts (learned positions); recurrent: no limit"
+    )
+    norm: str | None = _f(None, "layernorm | rmsnorm (null: family default)")
+    position: str | None = _f(None, "learned | rope (null: family default)")
+    mlp: str | None = _f(None, "gelu | swiglu (null: family default)")
+    tie_embeddings: bool | None = _f(None, "share input embedding and output head")
+    bias: bool | None = _f(None, "biases in dense layers and norms")
+    rope_theta: float = _f(10000.0, "rotary base frequency")
+    norm_eps: float = _f(1e-5, "epsilon inside LayerNorm/RMSNorm")
+    dropout: float = _f(0.0, "dropout rate on residual branches and embeddings")
+    init_std: float = _f(0.02, "std of the normal initialiser (output projections scaled by depth)")
+    attention: str = _f(
+        "xla", "attention: reference | xla | dense (fastest on CPU) | cudnn | pallas | auto (best)"
+    )
+    dtype: str = _f("float32", "compute dtype: float32 | bfloat16 | float16 (params stay float32)")
+    rnn_residual: bool = _f(True, "lstm/gru: add each recurrent layer's input to its output")
+    rnn_width: int | None = _f(
+        None, "hawk: width of the RG-LRU state (null: ~4/3*d_model, a multiple of 8*n_heads)"
+    )
+    conv_width: int = _f(4, "hawk: taps of the causal depthwise conv before the RG-LRU")
+    scan_layers: bool = _f(
+        False, "Transformers: run the blocks as one nn.scan (compile time independent of depth)"
+    )
+    remat: str = _f(
+        "none", "recompute in backward: " + " | ".join(REMAT_POLICIES) + " (jaxlm.models.remat)"
+    )
+    matmul_precision: str = _f(
+        "default", "matmul precision: default | high | highest (f32 passes on TPU/GPU)"
+    )
+
+    @property
+    def recurrent(self) -> bool:
+        return self.family in RECURRENT_DEFAULTS
+
+    @property
+    def rnn_dim(self) -> int:
+        if self.rnn_width:
+            return self.rnn_width
+        m = 8 * self.n_heads  # whole gate blocks of a tidy size
+        return m * -(-4 * self.d_model // (3 * m))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":  # 2/3 of 4d keeps the parameter count of a gelu MLP
+            return 64 * -(-int(8 * self.d_model / 3) // 64)
+        return 4 * self.d_model
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes batches."""
+
+    corpus: str = _f(
+        "builtin",
+        "builtin (bundled Shakespeare), a glob of UTF-8 .txt files, or a `jaxlm data prepare` dir",
+    )
+    sources: list[dict[str, Any]] | None = _f(
+        None,
+        "mixture of prepared dirs, [{path: DIR, weight: W}, ...], W = token share; replaces corpus",
+    )
+    tokenizer: str | None = _f(
+        None,
+        "SentencePiece .model path (null: train one, cache in workdir; prepared data: its own)",
+    )
+    seq_len: int = _f(256, "tokens per packed training row")
+    validation_fraction: float = _f(
+        0.1, "share held out for validation: whole works (text), documents (prepared data)"
+    )
+    doc_chars: int = _f(2000, "works are cut into documents of about this many characters")
+    seed: int = _f(0, "seed of the shuffle and of the train/validation split")
+    streams: int | None = _f(
+        None,
+        "independent packed streams per global batch; divides batch_size (null: 1 text, gcd(B,8))",
+    )
+    prefetch: int = _f(2, "batches prepared ahead in a background thread (0: off)")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = _f(3e-3, "peak learning rate")
+    warmup_steps: int = _f(100, "linear warmup from 0 to lr")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay end)")
+    b1: float = _f(0.9, "Adam beta1")
+    b2: float = _f(0.95, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+    weight_decay: float = _f(0.1, "decoupled weight decay on matrices (not norms or biases)")
+    grad_clip: float = _f(1.0, "global-norm gradient clipping threshold (0: off)")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; one may be -1 meaning 'all remaining devices'."""
+
+    data: int = _f(-1, "data-parallel axis size")
+    fsdp: int = _f(1, "fully-sharded data-parallel axis size (params/optimizer sharded)")
+    tensor: int = _f(1, "tensor-parallel axis size (heads and MLP sharded)")
+    sequence: int = _f(1, "sequence-parallel axis size (activation length sharded)")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing of train state and data position."""
+
+    every_steps: int = _f(500, "save every N steps (0: only at the end)")
+    keep: int = _f(3, "keep the newest N checkpoints")
+    async_save: bool = _f(True, "write checkpoints in the background")
+    every_minutes: float = _f(30.0, "also save after this many minutes without a save (0: off)")
+    keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of N (0: off)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = _f(1000, "optimizer steps")
+    batch_size: int = _f(32, "global batch size in rows of data.seq_len tokens")
+    microbatches: int = _f(1, "gradient accumulation: split each batch into this many parts")
+    seed: int = _f(0, "seed of parameter init and dropout")
+    z_loss: float = _f(0.0, "weight of the log(Z)^2 auxiliary loss (0: off)")
+    log_every: int = _f(10, "write metrics every N steps")
+    eval_every: int = _f(200, "evaluate on the validation split every N steps (0: only at end)")
+    eval_batches: int = _f(16, "max validation batches per evaluation (0: the whole split)")
+    sample_prompt: str = _f("ROMEO.\n", "prompt continued at the end of training")
+    sample_tokens: int = _f(64, "tokens generated for each end-of-training sample")
+    temperature: float = _f(0.8, "sampling temperature of the sampled continuation")
+    top_k: int = _f(40, "top-k of the sampled continuation (0: off)")
+    nan_policy: str = _f("stop", "non-finite loss or grad norm: stop (the run) | skip (the update)")
+    init_from: str | None = _f(
+        None, "fine-tune: start from this run/export/converted dir's params (fresh optimizer)"
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTION_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "mesh": MeshConfig,
+    "checkpoint": CheckpointConfig,
+    "train": TrainConfig,
+}

@@ -1,0 +1,126 @@
+"""LM fine-tuning from a pretrained checkpoint (`train.init_from`).
+
+The run starts from the source's parameters with a fresh optimizer at step 0, on the
+source's tokenizer, and the model config must match the source's (its parameters must
+fit). Once the fine-tuning run has checkpoints of its own, resuming continues from those."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxlm import config as config_lib
+from jaxlm.config import RunConfig
+from jaxlm.errors import ConfigError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# Model settings that change how the model runs, not which parameters it has.
+RUNTIME_MODEL_KEYS = ("dropout", "attention", "dtype", "remat", "matmul_precision")
+
+
+def source_config(path: str | Path) -> RunConfig:
+    """The resolved config of a run, export or converted directory."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(
+            f"'{path}' holds no config.yaml; give the directory of a jaxlm run, an export or "
+            f"a converted Hugging Face model."
+        )
+    return config_lib.load_config(path / "config.yaml")
+
+
+def source_tokenizer_path(path: str | Path, cfg: RunConfig) -> str:
+    """The tokenizer file that belongs to a run, export or converted directory."""
+    path = Path(path)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (path / name).is_file():
+            return str((path / name).absolute())
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    raise ConfigError(f"'{path}' holds no tokenizer.model or tokenizer.json; copy its tokenizer.")
+
+
+def check_same_model(new: config_lib.ModelConfig, old: config_lib.ModelConfig, src: str) -> None:
+    """Refuse a model config whose parameters would not be the source's."""
+    new_d, old_d = dataclasses.asdict(new), dataclasses.asdict(old)
+    for key in new_d:
+        if key not in RUNTIME_MODEL_KEYS and new_d[key] != old_d.get(key):
+            raise ConfigError(
+                f"model.{key}={new_d[key]!r} differs from the checkpoint '{src}' "
+                f"({old_d.get(key)!r}), so its parameters don't fit; drop that setting or "
+                f"start from a matching checkpoint."
+            )
+
+
+def resolve_init_from(cfg: RunConfig) -> RunConfig:
+    """Check `train.init_from` against `cfg` and default data.tokenizer to the source's."""
+    from jaxlm.data.tokenizer import load_tokenizer
+
+    src = cfg.train.init_from
+    src_cfg = source_config(src)
+    check_same_model(cfg.model, src_cfg.model, src)
+    tok_path = source_tokenizer_path(src, src_cfg)
+    if cfg.data.tokenizer is None:
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tok_path))
+    if load_tokenizer(cfg.data.tokenizer).sha256 != load_tokenizer(tok_path).sha256:
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer!r} is not the tokenizer of the checkpoint "
+            f"'{src}' ({tok_path}); leave data.tokenizer unset to use the checkpoint's."
+        )
+    return cfg
+
+
+def load_init_params(cfg: RunConfig, shardings: Any) -> Any:
+    """The parameters of `train.init_from`, placed into the run's parameter shardings."""
+    import jax
+
+    from jaxlm.runs import load_run
+
+    run = load_run(cfg.train.init_from)
+    host = jax.device_get(run.params)
+    if jax.tree.structure(host) != jax.tree.structure(shardings):
+        raise ConfigError(
+            f"The parameters in '{cfg.train.init_from}' are laid out differently from this "
+            f"model's; start from a checkpoint of the same model config."
+        )
+    _log(f"Initialised from '{cfg.train.init_from}' (its step {run.step}); fresh optimizer.")
+    # Every process supplies the shards it holds, so this also works across hosts.
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), host, shardings
+    )
+
+
+def lm_finetune_config(checkpoint: str, config_path: str | None, overrides: list[str]) -> RunConfig:
+    """A run config for fine-tuning `checkpoint`'s LM: its model and seq_len unless overridden."""
+    src_cfg = source_config(checkpoint)
+    raw: dict[str, Any] = {}
+    if config_path is not None:
+        if not Path(config_path).is_file():
+            raise ConfigError(f"Config file '{config_path}' does not exist; pass a YAML file.")
+        try:
+            raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            raise ConfigError(f"Config file '{config_path}' is not valid YAML; fix it.") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file '{config_path}' must hold a mapping of sections.")
+    for section in ("model", "data"):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ConfigError(f"Config section '{section}' must be a mapping of keys to values.")
+    model = {**dataclasses.asdict(src_cfg.model), **(raw.get("model") or {})}
+    data = {"seq_len": src_cfg.data.seq_len, **(raw.get("data") or {})}
+    raw = {**raw, "model": model, "data": data}
+    for section, kv in config_lib.parse_overrides(
+        [*overrides, f"train.init_from={Path(checkpoint).absolute()}"]
+    ).items():
+        raw[section] = {**(raw.get(section) or {}), **kv}
+    cfg = config_lib.resolve(config_lib.from_dict(raw))
+    config_lib.validate(cfg)
+    return cfg

@@ -1,0 +1,39 @@
+"""End-of-training samples: a greedy and a sampled continuation of the configured prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+
+from jaxlm.config import RunConfig
+from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.inference.generate import generate
+
+
+def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> dict[str, str]:
+    """A greedy and a sampled continuation of the configured prompt; printed and saved."""
+    t = cfg.train
+    prompt_ids = tok.encode(t.sample_prompt, bos=True)
+    params = jax.device_get(params)  # decoding runs unsharded on one device
+    out = {}
+    for name, temp, top_k in (("greedy", 0.0, 0), ("sampled", t.temperature, t.top_k)):
+        ids = generate(
+            cfg.model,
+            params,
+            prompt_ids,
+            t.sample_tokens,
+            temperature=temp,
+            top_k=top_k,
+            seed=t.seed,
+            eos_id=tok.eos_id,
+        )[0]
+        out[name] = t.sample_prompt + tok.decode(ids)
+    if jax.process_index() == 0:
+        text = "".join(
+            f"--- {name} (temperature {temp}) ---\n{out[name]}\n\n"
+            for name, temp in (("greedy", 0.0), ("sampled", t.temperature))
+        )
+        (workdir / "samples.txt").write_text(text, encoding="utf-8")
+        print(text, end="", flush=True)
+    return out
