@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from jaxlm.cli.common import formatter
+from jaxlm.cli.common import configure_logging, formatter
 from jaxlm.errors import ConfigError
 
 COMMAND_MODULES = [
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `jaxlm` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging()
     if args.command is None:
         parser.print_help()
         return 2

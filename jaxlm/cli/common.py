@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+
+from tqdm import tqdm
 
 OVERRIDE_HELP = "config overrides, e.g. model.n_layers=4 train.steps=200"
 
@@ -44,3 +48,27 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
     p.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+
+
+class _TqdmHandler(logging.Handler):
+    """Log records to the current stderr through tqdm, so an open progress bar stays intact."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging() -> None:
+    """jaxlm's library modules log through `logging`; show their INFO lines as plain text."""
+    logger = logging.getLogger("jaxlm")
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        logger.addHandler(_TqdmHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # other libraries may give the root logger a handler of its own
+
+
+def quiet_other_processes(process_index: int) -> None:
+    """In a multi-process run only process 0 reports progress; the others only warnings."""
+    logging.getLogger("jaxlm").setLevel(logging.INFO if process_index == 0 else logging.WARNING)

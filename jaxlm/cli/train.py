@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
-from jaxlm.cli.common import add_config_args, add_distributed_args
+from jaxlm.cli.common import add_config_args, add_distributed_args, quiet_other_processes
 from jaxlm.config import describe, load_config
+from jaxlm.errors import NonFiniteError
 
 
 def register(sub) -> None:
@@ -115,19 +118,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_training(cfg, workdir: str, progress: bool, command: str) -> int:
-    """Train `cfg` into `workdir` under the preemption signal handlers; print the summary.
+    """Train `cfg` into `workdir` under the preemption signal handlers; print samples and
+    the summary.
 
     Exit codes: 0 done or stopped cleanly, 1 non-finite loss, 3 a peer process died.
     """
-    import jax
+    import jax  # imports JAX: keep `--help` fast
 
-    from jaxlm.errors import NonFiniteError
-    from jaxlm.train.loop import train  # imports JAX: keep `--help` fast
+    from jaxlm.finetune.lm import load_init_params, resolve_init_from
+    from jaxlm.inference.samples import write_samples
+    from jaxlm.train.loop import train
 
+    quiet_other_processes(jax.process_index())
+    init_params = None
+    if cfg.train.init_from:  # fine-tuning: the source's tokenizer, its model config checked
+        cfg = resolve_init_from(cfg)
+        init_params = functools.partial(load_init_params, cfg)
     stop = threading.Event()
     try:
         with _stop_on_signals(stop):
-            summary = train(cfg, workdir, progress=progress, stop=stop)
+            summary = train(cfg, workdir, init_params=init_params, progress=progress, stop=stop)
     except NonFiniteError as e:
         print(f"jaxlm {command}: error: {e}", file=sys.stderr)
         return 1
@@ -135,8 +145,14 @@ def run_training(cfg, workdir: str, progress: bool, command: str) -> int:
         if jax.process_count() == 1:
             raise
         _exit_after_peer_failure(e)
-    report = {k: v for k, v in summary.items() if k not in ("state", "samples", "eval_history")}
-    print(json.dumps(report), file=sys.stderr)
+    trained_to_end = summary["stopped_at"] is None and summary["start_step"] < cfg.train.steps
+    if trained_to_end and cfg.train.sample_tokens:
+        text = write_samples(cfg, summary["state"].params, summary["tokenizer"], Path(workdir))
+        if jax.process_index() == 0:
+            print(text, end="", flush=True)
+    if jax.process_index() == 0:
+        hidden = ("state", "tokenizer", "eval_history")
+        print(json.dumps({k: v for k, v in summary.items() if k not in hidden}), file=sys.stderr)
     return 0
 
 

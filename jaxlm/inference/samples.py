@@ -11,8 +11,9 @@ from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.inference.generate import generate
 
 
-def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> dict[str, str]:
-    """A greedy and a sampled continuation of the configured prompt; printed and saved."""
+def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> str:
+    """A greedy and a sampled continuation of the configured prompt, saved to samples.txt;
+    returns the text."""
     t = cfg.train
     prompt_ids = tok.encode(t.sample_prompt, bos=True)
     params = jax.device_get(params)  # decoding runs unsharded on one device
@@ -29,11 +30,10 @@ def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> dict
             eos_id=tok.eos_id,
         )[0]
         out[name] = t.sample_prompt + tok.decode(ids)
+    text = "".join(
+        f"--- {name} (temperature {temp}) ---\n{out[name]}\n\n"
+        for name, temp in (("greedy", 0.0), ("sampled", t.temperature))
+    )
     if jax.process_index() == 0:
-        text = "".join(
-            f"--- {name} (temperature {temp}) ---\n{out[name]}\n\n"
-            for name, temp in (("greedy", 0.0), ("sampled", t.temperature))
-        )
-        (workdir / "samples.txt").write_text(text, encoding="utf-8")
-        print(text, end="", flush=True)
-    return out
+        (Path(workdir) / "samples.txt").write_text(text, encoding="utf-8")
+    return text

@@ -25,10 +25,13 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxlm.config import CheckpointConfig
 from jaxlm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 ITEMS = ("state", "data_iter", "config")
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -119,14 +122,16 @@ class Checkpointer:
         check_config: Callable[[dict[str, Any]], None] | None = None,
         move_damaged: bool = False,
         params_only: bool = False,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] | None = None,
     ) -> Restored | None:
         """Restore the newest readable step (None if there is no checkpoint at all).
 
         `check_config` sees each candidate's saved config before its state is read, so a
         config that can't resume is refused (ConfigError) rather than mistaken for damage.
         With `params_only`, `abstract_state` is the parameter tree and so is `state`.
+        `log` receives what was skipped or moved (default: this module's logger).
         """
+        log = log or logger.warning
         if move_damaged:
             self._move_interrupted_saves(log)
         steps = self.all_steps()
@@ -212,15 +217,11 @@ def _everywhere(ok: bool) -> bool:
     """True only if `ok` holds on every process (so all pick the same checkpoint)."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils
-
     return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

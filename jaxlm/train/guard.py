@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlm.train.state import TrainState
 
@@ -75,8 +76,6 @@ class StepBoundary:
         stop = self.stop.is_set()
         if jax.process_count() == 1:
             return stop, due
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.asarray([stop, due], np.int32))
         stop, due = (bool(v) for v in np.max(np.asarray(flags), axis=0))
         return stop, due

@@ -1,34 +1,43 @@
-"""The training loop: config -> data + model -> compiled step -> metrics, checkpoints, samples.
+"""The training loop: config -> data + model -> compiled step -> metrics and checkpoints.
 
 Everything a run writes lives in its workdir:
   config.yaml       the resolved config          tokenizer.model/.vocab  (when trained here)
   metrics.jsonl     one JSON record per log/eval  tensorboard/            event files
-  checkpoints/      Orbax steps                   samples.txt             end-of-run samples
+  checkpoints/      Orbax steps
   checkpoints.damaged/  unreadable steps and interrupted saves, moved aside (never deleted)
 
 Started again on the same workdir, a run resumes from its newest readable checkpoint and
 continues bitwise as if it had never stopped; metrics logged after that checkpoint are
 dropped from metrics.jsonl because the resumed run logs those steps again.
+
+`train` reads as its steps: set up (every check on user input, before any compilation),
+restore or initialise the state, then the step loop. Fine-tuning is not its business: a
+caller that starts from other parameters passes `init_params`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+from tqdm import tqdm
 
 from jaxlm import config as config_lib
 from jaxlm.config import RunConfig
 from jaxlm.data import pipeline
-from jaxlm.data.dataset import prepare_corpus
+from jaxlm.data.dataset import Corpus, prepare_corpus
 from jaxlm.errors import ConfigError, NonFiniteError
-from jaxlm.finetune.lm import load_init_params, resolve_init_from
-from jaxlm.inference.samples import write_samples
 from jaxlm.models import build_model
 from jaxlm.parallel.sharding import make_mesh, put_batch, validate_mesh
 from jaxlm.perf.flops import flops_per_token
@@ -38,31 +47,39 @@ from jaxlm.train.guard import StepBoundary, skip_nonfinite, tree_all_finite
 from jaxlm.train.metrics import MetricsWriter
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.resume import changed_settings, check_resumable, rewind_metrics
-from jaxlm.train.state import init_train_state, param_count, state_shardings
+from jaxlm.train.state import TrainState, init_train_state, param_count, state_shardings
 from jaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, train_step_for
 from jaxlm.train.steplog import StepLog
 
+logger = logging.getLogger(__name__)
 
-def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], mesh) -> dict[str, float]:
-    """Token-weighted mean loss and perplexity over the given validation batches."""
-    loss_sum, tokens = 0.0, 0.0
-    outs = [eval_fn(params, put_batch(b, mesh)) for b in batches]  # dispatch all, then read
-    for out in jax.device_get(outs):
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    loss = loss_sum / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+# Parameters to start from instead of a fresh initialisation (fine-tuning): called with the
+# parameter shardings, returns parameters laid out with them.
+InitParams = Callable[[Any], Any]
 
 
-def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, file=sys.stderr, flush=True)
+@dataclasses.dataclass
+class Job:
+    """What one training run works with; built and checked before anything compiles."""
+
+    cfg: RunConfig
+    workdir: Path
+    mesh: Mesh
+    data: Corpus
+    train_iter: Any  # checkpointable iterator over this process's rows of each global batch
+    eval_batches: list[dict[str, np.ndarray]]
+    model: nn.Module
+    tx: optax.GradientTransformation
+    ckpt: Checkpointer
+    abstract: TrainState  # shapes and dtypes of every state leaf
+    shardings: TrainState  # NamedShardings of every state leaf
 
 
 def train(
     cfg: RunConfig,
     workdir: str | Path,
     *,
+    init_params: InitParams | None = None,
     progress: bool = True,
     stop: threading.Event | None = None,
 ) -> dict[str, Any]:
@@ -71,21 +88,36 @@ def train(
     Setting `stop` (the CLI does on SIGTERM/SIGINT) saves a checkpoint at the next step
     boundary and returns early with `stopped_at` set to that step.
     """
-    workdir = Path(workdir)
-    if cfg.train.init_from:  # fine-tuning: the source's tokenizer, its model config checked
-        cfg = resolve_init_from(cfg)
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-    t, m = cfg.train, cfg.model
+    job = set_up(cfg, Path(workdir))
+    state, restored_step = restore_or_init(job, init_params)
+    start_step = int(jax.device_get(state.step))
+    summary: dict[str, Any] = {
+        "params": param_count(state.params),
+        "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
+        "start_step": start_step,
+        "stopped_at": None,
+        "tokenizer": job.data.tokenizer,
+    }
+    if start_step >= cfg.train.steps:
+        job.ckpt.close()
+        logger.info(
+            "The run is complete at step %d; raise train.steps to train further.", start_step
+        )
+        return {**summary, "tokens_per_sec": None, "state": state}
+    return _Loop(job, state, restored_step, progress, stop).run(summary)
 
-    # Everything that can fail on user input is checked before the first compilation.
+
+def set_up(cfg: RunConfig, workdir: Path) -> Job:
+    """Mesh, data, model, optimizer and checkpointer; every check on user input happens here."""
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
     validate_mesh(cfg, mesh)
     data = prepare_corpus(cfg, workdir)
     if not data.train_docs:
         raise ConfigError(f"data.corpus={cfg.data.corpus!r} produced no training documents.")
     n_proc, proc = jax.process_count(), jax.process_index()
+    t = cfg.train
     train_iter = pipeline.make_train_iterator(
         data.sources or data.train_docs,
         cfg.data.seq_len,
@@ -99,155 +131,203 @@ def train(
     eval_batches = pipeline.make_eval_batches(
         data.val_docs, cfg.data.seq_len, t.batch_size, max_batches=t.eval_batches or None
     )
-    eval_batches = [_process_rows(b, proc, n_proc) for b in eval_batches]
-
-    model = build_model(m)
+    model = build_model(cfg.model)
     tx = make_optimizer(cfg.optimizer, t.steps)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
     abstract, shardings = state_shardings(model, tx, cfg.data.seq_len, mesh)
-    # The newest readable checkpoint, its config checked first; damaged newer ones are moved
-    # aside. This also puts the data iterator back where that checkpoint left it.
-    restored = ckpt.restore_latest(
-        abstract_with_shardings(abstract, shardings),
-        train_iter,
+    return Job(
+        cfg=cfg,
+        workdir=workdir,
+        mesh=mesh,
+        data=data,
+        train_iter=train_iter,
+        eval_batches=[_process_rows(b, proc, n_proc) for b in eval_batches],
+        model=model,
+        tx=tx,
+        ckpt=Checkpointer(workdir / "checkpoints", cfg.checkpoint),
+        abstract=abstract,
+        shardings=shardings,
+    )
+
+
+def restore_or_init(job: Job, init_params: InitParams | None) -> tuple[TrainState, int | None]:
+    """(state, step it was restored from or None): the newest readable checkpoint, else new.
+
+    The checkpoint's config is checked first and damaged newer steps are moved aside; the
+    data iterator goes back to where that checkpoint left it.
+    """
+    cfg, workdir = job.cfg, job.workdir
+    restored = job.ckpt.restore_latest(
+        abstract_with_shardings(job.abstract, job.shardings),
+        job.train_iter,
         check_config=lambda saved: check_resumable(saved, cfg, workdir),
         move_damaged=True,
-        log=_log,
+        log=logger.info,
     )
-    if is_main:  # only now, after every check: a refused command must not touch the run
+    if jax.process_index() == 0:  # only now, after every check: a refused command must not
         (workdir / "config.yaml").write_text(config_lib.to_yaml(cfg), encoding="utf-8")
         resumed_at = -1 if restored is None else restored.step
         dropped = rewind_metrics(workdir / "metrics.jsonl", resumed_at)
         if dropped:
-            _log(f"Dropped {dropped} metrics records written after step {max(resumed_at, 0)}.")
+            logger.info(
+                "Dropped %d metrics records written after step %d.", dropped, max(resumed_at, 0)
+            )
     if restored is not None:
-        state = restored.state
-        _log(f"Resumed from checkpoint step {restored.step} in {ckpt.directory}")
+        logger.info("Resumed from checkpoint step %d in %s", restored.step, job.ckpt.directory)
         changes = changed_settings(restored.config, cfg)
         if changes:
-            _log("Settings changed since that checkpoint: " + "; ".join(changes))
-    else:
-        state, _ = init_train_state(model, tx, cfg.data.seq_len, t.seed, mesh)
-        if t.init_from:  # the source's parameters; optimizer and step start fresh
-            state = state.replace(params=load_init_params(cfg, shardings.params))
+            logger.info("Settings changed since that checkpoint: %s", "; ".join(changes))
+        return restored.state, restored.step
+    state, _ = init_train_state(job.model, job.tx, cfg.data.seq_len, cfg.train.seed, job.mesh)
+    if init_params is not None:  # e.g. a pretrained model's; optimizer and step start fresh
+        state = state.replace(params=init_params(job.shardings.params))
+    return state, None
 
-    n_params = param_count(state.params)
-    fpt = flops_per_token(m, cfg.data.seq_len)
-    start_step = int(jax.device_get(state.step))
-    summary: dict[str, Any] = {
-        "params": n_params,
-        "flops_per_token": fpt,
-        "start_step": start_step,
-        "stopped_at": None,
-    }
-    if start_step >= t.steps:
-        ckpt.close()
-        _log(f"The run is complete at step {start_step}; raise train.steps to train further.")
-        return {**summary, "tokens_per_sec": None, "state": state}
-    peak, peak_source = device_peak(m.dtype)  # MFU's denominator; cached per machine on CPU
-    _log(
-        f"jaxlm: {m.family} model, {n_params / 1e6:.2f}M parameters, "
-        f"{fpt / 1e6:.1f} MFLOPs/token (training), {len(jax.devices())} device(s) "
-        f"mesh {dict(mesh.shape)}, {len(data.train_docs)} train / {len(data.val_docs)} val docs"
-    )
-    _log(f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
 
-    step_fn = train_step_for(cfg, model, tx)
-    if t.nan_policy == "skip":
-        step_fn = skip_nonfinite(step_fn)
-    step_fn = jit_train_step(step_fn, shardings, mesh)
-    eval_fn = jit_eval_step(make_eval_step(model), shardings.params, mesh)
-    writer = MetricsWriter(workdir, enabled=is_main)
-    config_dict = config_lib.to_dict(cfg)
-    bar = _progress_bar(progress and is_main, start_step, t.steps)
-    log = StepLog(writer, bar, start_step, t.batch_size * cfg.data.seq_len, fpt, t.nan_policy, peak)
-    boundary = StepBoundary(stop, cfg.checkpoint.every_minutes)
-    last_saved = None if restored is None else restored.step
-    history: list[tuple[int, float]] = []
+def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], mesh) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over the given validation batches."""
+    loss_sum, tokens = 0.0, 0.0
+    outs = [eval_fn(params, put_batch(b, mesh)) for b in batches]  # dispatch all, then read
+    for out in jax.device_get(outs):
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = loss_sum / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
-    def run_eval(step: int) -> dict[str, float]:
-        ev = evaluate(eval_fn, state.params, eval_batches, mesh)
-        writer.write(step, ev, "eval")
-        history.append((step, ev["loss"]))
-        _log_eval(bar, step, ev)
+
+class _Loop:
+    """The step loop of one run: compiled steps, and when to log, evaluate, save and stop."""
+
+    def __init__(self, job: Job, state: TrainState, last_saved: int | None, progress, stop):
+        cfg, t = job.cfg, job.cfg.train
+        self.job, self.state, self.last_saved = job, state, last_saved
+        self.start = int(jax.device_get(state.step))
+        is_main = jax.process_index() == 0
+        fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+        peak, peak_source = device_peak(cfg.model.dtype)  # MFU's denominator
+        logger.info(
+            "jaxlm: %s model, %.2fM parameters, %.1f MFLOPs/token (training), %d device(s) "
+            "mesh %s, %d train / %d val docs",
+            cfg.model.family,
+            param_count(state.params) / 1e6,
+            fpt / 1e6,
+            len(jax.devices()),
+            dict(job.mesh.shape),
+            len(job.data.train_docs),
+            len(job.data.val_docs),
+        )
+        logger.info("peak %.3g TFLOP/s per device (%s)", peak / 1e12, peak_source)
+
+        step_fn = train_step_for(cfg, job.model, job.tx)
+        if t.nan_policy == "skip":
+            step_fn = skip_nonfinite(step_fn)
+        self.step_fn = jit_train_step(step_fn, job.shardings, job.mesh)
+        self.eval_fn = jit_eval_step(make_eval_step(job.model), job.shardings.params, job.mesh)
+        self.writer = MetricsWriter(job.workdir, enabled=is_main)
+        self.config_dict = config_lib.to_dict(cfg)
+        self.bar = None
+        if progress and is_main:
+            self.bar = tqdm(
+                total=t.steps,
+                initial=self.start,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        tokens_per_step = t.batch_size * cfg.data.seq_len
+        self.log = StepLog(
+            self.writer, self.bar, self.start, tokens_per_step, fpt, t.nan_policy, peak
+        )
+        self.boundary = StepBoundary(stop, cfg.checkpoint.every_minutes)
+        self.history: list[tuple[int, float]] = []
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Validation loss now; written, remembered and shown."""
+        ev = evaluate(self.eval_fn, self.state.params, self.job.eval_batches, self.job.mesh)
+        self.writer.write(step, ev, "eval")
+        self.history.append((step, ev["loss"]))
+        logger.info("step %d: val loss %.4f (perplexity %.1f)", step, ev["loss"], ev["perplexity"])
         return ev
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        if not bool(tree_all_finite(state)):
+    def save(self, step: int) -> None:
+        """Checkpoint the state (never a non-finite one) with the data position and config."""
+        if not bool(tree_all_finite(self.state)):
             raise NonFiniteError(
                 f"The train state at step {step} holds non-finite values, so it was not saved "
-                f"(last checkpoint: {last_saved}); lower optimizer.lr or raise warmup_steps."
+                f"(last checkpoint: {self.last_saved}); lower optimizer.lr or raise warmup_steps."
             )
-        ckpt.save(step, state, train_iter, config_dict)
-        boundary.saved()
-        last_saved = step
+        self.job.ckpt.save(step, self.state, self.job.train_iter, self.config_dict)
+        self.boundary.saved()
+        self.last_saved = step
 
-    first_eval = final_eval = None
-    every = cfg.checkpoint.every_steps
-    wait_for_saves = True
-    try:
-        if start_step == 0 and eval_batches:
-            first_eval = run_eval(0)
-        for step in range(start_step, t.steps):
-            state, metrics = step_fn(state, put_batch(next(train_iter), mesh))
-            done = step + 1
-            log.add(done, metrics)
-            stop_now, timed = boundary.poll()
-            do_save = bool(every and done % every == 0) or timed or stop_now
-            do_log = done % t.log_every == 0 or done == t.steps or stop_now
-            do_eval = bool(eval_batches and t.eval_every and done % t.eval_every == 0)
-            do_eval = do_eval and done != t.steps and not stop_now
-            if do_log or do_save or do_eval:
-                # Reading metrics blocks on the device; doing it only at these boundaries
-                # keeps dispatch asynchronous in between. Every step's loss and gradient
-                # norm are thus checked before any save.
-                log.flush(last_saved)
-            if do_log:
-                log.perf(done)
-            with log.paused():  # evaluating and starting a save are not training time
-                if do_eval:
-                    run_eval(done)
-                if do_save:
-                    save(done)
-            if stop_now:
-                _log(f"Stopped by a signal at step {done}; checkpoint saved.")
-                summary["stopped_at"] = done
-                break
-        else:
-            if bar is not None:
-                bar.close()
-            if eval_batches:
-                final_eval = run_eval(t.steps)
-            if last_saved != t.steps:
-                save(t.steps)
-    except NonFiniteError:
-        raise  # every process saw the same metrics and stops here: saves can finish
-    except BaseException:
-        # With several processes, an error here is usually a failed collective (a peer
-        # died); a save in flight then waits for that peer forever, so don't wait for it.
-        wait_for_saves = n_proc == 1
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if wait_for_saves:
-            ckpt.close()
-        writer.close()
+    def run(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Steps from the current one to train.steps (or a stop signal); the final summary."""
+        t, job = self.job.cfg.train, self.job
+        first_eval = final_eval = None
+        wait_for_saves = True
+        try:
+            if self.start == 0 and job.eval_batches:
+                first_eval = self.evaluate(0)
+            for step in range(self.start, t.steps):
+                self.state, metrics = self.step_fn(
+                    self.state, put_batch(next(job.train_iter), job.mesh)
+                )
+                if self._after_step(step + 1, metrics):
+                    logger.info("Stopped by a signal at step %d; checkpoint saved.", step + 1)
+                    summary["stopped_at"] = step + 1
+                    break
+            else:
+                if self.bar is not None:
+                    self.bar.close()
+                if job.eval_batches:
+                    final_eval = self.evaluate(t.steps)
+                if self.last_saved != t.steps:
+                    self.save(t.steps)
+        except NonFiniteError:
+            raise  # every process saw the same metrics and stops here: saves can finish
+        except BaseException:
+            # With several processes, an error here is usually a failed collective (a peer
+            # died); a save in flight then waits for that peer forever, so don't wait for it.
+            wait_for_saves = jax.process_count() == 1
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            if wait_for_saves:
+                job.ckpt.close()
+            self.writer.close()
+        return {
+            **summary,
+            "tokens_per_sec": self.log.median_tokens_per_sec(),
+            "skipped_steps": self.log.skipped,
+            "first_eval_loss": None if first_eval is None else first_eval["loss"],
+            "final_eval_loss": None if final_eval is None else final_eval["loss"],
+            "eval_history": self.history,
+            "state": self.state,
+        }
 
-    samples = {}
-    if summary["stopped_at"] is None and t.sample_tokens:
-        samples = write_samples(cfg, state.params, data.tokenizer, workdir)
-    return {
-        **summary,
-        "tokens_per_sec": log.median_tokens_per_sec(),
-        "skipped_steps": log.skipped,
-        "first_eval_loss": None if first_eval is None else first_eval["loss"],
-        "final_eval_loss": None if final_eval is None else final_eval["loss"],
-        "eval_history": history,
-        "samples": samples,
-        "state": state,
-    }
+    def _after_step(self, done: int, metrics: dict[str, jax.Array]) -> bool:
+        """Log, evaluate and save as due after step `done`; True when a signal says stop."""
+        t, every = self.job.cfg.train, self.job.cfg.checkpoint.every_steps
+        self.log.add(done, metrics)
+        stop_now, timed = self.boundary.poll()
+        do_save = bool(every and done % every == 0) or timed or stop_now
+        do_log = done % t.log_every == 0 or done == t.steps or stop_now
+        do_eval = bool(self.job.eval_batches and t.eval_every and done % t.eval_every == 0)
+        do_eval = do_eval and done != t.steps and not stop_now
+        if do_log or do_save or do_eval:
+            # Reading metrics blocks on the device; doing it only at these boundaries keeps
+            # dispatch asynchronous in between. Every step's loss and gradient norm are thus
+            # checked before any save.
+            self.log.flush(self.last_saved)
+        if do_log:
+            self.log.perf(done)
+        with self.log.paused():  # evaluating and starting a save are not training time
+            if do_eval:
+                self.evaluate(done)
+            if do_save:
+                self.save(done)
+        return stop_now
 
 
 def _process_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
@@ -256,21 +336,3 @@ def _process_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[
         return batch
     n = next(iter(batch.values())).shape[0] // count
     return {k: v[index * n : (index + 1) * n] for k, v in batch.items()}
-
-
-def _progress_bar(enabled: bool, start: int, total: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
-    )
-
-
-def _log_eval(bar, step: int, ev: dict[str, float]) -> None:
-    msg = f"step {step}: val loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.1f})"
-    if bar is not None:
-        bar.write(msg, file=sys.stderr)
-    else:
-        _log(msg)

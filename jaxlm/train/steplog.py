@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import sys
 import time
 from typing import Any
 
@@ -16,10 +16,7 @@ from jaxlm.perf.flops import mfu
 from jaxlm.train.guard import first_nonfinite
 from jaxlm.train.metrics import MetricsWriter
 
-
-def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 class StepLog:
@@ -62,7 +59,7 @@ class StepLog:
             self.writer.write(s, v, "train")
             if float(v.get("skipped", 0.0)):
                 self.skipped += 1
-                _log(f"step {s}: non-finite loss or gradient norm; update skipped.")
+                logger.warning("step %d: non-finite loss or gradient norm; update skipped.", s)
         self.last = records[-1][1]
         bad = first_nonfinite(records)
         if bad is not None and self.nan_policy == "stop":
@@ -97,9 +94,13 @@ class StepLog:
             )
             self.bar.update(step - self.shown)
         elif self.writer.enabled:
-            _log(
-                f"step {step}: loss {loss:.4f} {tok_s:,.0f} tok/s "
-                f"{tflops:.3g} TFLOP/s/device MFU {mfu_text}"
+            logger.info(
+                "step %d: loss %.4f %s tok/s %.3g TFLOP/s/device MFU %s",
+                step,
+                loss,
+                f"{tok_s:,.0f}",
+                tflops,
+                mfu_text,
             )
         self.shown = step
         self.window_start, self.window_tokens = time.perf_counter(), 0
