@@ -15,6 +15,7 @@ from jaxlm.config import (
     load_config,
     parse_overrides,
     resolve,
+    runtime_fields,
     to_yaml,
     validate,
 )
@@ -164,6 +165,14 @@ def test_describe_lists_every_key_with_its_doc():
             line = next((ln for ln in lines if ln.startswith(f"  {f.name}:")), None)
             assert line is not None, f"{section.name}.{f.name} is missing from describe()"
             assert f.metadata["doc"] and any(f.metadata["doc"] in ln for ln in lines)
+
+
+def test_describe_tags_exactly_the_runtime_model_fields():
+    lines = describe().splitlines()
+    model = lines[: next(i for i, ln in enumerate(lines) if ln.startswith("data:"))]
+    tagged = {ln.split(":")[0].strip() for ln in model if "# [runtime] " in ln}
+    assert tagged == set(runtime_fields())
+    assert sum("[runtime]" in ln for ln in lines) == len(tagged) + 1  # and the section line
 
 
 # --- errors ----------------------------------------------------------------------------------

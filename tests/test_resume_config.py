@@ -1,12 +1,53 @@
-"""Which config changes block a resume: unit checks of `check_resumable`."""
+"""Which config changes block a resume or `train.init_from`: the model fields' marking
+(architecture must match, runtime may change), unit checks and tiny real runs."""
 
+import dataclasses
+import json
+import shutil
 from pathlib import Path
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import pytest
+from conftest import TINY_MODEL
 
-from jaxlm.config import load_config, to_dict
+from jaxlm import cli
+from jaxlm.config import (
+    ModelConfig,
+    architecture_fields,
+    layout_fields,
+    load_config,
+    runtime_fields,
+    to_dict,
+)
 from jaxlm.errors import ConfigError
-from jaxlm.train.resume import check_resumable
+from jaxlm.finetune.lm import check_same_model, restack
+from jaxlm.models import build_model
+from jaxlm.train.resume import changed_settings, check_resumable
+
+RUNTIME = {"attention", "dtype", "remat", "scan_layers", "matmul_precision", "dropout"}
+
+TINY = [
+    *TINY_MODEL,
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_tokens=0",
+    "optimizer.warmup_steps=1",
+    "checkpoint.every_steps=2",
+]
+
+
+def test_every_model_field_is_architecture_or_runtime():
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(runtime_fields()) == RUNTIME
+    assert set(architecture_fields()) == names - RUNTIME
+    assert set(layout_fields()) == {"scan_layers"}
+
+
+# --- unit checks of the rules ----------------------------------------------------------------
 
 
 def test_field_newer_than_the_checkpoint_does_not_block_resume():
@@ -23,8 +64,120 @@ def test_changed_model_field_is_named():
         check_resumable(saved, cfg, Path("run"))
 
 
+@pytest.mark.parametrize("name", sorted(set(architecture_fields())))
+def test_every_architecture_change_is_refused_by_resume_and_init_from(name):
+    cfg = load_config(None, [])
+    saved = to_dict(cfg)
+    saved["model"][name] = "the checkpoint's"
+    with pytest.raises(ConfigError, match=rf"^model\.{name}=.*\(\"the checkpoint's\"\)"):
+        check_resumable(saved, cfg, Path("run"))
+    old = dataclasses.replace(cfg.model, **{name: "the checkpoint's"})
+    with pytest.raises(ConfigError, match=rf"^model\.{name}=.*\(\"the checkpoint's\"\)"):
+        check_same_model(cfg.model, old, "src")
+
+
+@pytest.mark.parametrize("name", sorted(RUNTIME - {"scan_layers"}))
+def test_runtime_changes_resume_and_are_listed(name):
+    cfg = load_config(None, [])
+    saved = to_dict(cfg)
+    saved["model"][name] = "the checkpoint's"
+    check_resumable(saved, cfg, Path("run"))
+    new = getattr(cfg.model, name)
+    assert changed_settings(saved, cfg) == [f'model.{name}: "the checkpoint\'s" -> {new!r}']
+    check_same_model(cfg.model, dataclasses.replace(cfg.model, **{name: "x"}), "src")
+
+
+def test_scan_layers_is_refused_by_resume_saying_why_but_not_by_init_from():
+    cfg = load_config(None, ["model.scan_layers=true"])
+    saved = to_dict(load_config(None, []))
+    with pytest.raises(ConfigError, match=r"model\.scan_layers=True .*restack.*init_from=run"):
+        check_resumable(saved, cfg, Path("run"))
+    check_same_model(cfg.model, load_config(None, []).model, "src")
+
+
 def test_changed_batch_size_is_refused_but_steps_are_not():
     cfg = load_config(None, ["train.steps=2000"])
     check_resumable(to_dict(load_config(None, [])), cfg, Path("run"))
     with pytest.raises(ConfigError, match="train.batch_size"):
         check_resumable(to_dict(load_config(None, ["train.batch_size=64"])), cfg, Path("run"))
+
+
+def _param_shapes(model: ModelConfig, params=None):
+    """The shapes of `model`'s parameter tree (of `params`, if given, else a fresh init)."""
+    if params is None:
+        init = build_model(model).init
+        params = nn.unbox(jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+        params = params["params"]
+    return jax.tree.map(lambda x: x.shape, params)
+
+
+def test_restack_converts_between_scanned_and_per_layer_trees():
+    plain = load_config(None, [*TINY_MODEL, "model.n_layers=2"]).model
+    scanned = dataclasses.replace(plain, scan_layers=True)
+    for old, new in [(plain, scanned), (scanned, plain)]:
+        params = jax.tree.map(jnp.zeros, _param_shapes(old), is_leaf=lambda x: isinstance(x, tuple))
+        assert _param_shapes(new, restack(params, old, new)) == _param_shapes(new)
+        assert restack(params, old, old) is params
+
+
+# --- real runs: resume and init_from ---------------------------------------------------------
+
+
+def _records(workdir: Path, split: str) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r.get("loss") for r in map(json.loads, lines) if r["split"] == split}
+
+
+def _train(workdir: Path, capsys, *extra: str) -> tuple[dict, str]:
+    """Train to the end; (the printed summary, everything logged)."""
+    capsys.readouterr()
+    assert cli.main(["train", "-w", str(workdir), "--no-progress", *TINY, *extra]) == 0
+    err = capsys.readouterr().err
+    return json.loads(err.strip().splitlines()[-1]), err
+
+
+def _error(workdir: Path, capsys, *extra: str) -> str:
+    capsys.readouterr()
+    assert cli.main(["train", "-w", str(workdir), "--no-progress", *TINY, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """A tiny run of 2 steps with a checkpoint at step 2."""
+    workdir = tmp_path_factory.mktemp("base") / "run"
+    assert cli.main(["train", "-w", str(workdir), "--no-progress", *TINY, "train.steps=2"]) == 0
+    return workdir
+
+
+def test_resume_with_other_runtime_settings_continues(base_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    extra = ["train.steps=3", "model.remat=full", "model.attention=reference"]
+    summary, err = _train(run, capsys, *extra)
+    assert summary["start_step"] == 2
+    assert "model.remat: 'none' -> 'full'" in err and "model.attention: 'xla' -> 'reference'" in err
+    assert sorted(_records(run, "train")) == [1, 2, 3]
+    assert load_config(run / "config.yaml").model.remat == "full"
+
+
+def test_architecture_change_is_refused_and_leaves_the_run_alone(base_run, capsys):
+    before = (base_run / "config.yaml").read_text()
+    err = _error(base_run, capsys, "train.steps=3", "model.d_model=64")
+    assert "model.d_model=64" in err and "(32)" in err and "--workdir" in err
+    err = _error(base_run, capsys, "train.steps=3", "model.scan_layers=true")
+    assert "model.scan_layers=True" in err and f"train.init_from={base_run}" in err
+    assert (base_run / "config.yaml").read_text() == before
+
+
+def test_init_from_restacks_blocks_and_takes_runtime_changes(base_run, tmp_path, capsys):
+    init = f"train.init_from={base_run}"
+    err = _error(tmp_path / "wide", capsys, "train.steps=1", "model.d_model=64", init)
+    assert "model.d_model=64" in err and "(32)" in err
+    assert not (tmp_path / "wide").exists()
+    extra = ["model.scan_layers=true", "model.remat=full", "model.attention=reference"]
+    summary, _ = _train(tmp_path / "ft", capsys, "train.steps=1", init, *extra)
+    # Step 0 evaluates the source's parameters, restacked, on the same validation batch.
+    assert summary["first_eval_loss"] == pytest.approx(_records(base_run, "eval")[2], rel=1e-5)

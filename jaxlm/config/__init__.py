@@ -1,7 +1,9 @@
 """Typed, frozen run configuration: YAML files plus `section.key=value` overrides, validated.
 
 Every field has a default and a one-line description (the `doc` metadata); `jaxlm config
---reference` and the README reference are generated from them. Validation runs before
+--reference` and the README reference are generated from them. Model fields are marked
+architecture or runtime (`runtime_fields`): resuming and fine-tuning from a checkpoint may
+change only runtime ones. Validation runs before
 anything touches JAX, and each problem is reported as one sentence naming the key.
 `schema` holds the dataclasses, `load` reads and writes them, `validate` checks them.
 """
@@ -30,6 +32,10 @@ from jaxlm.config.schema import (
     OptimizerConfig,
     RunConfig,
     TrainConfig,
+    architecture_fields,
+    layout_fields,
+    model_changes,
+    runtime_fields,
 )
 from jaxlm.config.validate import validate
 from jaxlm.errors import ConfigError
@@ -50,11 +56,15 @@ __all__ = [
     "OptimizerConfig",
     "RunConfig",
     "TrainConfig",
+    "architecture_fields",
     "describe",
     "from_dict",
+    "layout_fields",
     "load_config",
+    "model_changes",
     "parse_overrides",
     "resolve",
+    "runtime_fields",
     "to_dict",
     "to_yaml",
     "validate",

@@ -13,7 +13,13 @@ from typing import Any
 
 import yaml
 
-from jaxlm.config.schema import _SECTION_CLASSES, FAMILY_DEFAULTS, RECURRENT_DEFAULTS, RunConfig
+from jaxlm.config.schema import (
+    _SECTION_CLASSES,
+    FAMILY_DEFAULTS,
+    RECURRENT_DEFAULTS,
+    ModelConfig,
+    RunConfig,
+)
 from jaxlm.config.validate import validate
 from jaxlm.errors import ConfigError
 
@@ -186,7 +192,10 @@ def to_yaml(cfg: RunConfig) -> str:
 
 
 def describe() -> str:
-    """A reference listing of every key with its default and description."""
+    """A reference listing of every key with its default and description.
+
+    Model fields that may change when resuming or fine-tuning are tagged `[runtime]`.
+    """
     lines = []
     for name, cls in _SECTION_CLASSES.items():
         lines.append(f"{name}:  # {cls.__doc__}")
@@ -194,5 +203,6 @@ def describe() -> str:
             default = f.default if f.default is not dataclasses.MISSING else None
             shown = json.dumps(default) if isinstance(default, str) else yaml.safe_dump(default)
             shown = shown.strip().removesuffix("...").strip()
-            lines.append(f"  {f.name}: {shown}  # {f.metadata.get('doc', '')}")
+            tag = "[runtime] " if cls is ModelConfig and f.metadata["runtime"] else ""
+            lines.append(f"  {f.name}: {shown}  # {tag}{f.metadata['doc']}")
     return "\n".join(lines)

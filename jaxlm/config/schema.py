@@ -1,14 +1,21 @@
 """The run configuration's schema: frozen dataclasses, one per section, each field with its
-default and a one-line description (the `doc` metadata), and the allowed values."""
+default and a one-line description (the `doc` metadata), and the allowed values.
+
+Each model field is also marked *architecture* (the default: it decides which parameters
+exist or what they mean, so a checkpoint's parameters fit only the same value) or
+*runtime* (how the model runs: may change when resuming or fine-tuning from a checkpoint).
+`layout` marks a runtime field that stores the same parameters in another tree."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
-def _f(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
+def _f(default: Any, doc: str, *, runtime: bool = False, layout: bool = False) -> Any:
+    """A field with its default and doc; model fields: runtime or architecture, and layout."""
+    return field(default=default, metadata={"doc": doc, "runtime": runtime, "layout": layout})
 
 
 FAMILY_DEFAULTS = {
@@ -50,7 +57,7 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the language model: a decoder-only Transformer or a recurrent LM."""
+    """The language model (a Transformer or RNN); [runtime] keys may differ from a checkpoint's."""
 
     family: str = _f(
         "llama", "gpt2 | llama (Transformers), lstm | gru | hawk (recurrent): fills in nulls"
@@ -71,25 +78,38 @@ class ModelConfig:
     bias: bool | None = _f(None, "biases in dense layers and norms")
     rope_theta: float = _f(10000.0, "rotary base frequency")
     norm_eps: float = _f(1e-5, "epsilon inside LayerNorm/RMSNorm")
-    dropout: float = _f(0.0, "dropout rate on residual branches and embeddings")
+    dropout: float = _f(0.0, "dropout rate on residual branches and embeddings", runtime=True)
     init_std: float = _f(0.02, "std of the normal initialiser (output projections scaled by depth)")
     attention: str = _f(
-        "xla", "attention: reference | xla | dense (fastest on CPU) | cudnn | pallas | auto (best)"
+        "xla",
+        "attention: reference | xla | dense (fastest on CPU) | cudnn | pallas | auto (best)",
+        runtime=True,
     )
-    dtype: str = _f("float32", "compute dtype: float32 | bfloat16 | float16 (params stay float32)")
+    dtype: str = _f(
+        "float32", "compute dtype: float32 | bfloat16 | float16 (params stay float32)", runtime=True
+    )
     rnn_residual: bool = _f(True, "lstm/gru: add each recurrent layer's input to its output")
     rnn_width: int | None = _f(
         None, "hawk: width of the RG-LRU state (null: ~4/3*d_model, a multiple of 8*n_heads)"
     )
     conv_width: int = _f(4, "hawk: taps of the causal depthwise conv before the RG-LRU")
+    # The same parameters, but stacked under one name (jaxlm.models.scan): another tree.
     scan_layers: bool = _f(
-        False, "Transformers: run the blocks as one nn.scan (compile time independent of depth)"
+        False,
+        "Transformers: the blocks as one nn.scan (compile time independent of depth); init_from "
+        "restacks a checkpoint's blocks, a resume can't",
+        runtime=True,
+        layout=True,
     )
     remat: str = _f(
-        "none", "recompute in backward: " + " | ".join(REMAT_POLICIES) + " (jaxlm.models.remat)"
+        "none",
+        "recompute in backward: " + " | ".join(REMAT_POLICIES) + " (jaxlm.models.remat)",
+        runtime=True,
     )
     matmul_precision: str = _f(
-        "default", "matmul precision: default | high | highest (f32 passes on TPU/GPU)"
+        "default",
+        "matmul precision: default | high | highest (f32 passes on TPU/GPU)",
+        runtime=True,
     )
 
     @property
@@ -118,6 +138,34 @@ class ModelConfig:
         if self.mlp == "swiglu":  # 2/3 of 4d keeps the parameter count of a gelu MLP
             return 64 * -(-int(8 * self.d_model / 3) // 64)
         return 4 * self.d_model
+
+
+def runtime_fields() -> tuple[str, ...]:
+    """Model fields that change how the model runs, not which parameters it has."""
+    return tuple(f.name for f in fields(ModelConfig) if f.metadata["runtime"])
+
+
+def architecture_fields() -> tuple[str, ...]:
+    """Model fields that decide which parameters exist or what they mean."""
+    return tuple(f.name for f in fields(ModelConfig) if not f.metadata["runtime"])
+
+
+def layout_fields() -> tuple[str, ...]:
+    """Runtime fields that store the same parameters in another tree (scan_layers)."""
+    return tuple(f.name for f in fields(ModelConfig) if f.metadata["layout"])
+
+
+def model_changes(old: Mapping[str, Any], new: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """{field: (old, new)} for each model field that differs from `old` (a saved model dict).
+
+    A field `old` lacks was added after it was written and keeps its default meaning there;
+    a field only `old` has was removed from jaxlm: neither is a change.
+    """
+    return {
+        f.name: (old[f.name], getattr(new, f.name))
+        for f in fields(ModelConfig)
+        if f.name in old and old[f.name] != getattr(new, f.name)
+    }
 
 
 @dataclass(frozen=True)

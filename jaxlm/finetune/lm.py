@@ -1,8 +1,9 @@
 """LM fine-tuning from a pretrained checkpoint (`train.init_from`).
 
 The run starts from the source's parameters with a fresh optimizer at step 0, on the
-source's tokenizer, and the model config must match the source's (its parameters must
-fit). Once the fine-tuning run has checkpoints of its own, resuming continues from those."""
+source's tokenizer. The model's architecture fields must match the source's (its parameters
+must fit); runtime fields may differ, and a change of `scan_layers` restacks the blocks.
+Once the fine-tuning run has checkpoints of its own, resuming continues from those."""
 
 from __future__ import annotations
 
@@ -11,19 +12,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import yaml
 
 from jaxlm import config as config_lib
-from jaxlm.config import RunConfig
+from jaxlm.config import ModelConfig, RunConfig
+from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import ConfigError
+from jaxlm.models.scan import stack_blocks, unstack_blocks
+from jaxlm.runs import load_run
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# Model settings that change how the model runs, not which parameters it has.
-RUNTIME_MODEL_KEYS = ("dropout", "attention", "dtype", "remat", "matmul_precision")
 
 
 def source_config(path: str | Path) -> RunConfig:
@@ -48,22 +49,28 @@ def source_tokenizer_path(path: str | Path, cfg: RunConfig) -> str:
     raise ConfigError(f"'{path}' holds no tokenizer.model or tokenizer.json; copy its tokenizer.")
 
 
-def check_same_model(new: config_lib.ModelConfig, old: config_lib.ModelConfig, src: str) -> None:
-    """Refuse a model config whose parameters would not be the source's."""
-    new_d, old_d = dataclasses.asdict(new), dataclasses.asdict(old)
-    for key in new_d:
-        if key not in RUNTIME_MODEL_KEYS and new_d[key] != old_d.get(key):
+def check_same_model(new: ModelConfig, old: ModelConfig, src: str) -> None:
+    """Refuse a model config whose parameters would not be the source's (runtime fields aside)."""
+    runtime = config_lib.runtime_fields()
+    for key, (old_v, new_v) in config_lib.model_changes(dataclasses.asdict(old), new).items():
+        if key not in runtime:
             raise ConfigError(
-                f"model.{key}={new_d[key]!r} differs from the checkpoint '{src}' "
-                f"({old_d.get(key)!r}), so its parameters don't fit; drop that setting or "
-                f"start from a matching checkpoint."
+                f"model.{key}={new_v!r} differs from the checkpoint '{src}' ({old_v!r}), so "
+                f"its parameters don't fit; drop that setting or start from a matching "
+                f"checkpoint."
             )
+
+
+def restack(params: Any, old: ModelConfig, new: ModelConfig) -> Any:
+    """`old`'s parameters in the tree `new` expects: its blocks stacked or one per layer."""
+    if old.scan_layers == new.scan_layers:
+        return params
+    convert = stack_blocks if new.scan_layers else unstack_blocks
+    return convert(params, new.n_layers)
 
 
 def resolve_init_from(cfg: RunConfig) -> RunConfig:
     """Check `train.init_from` against `cfg` and default data.tokenizer to the source's."""
-    from jaxlm.data.tokenizer import load_tokenizer
-
     src = cfg.train.init_from
     src_cfg = source_config(src)
     check_same_model(cfg.model, src_cfg.model, src)
@@ -80,12 +87,8 @@ def resolve_init_from(cfg: RunConfig) -> RunConfig:
 
 def load_init_params(cfg: RunConfig, shardings: Any) -> Any:
     """The parameters of `train.init_from`, placed into the run's parameter shardings."""
-    import jax
-
-    from jaxlm.runs import load_run
-
     run = load_run(cfg.train.init_from)
-    host = jax.device_get(run.params)
+    host = jax.device_get(restack(run.params, run.cfg.model, cfg.model))
     if jax.tree.structure(host) != jax.tree.structure(shardings):
         raise ConfigError(
             f"The parameters in '{cfg.train.init_from}' are laid out differently from this "

@@ -11,9 +11,10 @@ from jaxlm import config as config_lib
 from jaxlm.config import RunConfig
 from jaxlm.errors import ConfigError
 
-# Keys that fix the shapes or meaning of the saved state/data; everything else may change.
+# Keys outside the model that fix the shapes or meaning of the saved state and data position.
+# The model's own rule is its fields' marking: architecture fields must match, runtime ones
+# (remat, attention, dtype, ...) may change; see jaxlm.config.schema.
 RESUME_CRITICAL = (
-    "model",
     "data.seq_len",
     "data.corpus",
     "data.tokenizer",
@@ -26,29 +27,38 @@ RESUME_CRITICAL = (
 
 def check_resumable(saved: dict[str, Any], cfg: RunConfig, workdir: Path) -> None:
     """Refuse to resume a run whose checkpoint was written with an incompatible config."""
+    runtime, layout = config_lib.runtime_fields(), config_lib.layout_fields()
+    for name, (old_v, new_v) in config_lib.model_changes(saved.get("model", {}), cfg.model).items():
+        if name in layout:  # the saved params and optimizer state keep the checkpoint's tree
+            raise ConfigError(
+                f"model.{name}={new_v!r} differs from the checkpoint in '{workdir}' ({old_v!r}), "
+                f"and a resume can't restack the layers of its saved train state; restore the "
+                f"old value, or fine-tune from it in a new --workdir with "
+                f"train.init_from={workdir}."
+            )
+        if name not in runtime:
+            _refuse(f"model.{name}", old_v, new_v, workdir)
     now = config_lib.to_dict(cfg)
     for key in RESUME_CRITICAL:
         section, _, name = key.partition(".")
-        old_v, new_v = saved.get(section, {}), now[section]
-        if name:
-            if name not in old_v:  # a key newer than the checkpoint: nothing to compare
-                continue
-            old_v, new_v = old_v.get(name), new_v[name]
-        else:  # fields added after the checkpoint was written keep their default meaning
-            new_v = {k: v for k, v in new_v.items() if k in old_v}
-        if old_v != new_v:
-            if not name:  # name the first differing model field
-                keys = sorted(set(old_v) | set(new_v))
-                k = next(k for k in keys if old_v.get(k) != new_v.get(k))
-                key, old_v, new_v = f"model.{k}", old_v.get(k), new_v.get(k)
-            raise ConfigError(
-                f"{key}={new_v!r} differs from the checkpoint in '{workdir}' ({old_v!r}), so "
-                f"the run can't resume; restore the old value or use a new --workdir."
-            )
+        old_section = saved.get(section, {})
+        if name in old_section and old_section[name] != now[section][name]:
+            _refuse(key, old_section[name], now[section][name], workdir)
+
+
+def _refuse(key: str, old_v: Any, new_v: Any, workdir: Path) -> None:
+    raise ConfigError(
+        f"{key}={new_v!r} differs from the checkpoint in '{workdir}' ({old_v!r}), so the run "
+        f"can't resume; restore the old value or use a new --workdir."
+    )
 
 
 def changed_settings(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """'section.key: old -> new' for every setting that differs from the checkpoint's."""
+    """'section.key: old -> new' for every setting that differs from the checkpoint's.
+
+    After `check_resumable` these are the accepted changes: runtime model fields (remat,
+    attention, dtype, ...) and settings of the loop such as train.steps.
+    """
     now = config_lib.to_dict(cfg)
     out = []
     for section, values in now.items():
