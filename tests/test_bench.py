@@ -8,6 +8,7 @@ import json
 import pytest
 
 from jaxlm.bench import attention as bench
+from jaxlm.bench import report
 from jaxlm.cli import main
 
 
@@ -37,12 +38,12 @@ def test_sweep_measures_each_impl_and_mode(tmp_path):
         assert row["tflops"] == pytest.approx(expected / row["median_ms"] / 1e9)
     assert all("GPU" in r["skipped"] for r in rows[4:])  # cuDNN on a CPU machine
 
-    env = bench.environment()
+    env = report.environment()
     assert {"device", "platform", "jax", "date", "pallas_mode"} <= set(env)
-    bench.write_json(tmp_path / "r.json", rows, env)
+    report.write_results(tmp_path / "r.json", rows, env)
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["environment"]["jax"] == env["jax"] and len(saved["results"]) == 6
-    text = bench.markdown(rows, env, "t")
+    text = report.markdown("t", env, bench.table(rows))
     assert text.count("\n| pallas |") == 2 and "cuDNN needs a GPU" in text
     wrote = bench.write_plot(tmp_path / "p.png", rows, env)
     assert wrote == (importlib.util.find_spec("matplotlib") is not None)

@@ -4,17 +4,13 @@ For every combination of the swept sizes and every implementation, forward and
 forward+backward: median wall time, TFLOP/s by the FlashAttention convention
 (4*B*S^2*H*D forward, halved when causal; backward counts 2.5x the forward), max abs
 error against a float32 reference, compile time, and XLA's compiled peak temporary memory.
-Every result carries the device, JAX version and date it was measured with.
+Every result carries the device, JAX version and date it was measured with (`report`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import itertools
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -27,10 +23,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.bench.plot import save_figure
-from jaxlm.kernels.flash_attention import BlockSizes, flash_attention, reference_attention
-from jaxlm.models.attention import attention_mask
-from jaxlm.models.attention import reference_attention as model_reference
+from jaxlm.bench import report
+from jaxlm.kernels.flash_attention import (
+    DEFAULT_BLOCKS,
+    BlockSizes,
+    flash_attention,
+    reference_attention,
+    resolve_backend,
+)
 
 IMPLS = ("reference", "xla", "cudnn", "pallas")
 MODES = ("fwd", "fwd+bwd")
@@ -60,36 +60,17 @@ def attention_flops(case: Case) -> float:
     return flops * (3.5 if case.mode == "fwd+bwd" else 1.0)
 
 
-def environment(mesh: Mesh | None = None) -> dict[str, Any]:
-    """Where and when the numbers were measured (or, with a mesh, compiled for)."""
-    dev = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
-    mode = "interpret" if dev.platform == "cpu" else "compiled"
-    return {
-        "device": dev.device_kind,
-        "platform": dev.platform,
-        "device_count": jax.device_count() if mesh is None else mesh.size,
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "pallas_mode": mode if mesh is None else "ahead-of-time compiled only, not run",
-    }
-
-
 def tpu_mesh(topology: str) -> Mesh:
     """A one-chip mesh of a TPU topology (e.g. v5e:2x2) to AOT-compile for; needs libtpu."""
-    # Describing a topology only compiles; don't take libtpu's single-process lock, or a
-    # second planner (or test worker) on the same machine fails.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
+    return Mesh(np.asarray(report.tpu_devices(topology)[:1]), ("chip",))
 
-    desc = topologies.get_topology_desc(
-        platform="tpu",
-        topology_name=topology,
-        chip_config_name="default",
-        chips_per_host_bounds=(2, 2, 1),
-        num_slices=1,
-    )
-    return Mesh(np.asarray(desc.devices[:1]), ("chip",))
+
+def block_sizes(platform: str, **given: int | None) -> BlockSizes | None:
+    """The platform's default Pallas blocks with the given sizes replaced; None if none given."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    return dataclasses.replace(DEFAULT_BLOCKS[resolve_backend(platform)], **given)
 
 
 def _attention_fn(
@@ -101,13 +82,7 @@ def _attention_fn(
             q, k, v, causal=causal, block_sizes=blocks, backend=backend
         )
     if impl == "reference":
-
-        def ref(q, k, v):
-            ones = jnp.ones(q.shape[:2], jnp.int32)
-            mask = attention_mask(ones, jnp.ones(k.shape[:2], jnp.int32), causal)
-            return model_reference(q, k, v, mask, q.shape[-1] ** -0.5)
-
-        return ref
+        return lambda q, k, v: reference_attention(q, k, v, causal=causal)
     return lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation=impl
     )
@@ -201,8 +176,8 @@ def measure(
     except Exception as e:  # an implementation the device lacks: record it, keep sweeping
         return {**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
     row["compile_s"] = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    row["temp_bytes"] = None if mem is None else int(mem.temp_size_in_bytes)
+    mem = report.memory_analysis(compiled)
+    row["temp_bytes"] = None if mem is None else mem["temp"]
     row.update(median_ms=None, tflops=None, max_abs_error=None)
     if compile_only:
         return row
@@ -249,10 +224,6 @@ def sweep(
     return rows
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 COLUMNS = (
     ("impl", "impl", "s"),
     ("mode", "mode", "s"),
@@ -268,45 +239,29 @@ COLUMNS = (
     ("max err", "max_abs_error", ".1e"),
     ("compile s", "compile_s", ".2f"),
     ("temp MiB", "temp_mib", ".1f"),
+    ("note", "skipped", "s"),
 )
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of result rows (skipped cases say why)."""
-    lines = [
-        "| " + " | ".join(name for name, _, _ in COLUMNS) + " | note |",
-        "|" + "---|" * (len(COLUMNS) + 1),
+    shown = [
+        {
+            **row,
+            "causal": str(row["causal"]).lower(),
+            "temp_mib": None if row.get("temp_bytes") is None else row["temp_bytes"] / 2**20,
+            "skipped": row.get("skipped", ""),
+        }
+        for row in rows
     ]
-    for row in rows:
-        shown = {**row, "causal": str(row["causal"]).lower()}
-        if row.get("temp_bytes") is not None:
-            shown["temp_mib"] = row["temp_bytes"] / 2**20
-        cells = [_fmt(shown.get(key), spec) for _, key, spec in COLUMNS]
-        lines.append("| " + " | ".join(cells) + f" | {row.get('skipped', '')} |")
-    return "\n".join(lines)
-
-
-def markdown(rows: Sequence[dict[str, Any]], env: dict[str, Any], title: str) -> str:
-    """A results file: title, environment, table."""
-    facts = ", ".join(f"{k}: {v}" for k, v in env.items())
-    return f"# {title}\n\n{facts}\n\n{table(rows)}\n"
-
-
-def write_json(path: str | Path, rows: Sequence[dict[str, Any]], env: dict[str, Any]) -> None:
-    """Results and environment as one JSON document."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"environment": env, "results": list(rows)}, indent=1))
+    return report.table(COLUMNS, shown)
 
 
 def write_plot(path: str | Path, rows: Sequence[dict[str, Any]], env: dict[str, Any]) -> bool:
     """PNG of TFLOP/s against sequence length: one panel per (mode, dtype), colour by
     implementation, line style by shape; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = report.pyplot()
+    if plt is None:
         return False
     timed = [r for r in rows if r.get("tflops") is not None]
     panels = sorted({(r["mode"], r["dtype"]) for r in timed})
@@ -338,5 +293,5 @@ def write_plot(path: str | Path, rows: Sequence[dict[str, Any]], env: dict[str, 
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"attention on {env['device']} (Pallas {env['pallas_mode']}), jax {env['jax']}")
-    save_figure(fig, path, dpi=90)
+    report.save_figure(fig, path, dpi=90)
     return True

@@ -1,8 +1,9 @@
 """Decoding speed: tokens/s with the KV cache (or carried state) vs recomputing each step.
 
-Both modes run the same jit-compiled `jaxlm.generate.decode` (greedy, one chunk): with the
-cache a step feeds one token; without it a step runs the model over the whole fixed-size
-buffer (prompt + new tokens) and reads one column, as a cache-less jitted decoder must.
+Both modes run the same jit-compiled `jaxlm.inference.generate.decode` (greedy, one
+chunk): with the cache a step feeds one token; without it a step runs the model over the
+whole fixed-size buffer (prompt + new tokens) and reads one column, as a cache-less jitted
+decoder must.
 Times are end to end per call (prefill included), the median of `iters` calls after a
 compiling warm-up call; tokens/s counts new tokens of all rows.
 """
@@ -14,21 +15,20 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.bench import report
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.inference.generate import decode
+from jaxlm.models import build_model
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> Any:
     """Freshly initialised float32 parameters (speed does not depend on training)."""
-    import flax.linen as nn
-
-    from jaxlm.models import build_model
-
     init = jax.jit(build_model(cfg).init)
     return nn.unbox(init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"])
 
@@ -121,12 +121,6 @@ COLUMNS = (
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of result rows."""
-    lines = [
-        "| " + " | ".join(name for name, _, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    for row in rows:
-        shown = {**row, "same_tokens": str(row["same_tokens"]).lower()}
-        cells = [format(shown[key], spec) for _, key, spec in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return report.table(
+        COLUMNS, [{**r, "same_tokens": str(r["same_tokens"]).lower()} for r in rows]
+    )

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxlm.bench import report
 from jaxlm.config import RunConfig
 from jaxlm.data.pipeline import BATCH_KEYS
 from jaxlm.errors import ConfigError
@@ -31,8 +31,6 @@ from jaxlm.train.step import jit_train_step, train_step_for
 GIB = 1024**3
 # HBM per chip by TPU generation, the default --device-memory-gb for a --topology.
 TPU_HBM_GB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
-# Chips per host of the multi-host slices libtpu describes, by generation (v5e/v6e: 4 too).
-TPU_CHIPS_PER_HOST = {"v4": (2, 2, 1), "v5p": (2, 2, 1), "v5e": (2, 2, 1), "v6e": (2, 2, 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +55,13 @@ class Plan:
     @property
     def peak_bytes(self) -> int:
         """Inputs, outputs that don't reuse donated inputs, temporaries and code, together."""
-        live = self.argument_bytes + self.output_bytes - self.alias_bytes
-        return live + self.temp_bytes + self.code_bytes
+        return report.peak_bytes(
+            self.argument_bytes,
+            self.output_bytes,
+            self.alias_bytes,
+            self.temp_bytes,
+            self.code_bytes,
+        )
 
     @property
     def fits(self) -> bool | None:
@@ -66,37 +69,6 @@ class Plan:
         if self.device_memory_bytes is None:
             return None
         return self.peak_bytes <= self.device_memory_bytes
-
-
-def tpu_devices(topology: str) -> list:
-    """Abstract devices of a TPU slice such as 'v5p:4x4x4', described by libtpu (no TPU)."""
-    generation, _, shape = topology.partition(":")
-    dims = shape.split("x")
-    if not shape or not all(d.isdigit() for d in dims):
-        raise ConfigError(
-            f"--topology={topology!r} is not of the form GENERATION:AxB[xC], e.g. v5p:4x4x4."
-        )
-    # Describing a topology only compiles; don't take libtpu's single-process lock, or a
-    # second planner (or test worker) on the same machine fails.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
-
-    bounds = TPU_CHIPS_PER_HOST.get(generation, (2, 2, 1))
-    try:
-        desc = topologies.get_topology_desc(
-            platform="tpu",
-            topology_name=topology,
-            chip_config_name="default",
-            chips_per_host_bounds=bounds if len(dims) == 3 else bounds[:2] + (1,),
-            num_slices=1,
-        )
-    except Exception as e:  # libtpu missing, or a topology it does not know
-        raise ConfigError(
-            f"Could not describe TPU topology {topology!r} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else 'no detail'}); install libtpu with "
-            f"pip install 'jax[tpu]=={jax.__version__}' or check the topology name."
-        ) from None
-    return list(desc.devices)
 
 
 def default_device_memory(topology: str | None) -> int | None:
@@ -141,7 +113,12 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
     compiled = (
         jit_train_step(step, shardings, mesh).lower(_abstract(abstract, shardings), batch).compile()
     )
-    mem = compiled.memory_analysis()
+    mem = report.memory_analysis(compiled)
+    if mem is None:
+        raise ConfigError(
+            f"XLA gives no memory analysis for {devices[0].platform} devices; plan for CPU "
+            "devices (--devices N) or a TPU topology (--topology) instead."
+        )
     return Plan(
         params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
         flops_per_token=flops_per_token(m, seq),
@@ -151,11 +128,11 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
         param_bytes=_shard_bytes(abstract.params, shardings.params),
         opt_bytes=_shard_bytes(abstract.opt_state, shardings.opt_state),
         batch_bytes=_shard_bytes(batch, jax.tree.map(lambda x: x.sharding, batch)),
-        temp_bytes=int(mem.temp_size_in_bytes),
-        argument_bytes=int(mem.argument_size_in_bytes),
-        output_bytes=int(mem.output_size_in_bytes),
-        alias_bytes=int(mem.alias_size_in_bytes),
-        code_bytes=int(mem.generated_code_size_in_bytes),
+        temp_bytes=mem["temp"],
+        argument_bytes=mem["argument"],
+        output_bytes=mem["output"],
+        alias_bytes=mem["alias"],
+        code_bytes=mem["generated_code"],
         device_memory_bytes=device_memory_bytes,
     )
 
@@ -181,7 +158,7 @@ def target_devices(cfg: RunConfig, topology: str | None, devices: int | None) ->
     """
     jax.config.update("jax_platforms", "cpu")
     if topology is not None:
-        return tpu_devices(topology)
+        return report.tpu_devices(topology)
     jax.config.update("jax_num_cpu_devices", cpu_device_count(cfg, devices))
     return jax.devices()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from jaxlm.bench.report import pyplot, save_figure
 from jaxlm.errors import ConfigError
 
 
@@ -62,15 +63,11 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path, x: str = "steps") 
                 f"{', '.join(missing)}: no config.yaml with train.batch_size and data.seq_len, "
                 f"so tokens are unknown; plot with --x steps."
             )
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         raise ConfigError(
             "jaxlm plot needs matplotlib; install it with pip install 'jaxlm[bench]'."
-        ) from None
+        )
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
@@ -100,15 +97,3 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path, x: str = "steps") 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, output)
-
-
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Lay out `fig`, write it to `path` (creating its directory) and free it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path

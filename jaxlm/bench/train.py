@@ -8,10 +8,7 @@ machine other jobs are loading. Memory is XLA's compiled estimate per device.
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,12 +17,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxlm.bench.plot import save_figure
+from jaxlm.bench import report
 from jaxlm.config import RunConfig
 from jaxlm.models import build_model
 from jaxlm.parallel.sharding import make_mesh, put_batch, validate_mesh
 from jaxlm.perf.flops import flops_per_token, mfu
-from jaxlm.perf.peak import ENV_OVERRIDE, cpu_model, device_peak, measure_matmul_flops
+from jaxlm.perf.peak import ENV_OVERRIDE, device_peak, measure_matmul_flops
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import init_train_state, param_count
 from jaxlm.train.step import jit_train_step, train_step_for
@@ -62,39 +59,6 @@ def synthetic_batch(cfg: RunConfig, seed: int = 0) -> dict[str, np.ndarray]:
         "segment_ids": np.ones((b, s), np.int32),
         "weights": np.ones((b, s), np.float32),
     }
-
-
-def environment() -> dict[str, Any]:
-    """Device, software and time of a measurement."""
-    dev = jax.devices()[0]
-    return {
-        "device": dev.device_kind,
-        "platform": dev.platform,
-        "device_count": jax.device_count(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def memory_per_device(compiled: Any) -> dict[str, int] | None:
-    """XLA's compiled memory estimate per device: arguments, outputs, temporaries, peak."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        return None
-    if m is None:
-        return None
-    out = {
-        k: int(getattr(m, f"{k}_size_in_bytes", 0))
-        for k in ("argument", "output", "temp", "alias", "generated_code")
-    }
-    # Donated state buffers are aliased by the outputs: count them once.
-    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    return out
 
 
 def _peak(dtype: str) -> tuple[float, str]:
@@ -146,7 +110,7 @@ def bench_train(
     tok_s = tokens / median
     return {
         "config": name,
-        "environment": environment(),
+        "environment": report.environment(),
         "settings": {
             "family": m.family,
             "d_model": m.d_model,
@@ -178,7 +142,7 @@ def bench_train(
         "peak_source": peak_source,
         "mfu": mfu(tok_s, fpt, peak, n_dev),
         "xla_flops_per_step": xla_flops,
-        "memory": memory_per_device(compiled),
+        "memory": report.memory_analysis(compiled),
         "final_loss": loss,
     }
 
@@ -196,7 +160,9 @@ def summary_line(r: dict[str, Any]) -> str:
     )
 
 
-TABLE_HEADER = (
+TABLE_PREAMBLE = (
+    "# `jaxlm bench train` results\n\nAppended by `jaxlm bench train`; MFU is against "
+    "the peak measured in the same process just before the timed steps.\n\n"
     "| date (UTC) | config | device | params | seq x batch | settings | step ms | tokens/s "
     "| TFLOP/s/dev | peak GFLOP/s/dev | MFU | compile s | peak MiB/dev |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -218,29 +184,6 @@ def table_row(r: dict[str, Any]) -> str:
         f"{r['tflops_per_sec_per_device']:.4f} | {r['peak_flops_per_device'] / 1e9:.1f} | "
         f"{r['mfu']:.1%} | {r['compile_s']:.1f} | {mem} |\n"
     )
-
-
-def append_table(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Append result rows to a markdown table, writing its header if the file is new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or not path.read_text(encoding="utf-8").strip()
-    with open(path, "a", encoding="utf-8") as f:
-        if new:
-            f.write(
-                "# `jaxlm bench train` results\n\nAppended by `jaxlm bench train`; MFU is against "
-                "the peak measured in the same process just before the timed steps.\n\n"
-            )
-            f.write(TABLE_HEADER)
-        for r in rows:
-            f.write(table_row(r))
-
-
-def write_json(path: str | Path, result: Any) -> None:
-    """Write one result (or a list of sweep results) as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 
 def sweep_overrides(
@@ -266,12 +209,8 @@ def sweep_overrides(
 def write_sweep_plot(path: str | Path, rows: list[dict[str, Any]]) -> bool:
     """tokens/s and MFU against parameter count, one line per (seq, batch); False without
     matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = report.pyplot()
+    if plt is None:
         return False
     fig, (ax_tok, ax_mfu) = plt.subplots(1, 2, figsize=(11, 4.2))
     groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
@@ -291,5 +230,5 @@ def write_sweep_plot(path: str | Path, rows: list[dict[str, Any]]) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"jaxlm bench train: {env['device']} x{env['device_count']}")
-    save_figure(fig, path)
+    report.save_figure(fig, path)
     return True

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-from pathlib import Path
 
 from jaxlm.cli.common import csv, formatter
 from jaxlm.errors import ConfigError
@@ -80,34 +78,14 @@ def register_bench(what) -> None:
     a.set_defaults(run=cmd_bench)
 
 
-def _jax_version() -> str:
-    import jax
-
-    return jax.__version__
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-
     from jaxlm.bench import attention as bench  # imports JAX: keep `--help` fast
+    from jaxlm.bench import report
 
-    mesh = None
-    if args.tpu_topology:
-        try:
-            mesh = bench.tpu_mesh(args.tpu_topology)
-        except Exception as e:  # no libtpu, or a topology name it does not know
-            raise ConfigError(
-                f"--tpu-topology {args.tpu_topology} could not be built ({e}); install libtpu "
-                f'with pip install "jax[tpu]=={_jax_version()}" and use a name like v5e:2x2.'
-            ) from None
-    env = bench.environment(mesh)
+    mesh = bench.tpu_mesh(args.tpu_topology) if args.tpu_topology else None
+    env = report.environment(mesh)
     impls = args.impls or ["xla", "pallas"] + (["cudnn"] if env["platform"] == "gpu" else [])
-    blocks = None
     sizes = {n: getattr(args, n) for n in ("block_q", "block_k", "block_q_bwd", "block_k_bwd")}
-    if any(v is not None for v in sizes.values()):
-        from jaxlm.kernels.flash_attention import DEFAULT_BLOCKS, resolve_backend
-
-        given = {k: v for k, v in sizes.items() if v is not None}
-        blocks = dataclasses.replace(DEFAULT_BLOCKS[resolve_backend(env["platform"])], **given)
     try:
         rows = bench.sweep(
             impls,
@@ -122,7 +100,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             iters=args.iters,
             compile_only=args.compile_only,
             check=not args.no_check,
-            blocks=blocks,
+            blocks=bench.block_sizes(env["platform"], **sizes),
             mesh=mesh,
             progress=lambda row: print(bench.table([row]).splitlines()[-1], file=sys.stderr),
         )
@@ -131,10 +109,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(json.dumps(env))
     print(bench.table(rows))
     if args.json:
-        bench.write_json(args.json, rows, env)
+        report.write_results(args.json, rows, env)
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(bench.markdown(rows, env, args.title))
+        report.write_text(args.markdown, report.markdown(args.title, env, bench.table(rows)))
     if args.plot and not bench.write_plot(args.plot, rows, env):
         print(
             "jaxlm bench: matplotlib is not installed, so no plot was written "

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from jaxlm.cli.common import add_config_args, csv, formatter
+from jaxlm.config import load_config
+from jaxlm.errors import ConfigError
 
 
 def register_bench(what) -> None:
@@ -37,29 +38,24 @@ def register_bench(what) -> None:
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> int:
-    from jaxlm.errors import ConfigError
-
     if args.iters < 1:
         raise ConfigError(f"--iters {args.iters} must be at least 1.")
     if args.checkpoint and (args.config or args.overrides):
         raise ConfigError("Give --checkpoint or --config/overrides, not both.")
-    from jaxlm.bench import attention as bench
-    from jaxlm.bench import decode as decode_bench
+    from jaxlm.bench import decode as decode_bench  # imports JAX: keep `--help` fast
+    from jaxlm.bench import report
 
     if args.checkpoint:
-        from jaxlm.runs import checkpoint_dir, open_checkpoint
+        from jaxlm.runs import checkpoint_dir, open_checkpoint  # orbax: only when needed
 
         run = open_checkpoint(*checkpoint_dir(args.checkpoint))
         cfg, params, source = run.cfg.model, run.params, f"checkpoint {args.checkpoint}"
     else:
-        from jaxlm.config import load_config
-
         cfg = load_config(args.config, args.overrides).model
         params = decode_bench.random_params(cfg)
         source = " ".join(["config", args.config or "(defaults)", *args.overrides])
         source += ", random params"
-    env = {**bench.environment(), "model": source}
-    env.pop("pallas_mode", None)
+    env = {**report.environment(), "model": source}
     rows = decode_bench.sweep(
         cfg,
         params,
@@ -72,11 +68,8 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     print(json.dumps(env))
     print(decode_bench.table(rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+        report.write_results(args.json, rows, env)
     if args.markdown:
-        facts = ", ".join(f"{k}: {v}" for k, v in env.items())
-        text = f"# Decoding speed: KV cache vs recompute\n\n{facts}\n\n{decode_bench.table(rows)}\n"
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text)
+        title = "Decoding speed: KV cache vs recompute"
+        report.write_text(args.markdown, report.markdown(title, env, decode_bench.table(rows)))
     return 0

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from jaxlm.cli.common import add_config_args, csv, formatter
+from jaxlm.config import load_config
+from jaxlm.errors import ConfigError
 
 
 def register_bench(what) -> None:
@@ -36,14 +38,13 @@ def register_bench(what) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from jaxlm.bench import train as bench_train  # imports JAX: keep `--help` fast
-    from jaxlm.config import load_config
-    from jaxlm.errors import ConfigError
-
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(
             f"--steps {args.steps} / --warmup {args.warmup}: use steps >= 1, warmup >= 0."
         )
+    from jaxlm.bench import report  # imports JAX: keep `--help` fast
+    from jaxlm.bench import train as bench_train
+
     sweeping = args.sweep or any(x is not None for x in (args.d_model, args.seq, args.batch))
     variants = bench_train.sweep_overrides(args.d_model, args.seq, args.batch) if sweeping else [[]]
     configs = [load_config(args.config, list(args.overrides) + ov) for ov in variants]
@@ -57,9 +58,11 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     out = results if sweeping else results[0]
     print(json.dumps(out if sweeping else _brief(out)))
     if args.json:
-        bench_train.write_json(args.json, out)
+        report.write_json(args.json, out)
     if args.table:
-        bench_train.append_table(args.table, results)
+        report.append_table(
+            args.table, bench_train.TABLE_PREAMBLE, map(bench_train.table_row, results)
+        )
     if args.plot and not bench_train.write_sweep_plot(args.plot, results):
         print(
             "jaxlm bench train: matplotlib is not installed, so no plot was written "

@@ -32,6 +32,7 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
 from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data.views import splitmix64
 from jaxlm.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
@@ -321,15 +322,6 @@ class _EpochShuffle(grain.MapDataset):
         return self._parent[int(self._perm[pos])]
 
 
-def _splitmix64(x: int) -> int:
-    """A well-mixed 64-bit hash of an integer (SplitMix64), in plain Python for speed."""
-    mask = (1 << 64) - 1
-    z = (x + 0x9E3779B97F4A7C15) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return z ^ (z >> 31)
-
-
 class _WeightedMix(grain.IterDataset):
     """Draws each element from a source picked at random in proportion to its weight."""
 
@@ -356,7 +348,7 @@ class _WeightedMixIterator(grain.DatasetIterator):
         self._drawn, self._taken = 0, [0] * len(parents)
 
     def __next__(self) -> Any:
-        u = _splitmix64(self._key + self._drawn) / 2.0**64
+        u = splitmix64(self._key + self._drawn) / 2.0**64
         s = min(bisect.bisect_right(self._cdf, u), len(self._taken) - 1)
         element = self._sources[s][self._taken[s]]
         self._drawn += 1

@@ -41,13 +41,24 @@ class Concat:
         return self.parts[k][i - int(self._starts[k])]
 
 
-def _splitmix64(x_N: np.ndarray) -> np.ndarray:
-    """A well-mixed 64-bit hash of each element (Steele et al.'s SplitMix64 finaliser)."""
-    with np.errstate(over="ignore"):
-        z = x_N.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int | np.ndarray) -> int | np.ndarray:
+    """A well-mixed 64-bit hash (Steele et al.'s SplitMix64 finaliser) of a Python int, taken
+    mod 2**64, or of each element of an integer array, as uint64: the same bits either way."""
+    if isinstance(x, int):  # plain Python ints: about a microsecond, for per-element callers
+        return _mix64(x)
+    with np.errstate(over="ignore"):  # uint64 products wrap mod 2**64, as the hash wants
+        return _mix64(np.asarray(x).astype(np.uint64))
+
+
+def _mix64(z):
+    # `& _MASK64` keeps Python ints to 64 bits; on uint64 arrays it changes nothing.
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def hash_split(n_docs: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +69,7 @@ def hash_split(n_docs: int, fraction: float, seed: int) -> tuple[np.ndarray, np.
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"validation_fraction={fraction} must lie strictly between 0 and 1.")
     index_N = np.arange(n_docs, dtype=np.uint64)
-    salt = _splitmix64(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
-    u_N = (_splitmix64(index_N ^ salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    salt = splitmix64(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    u_N = (splitmix64(index_N ^ salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     held_out = u_N < fraction
     return np.nonzero(~held_out)[0], np.nonzero(held_out)[0]

@@ -191,8 +191,13 @@ def reference_attention(
     causal: bool = True,
     q_offset: int = 0,
     scale: float | None = None,
+    mask_BxSxT: jax.Array | None = None,
 ) -> jax.Array:
-    """Plain-jnp attention with the kernel's exact semantics; materialises B x H x S x T."""
+    """Plain-jnp attention with the kernel's exact semantics; materialises B x H x S x T.
+
+    The float32 ground truth of every attention implementation. `mask_BxSxT`, if given,
+    further limits which keys a query sees (True: visible), for callers whose mask is built.
+    """
     b, s, h, e = q_BxSxHxE.shape
     t, kh = k_BxTxKxE.shape[1:3]
     scale = e**-0.5 if scale is None else scale
@@ -204,9 +209,9 @@ def reference_attention(
         preferred_element_type=jnp.float32,
         precision=jax.lax.Precision.HIGHEST,
     )
-    ok_BxSxT = jnp.ones((b, s, t), bool)
+    ok_BxSxT = jnp.ones((b, s, t), bool) if mask_BxSxT is None else mask_BxSxT
     if q_segment_ids_BxS is not None:
-        ok_BxSxT = q_segment_ids_BxS[:, :, None] == kv_segment_ids_BxT[:, None, :]
+        ok_BxSxT = ok_BxSxT & (q_segment_ids_BxS[:, :, None] == kv_segment_ids_BxT[:, None, :])
     if causal:
         ok_BxSxT = ok_BxSxT & (jnp.arange(t)[None, :] <= jnp.arange(s)[:, None] + q_offset)
     ok = ok_BxSxT[:, None, None]

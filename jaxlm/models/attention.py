@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlm.config import ModelConfig
 from jaxlm.kernels.flash_attention import flash_attention
+from jaxlm.kernels.flash_attention import reference_attention as kernel_reference
 from jaxlm.models.layers import Dense, Kernel, dtype_of, rotary, stacked_dense
 from jaxlm.models.scan import ATTENTION_OUT, QKV
 from jaxlm.parallel.sharding import BATCH_AXES
@@ -45,19 +46,10 @@ def attention_mask(
 
 
 def reference_attention(q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, mask_Bx1xSxT, scale: float):
-    """Materialises the full score matrix in float32; simple and exact."""
-    b, s, h, e = q_BxSxHxE.shape
-    k = k_BxTxKxE.shape[2]
-    q_BxSxKxGxE = q_BxSxHxE.reshape(b, s, k, h // k, e)
-    logits = (
-        jnp.einsum("bskge,btke->bkgst", q_BxSxKxGxE, k_BxTxKxE, preferred_element_type=jnp.float32)
-        * scale
+    """The kernels' float32 ground truth under this module's mask; simple and exact."""
+    return kernel_reference(
+        q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, causal=False, scale=scale, mask_BxSxT=mask_Bx1xSxT[:, 0]
     )
-    # A finite "minus infinity" keeps fully masked rows (if any) free of NaN.
-    logits = jnp.where(mask_Bx1xSxT[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxTxKxE.dtype)
-    out = jnp.einsum("bkgst,btke->bskge", probs, v_BxTxKxE, preferred_element_type=jnp.float32)
-    return out.reshape(b, s, h, e).astype(q_BxSxHxE.dtype)
 
 
 def xla_attention(q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, mask_Bx1xSxT, scale: float):

@@ -1,0 +1,151 @@
+"""`jaxlm bench data`: corpus preparation and pipeline throughput against what training eats.
+
+Rows measured on the built-in Shakespeare corpus:
+  prepare (N workers)     tokens/s tokenized and written by `jaxlm data prepare`
+  pipeline: <source>      tokens/s of packed batches one process produces, after warm-up
+  train step              tokens/s the configured model consumes (timed real train steps)
+The pipeline rows also give their ratio to the train step (the issue asks for >= 10x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+import sentencepiece
+
+from jaxlm.bench import report
+from jaxlm.bench.train import bench_train
+from jaxlm.config import RunConfig
+from jaxlm.data import corpus
+from jaxlm.data.dataset import prepare_corpus
+from jaxlm.data.mixture import load_prepared_corpus
+from jaxlm.data.pipeline import make_train_iterator
+from jaxlm.data.prepare import prepare
+from jaxlm.data.tokenizer import train_tokenizer
+
+COLUMNS = (("what", "what", "s"), ("tokens/s", "tokens/s", ",.0f"), ("note", "note", "s"))
+
+
+def environment() -> dict[str, Any]:
+    """The benchmarks' environment plus the data libraries' versions and the machine's load."""
+    return {
+        **report.environment(),
+        # Other work on the machine slows the train step more than the pipeline: say how much.
+        "load average (1 min)": round(os.getloadavg()[0], 1),
+        "grain": getattr(grain, "__version__", "?"),
+        "numpy": np.__version__,
+        "sentencepiece": sentencepiece.__version__,
+    }
+
+
+def _time_pipeline(it: Iterator[dict[str, np.ndarray]], batches: int, warmup: int) -> float:
+    """Tokens per second of an iterator of batches, after `warmup` batches."""
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    tokens = 0
+    for _ in range(batches):
+        tokens += next(it)["inputs"].size
+    return tokens / (time.perf_counter() - t0)
+
+
+def _time_prepare(root: Path, copies: int, workers: int, cfg: RunConfig) -> tuple[str, list]:
+    """Write the built-in corpus as JSONL, train a tokenizer, and time `data prepare` with 1
+    and `workers` processes; the tokenizer's path and one row per worker count."""
+    works = corpus.load_builtin_works()
+    # The same documents the in-memory path trains on, one JSONL file per work, so the
+    # prepared rows compare like with like.
+    text_dir = root / "text"
+    text_dir.mkdir()
+    for w in works:
+        docs = corpus.split_documents(w.text, cfg.data.doc_chars)
+        lines = "".join(json.dumps({"text": doc}) + "\n" for doc in docs)
+        for copy in range(copies):  # enough text that process start-up is amortised
+            (text_dir / f"{w.name}-{copy}.jsonl").write_text(lines, encoding="utf-8")
+    # The tokenizer is trained to the model's vocabulary size.
+    tok = train_tokenizer((w.text for w in works), str(root / "tok.model"), cfg.model.vocab_size)
+    total_bytes = copies * sum(len(w.text.encode("utf-8")) for w in works)
+    rows = []
+    for n in sorted({1, max(1, workers)}):
+        t0 = time.perf_counter()
+        man = prepare(
+            [str(text_dir / "*.jsonl")], tok.path, root / f"prepared-{n}",
+            workers=n, shard_bytes=total_bytes // 8 + 1, progress=False, log=lambda m: None,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        note = f"{man['tokens']:,} tokens, {total_bytes / 1e6:.1f} MB in {seconds:.2f} s"
+        rows.append(
+            {
+                "what": f"data prepare, {n} worker(s)",
+                "tokens/s": man["tokens"] / seconds,
+                "note": note,
+            }
+        )
+    return tok.path, rows
+
+
+def bench_data(
+    cfg: RunConfig,
+    *,
+    batches: int = 200,
+    warmup: int = 20,
+    train_steps: int = 10,
+    train_tokens_per_s: float | None = None,
+    workers: int = 1,
+    copies: int = 3,
+) -> list[dict[str, Any]]:
+    """Rows of tokens/s: `data prepare`, the pipeline over four kinds of source, and the train
+    step of `cfg` (timed, unless `train_tokens_per_s` is given)."""
+    d, t = cfg.data, cfg.train
+    with tempfile.TemporaryDirectory(prefix="jaxlm-bench-data-") as tmp:
+        root = Path(tmp)
+        tok_path, rows = _time_prepare(root, copies, workers, cfg)
+        prepared = str(root / "prepared-1")
+        # A second copy under another name, as the second source of a mixture.
+        shutil.copytree(prepared, root / "prepared-1b")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, tokenizer=tok_path))
+        text_corpus = prepare_corpus(cfg, root / "run")
+        pc = load_prepared_corpus(cfg, [(prepared, 1.0)])
+        pc2 = load_prepared_corpus(cfg, [(prepared, 0.7), (str(root / "prepared-1b"), 0.3)])
+        k = math.gcd(t.batch_size, 8)
+        cases = [
+            ("built-in text corpus in memory, 1 stream", text_corpus.train_docs, 1, 1),
+            (f"prepared shards (mmap), {k} streams", pc.sources, k, 1),
+            (f"prepared shards, {k} streams, one host of 4", pc.sources, k, 4),
+            (f"mixture of 2 prepared sources, {k} streams", pc2.sources, k, 1),
+        ]
+        for name, sources, streams, hosts in cases:
+            it = make_train_iterator(
+                sources, d.seq_len, t.batch_size, d.seed, shard_count=hosts, streams=streams,
+                prefetch=d.prefetch,
+            )  # fmt: skip
+            rate = _time_pipeline(it, batches, warmup)
+            rows.append({"what": f"pipeline: {name}", "tokens/s": rate, "hosts": hosts})
+        if train_tokens_per_s:
+            train_rate, how = train_tokens_per_s, "given by --train-tokens-per-s"
+        else:
+            train_rate = bench_train(cfg, steps=train_steps)["tokens_per_sec"]
+            how = f"{train_steps} timed steps of {t.batch_size}x{d.seq_len} tokens"
+        rows.append({"what": "train step consumes", "tokens/s": train_rate, "note": how})
+    for r in rows:
+        if r["what"].startswith("pipeline"):
+            # A host of n feeds 1/n of each global batch, so it must keep up with 1/n of the rate.
+            need = train_rate / r["hosts"]
+            r["note"] = f"{r['tokens/s'] / need:.0f}x what the train step needs from it"
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """The results file: title, environment (taken now), table."""
+    return report.markdown(title, environment(), report.table(COLUMNS, rows, right=("tokens/s",)))
