@@ -22,7 +22,8 @@ COMMAND_MODULES = [
     "jaxlm.cli.finetune",
     "jaxlm.cli.bench",
     "jaxlm.cli.plot",
-    "jaxlm.cli.plan",  # launch, plan
+    "jaxlm.cli.launch",
+    "jaxlm.cli.plan",
     "jaxlm.cli.tokenizer",
     "jaxlm.cli.data",
     "jaxlm.cli.convert",  # convert from-hf, to-hf

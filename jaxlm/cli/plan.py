@@ -1,19 +1,16 @@
-"""`jaxlm plan` and `jaxlm launch`."""
+"""`jaxlm plan`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from jaxlm.cli.common import add_config_args, formatter
+from jaxlm.cli.common import add_config_args
 from jaxlm.config import load_config
-from jaxlm.launch.render import add_launch_parser
 
 
 def register(sub) -> None:
-    add_launch_parser(sub, add_config_args, formatter)
-    sub.choices["launch"].set_defaults(run=cmd_launch)
-    """`jaxlm plan`: size a config for a mesh before booking the hardware."""
+    # `jaxlm plan`: size a config for a mesh before booking the hardware.
     p = sub.add_parser(
         "plan",
         help="parameters, FLOPs/token and per-device memory; does it fit?",
@@ -29,13 +26,6 @@ def register(sub) -> None:
     p.add_argument("--devices", type=int, metavar="N", help="fake CPU devices (no --topology)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_plan)
-
-
-def cmd_launch(args: argparse.Namespace) -> int:
-    from jaxlm.launch.render import LaunchOptions, launch
-
-    cfg = load_config(args.config, args.overrides)
-    return launch(args.target, cfg, LaunchOptions.from_dict(vars(args)), dry_run=args.dry_run)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from jaxlm.data import shards as shard_io
 from jaxlm.data.sources import SkipCounts, expand_inputs, iter_documents, source_record
@@ -242,7 +243,6 @@ def prepare(
 def _bar(enabled: bool, total: int):
     if not enabled:
         return None
-    from tqdm import tqdm
 
     return tqdm(
         total=total, desc="prepare", unit="B", unit_scale=True, dynamic_ncols=True, file=sys.stderr

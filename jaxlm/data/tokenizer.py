@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from jaxlm.data.hf_tokenizer import HFTokenizer  # needs the optional `tokenizers`
 from jaxlm.errors import ConfigError
 
 # Fixed special ids, so every model trained here lays out its embedding table the same way.
@@ -181,8 +182,6 @@ def load_tokenizer(path: str):
     need not know which one they hold.
     """
     if str(path).endswith(".json"):
-        from jaxlm.data.hf_tokenizer import HFTokenizer  # needs the optional `tokenizers`
-
         return HFTokenizer.load(str(path))
     return Tokenizer.load(str(path))
 

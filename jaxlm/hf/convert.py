@@ -15,12 +15,21 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+import ml_dtypes  # comes with JAX; also teaches safetensors' numpy side bfloat16
 import numpy as np
+import orbax.checkpoint as ocp
+import sentencepiece as spm
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxlm.config import DataConfig, RunConfig, resolve, to_yaml, validate
+from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.hf.config import hf_config_from_model, hf_model_type, model_config_from_hf
 from jaxlm.hf.weights import params_from_hf, params_to_hf
+from jaxlm.models.scan import unstack_blocks
+from jaxlm.runs import EXPORT_INFO, abstract_params, load_run
 
 DTYPES = ("float32", "bfloat16")
 # Tokenizer files, in order of preference: transformers itself prefers tokenizer.json.
@@ -39,8 +48,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _np_dtype(name: str) -> Any:
-    import ml_dtypes  # comes with JAX; also teaches safetensors' numpy side bfloat16
-
     return np.float32 if name == "float32" else ml_dtypes.bfloat16
 
 
@@ -79,9 +86,6 @@ class SafetensorsWeights(Mapping[str, np.ndarray]):
     """
 
     def __init__(self, src: Path) -> None:
-        import ml_dtypes  # noqa: F401  (lets safetensors' numpy side read bfloat16)
-        from safetensors import safe_open
-
         index = src / "model.safetensors.index.json"
         if (src / "model.safetensors").is_file():
             files = [src / "model.safetensors"]
@@ -119,7 +123,6 @@ def _tokenizer_file(src: Path) -> Path | None:
 
 def _copy_tokenizer(src_file: Path, dst_file: Path) -> Any:
     """Copy a tokenizer to `dst_file`, with the special-token names HFTokenizer reads."""
-    from jaxlm.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(src_file))  # reads the HF files beside it for special ids
     shutil.copyfile(src_file, dst_file)
@@ -137,7 +140,6 @@ def _copy_tokenizer(src_file: Path, dst_file: Path) -> Any:
 def _token(tokenizer: Any, i: int) -> str:
     if hasattr(tokenizer, "id_to_token"):
         return tokenizer.id_to_token(i)
-    import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=tokenizer.path).IdToPiece(i)
 
@@ -176,10 +178,6 @@ def from_hf(
     The tokenizer is `tokenizer` if given, else the directory's tokenizer.json or
     tokenizer.model; it is copied so the output is self-contained.
     """
-    import jax
-    import orbax.checkpoint as ocp
-
-    from jaxlm.runs import EXPORT_INFO, abstract_params
 
     src, output = Path(src), Path(output)
     _check_dtype(dtype)
@@ -238,10 +236,6 @@ def from_hf(
 
 def to_hf(path: str | Path, output: str | Path, dtype: str = "float32") -> dict[str, Any]:
     """Write a run's or export's model as a transformers directory `output`."""
-    import jax
-    from safetensors.numpy import save_file
-
-    from jaxlm.runs import load_run
 
     output = Path(output)
     _check_dtype(dtype)
@@ -253,8 +247,6 @@ def to_hf(path: str | Path, output: str | Path, dtype: str = "float32") -> dict[
     def fill(tmp: Path) -> None:
         params = jax.device_get(run.params)
         if getattr(model, "scan_layers", False):  # stacked blocks -> block_0 .. block_{L-1}
-            from jaxlm.models.scan import unstack_blocks
-
             params = unstack_blocks(params, model.n_layers)
         tensors = params_to_hf(kind, model, params)
         tensors = {k: v.astype(_np_dtype(dtype)) for k, v in tensors.items()}

@@ -3,25 +3,40 @@ the run's validation split, and multiple-choice accuracy."""
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxlm.config import MeshConfig
+from jaxlm.data.dataset import prepare_corpus
+from jaxlm.data.pipeline import tokenize_documents
+from jaxlm.data.shards import open_prepared
 from jaxlm.errors import ConfigError
+from jaxlm.inference.scoring import (
+    batches_of,
+    choice_accuracy,
+    choice_rows,
+    iter_rows,
+    read_choice_items,
+    read_documents,
+    summarize,
+)
+from jaxlm.models import build_model
+from jaxlm.parallel.sharding import logical_sharding, make_mesh, put_batch
 from jaxlm.runs import Run, check_vocab
+from jaxlm.train.step import jit_eval_step, make_eval_step
 
 
 class Evaluator:
     """A run's parameters laid out on the current devices, with compiled scoring steps."""
 
     def __init__(self, run: Run, batch_size: int | None = None, progress: bool = True) -> None:
-        import jax
-
-        from jaxlm.config import MeshConfig
-        from jaxlm.models import build_model
-        from jaxlm.parallel.sharding import logical_sharding, make_mesh
-        from jaxlm.train.step import jit_eval_step, make_eval_step
-
         check_vocab(run)
         self.run, self.progress = run, progress
         cfg = run.cfg
@@ -48,16 +63,9 @@ class Evaluator:
         progress bar counts finished batches, not dispatched ones. With several processes
         each one feeds its own block of every batch's rows.
         """
-        import collections
-
-        import jax
-
-        from jaxlm.parallel.sharding import put_batch
 
         bar = None
         if self.progress and jax.process_index() == 0:
-            from tqdm import tqdm
-
             bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
         n_proc, proc = jax.process_count(), jax.process_index()
         n = self.batch_size // n_proc
@@ -81,7 +89,6 @@ class Evaluator:
 
     def loss_sums(self, token_docs: Iterable, desc: str = "eval") -> tuple[float, float]:
         """(summed next-token nats, target tokens) over documents packed into seq_len rows."""
-        from jaxlm.inference.scoring import batches_of, iter_rows
 
         docs = (self._check_ids(d) for d in token_docs)
         batches = batches_of(iter_rows(docs, self.seq_len), self.batch_size)
@@ -96,9 +103,6 @@ class Evaluator:
 
     def row_logliks(self, rows: list[dict], desc: str = "choices") -> list[float]:
         """Summed log-probability of each row's weighted targets."""
-        import numpy as np
-
-        from jaxlm.inference.scoring import batches_of
 
         for r in rows:
             self._check_ids(r["inputs"])
@@ -109,7 +113,6 @@ class Evaluator:
 
     def _check_ids(self, ids):
         """`ids`, after checking the model can embed every one of them."""
-        import numpy as np
 
         vocab = self.run.cfg.model.vocab_size
         top = int(np.max(ids)) if len(ids) else 0
@@ -123,8 +126,6 @@ class Evaluator:
 
 def _make_loglik_step(model):
     """Per-row summed log-probability of the weighted targets."""
-    import jax
-    import jax.numpy as jnp
 
     def step(params, batch):
         logits_BxSxV = model.apply(
@@ -139,8 +140,6 @@ def _make_loglik_step(model):
 
 def evaluate_text(ev: Evaluator, path: str | Path) -> dict[str, Any]:
     """Loss, perplexity and bits-per-byte of a .txt/.jsonl file (or a prepared shard dir)."""
-    from jaxlm.data.pipeline import tokenize_documents
-    from jaxlm.inference.scoring import read_documents, summarize
 
     if Path(path).is_dir():
         return evaluate_prepared(ev, path)
@@ -158,15 +157,6 @@ _BYTE_KEYS = ("bytes", "num_bytes", "text_bytes")
 
 def evaluate_prepared(ev: Evaluator, path: str | Path) -> dict[str, Any]:
     """The same for a directory written by `jaxlm data prepare` (token ids, no text)."""
-    from jaxlm.inference.scoring import summarize
-
-    try:
-        from jaxlm.data.shards import open_prepared
-    except ImportError:
-        raise ConfigError(
-            f"--data '{path}' is a directory but this jaxlm cannot read prepared shards; "
-            "give a .txt or .jsonl file."
-        ) from None
     prepared = open_prepared(path)
     manifest = prepared.manifest
     sha = manifest.get("tokenizer_sha256") or (manifest.get("tokenizer") or {}).get("sha256")
@@ -187,8 +177,6 @@ def evaluate_prepared(ev: Evaluator, path: str | Path) -> dict[str, Any]:
 
 def evaluate_validation(ev: Evaluator, workdir: str | Path) -> dict[str, Any]:
     """The run's own validation split; bytes are those of the decoded documents."""
-    from jaxlm.data.dataset import prepare_corpus
-    from jaxlm.inference.scoring import summarize
 
     docs = prepare_corpus(ev.run.cfg, Path(workdir)).val_docs
     nats, tokens = ev.loss_sums(docs, "validation")
@@ -200,7 +188,6 @@ def evaluate_choices(
     ev: Evaluator, path: str | Path, items: list[dict] | None = None
 ) -> dict[str, Any]:
     """Multiple-choice accuracy (summed and per-byte log-likelihood) of a JSONL item file."""
-    from jaxlm.inference.scoring import choice_accuracy, choice_rows, read_choice_items
 
     items = read_choice_items(path) if items is None else items
     tok = ev.run.tokenizer

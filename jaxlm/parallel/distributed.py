@@ -19,6 +19,11 @@ import jax
 
 from jaxlm.errors import ConfigError
 
+try:  # the detectors behind a bare jax.distributed.initialize() (a private module)
+    from jax._src import clusters as _clusters
+except ImportError:  # a JAX that moved them: jax_cluster() still honours SLURM steps
+    _clusters = None
+
 INIT_TIMEOUT_S = 300  # how long processes wait for each other at start-up
 HEARTBEAT_TIMEOUT_S = 100  # a peer silent this long is declared dead and the job fails
 ENV_KEYS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -45,11 +50,9 @@ def _int_env(env: Mapping[str, str], key: str) -> int:
 
 def jax_cluster() -> str | None:
     """Name of the first cluster environment JAX's own auto-detection recognises, if any."""
-    try:  # the detectors behind a bare jax.distributed.initialize() (a private module)
-        from jax._src import clusters
-
-        cluster_types = list(clusters.ClusterEnv._cluster_types)
-    except (ImportError, AttributeError):  # a JAX that moved them: still honour SLURM steps
+    try:
+        cluster_types = list(_clusters.ClusterEnv._cluster_types)
+    except AttributeError:  # a JAX that moved them: still honour SLURM steps
         return "slurm" if "SLURM_STEP_NODELIST" in os.environ else None
     with warnings.catch_warnings():  # k8s detection warns in every pod lacking `kubernetes`
         warnings.simplefilter("ignore")

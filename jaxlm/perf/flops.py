@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
+
 from jaxlm.config import ModelConfig
+from jaxlm.models import build_model
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -65,10 +69,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
 
 def param_count(cfg: ModelConfig) -> int:
     """Number of parameters of the model a config describes (shapes only, nothing allocated)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxlm.models import build_model
 
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     shapes = jax.eval_shape(lambda t: build_model(cfg).init(jax.random.PRNGKey(0), t), tokens)

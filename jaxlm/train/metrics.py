@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tensorboardX import SummaryWriter
+
 
 class MetricsWriter:
     """Appends metrics to RUN_DIR/metrics.jsonl and TensorBoard event files.
@@ -25,12 +27,7 @@ class MetricsWriter:
         workdir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(workdir / "tensorboard"))
-            except ImportError:  # TensorBoard files are a convenience, not a requirement
-                self._tb = None
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
         """Record scalars for one step under `prefix/` (train, eval, ...)."""
