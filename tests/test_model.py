@@ -1,8 +1,11 @@
-"""Property tests of the Transformer LM: causality, packing, positions, attention kernels,
-logical axis names, weight tying, KV-cache decoding and mixed precision."""
+"""Property tests of the language models. Every family (Transformer, LSTM/GRU, Hawk) shares
+one wrapper, so the invariants run over all five: causality, packed documents, cached decode
+== full forward, logical axis names, weight tying, parameter counts, mixed precision. Then the
+Transformer's own: positions and the attention implementations."""
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -15,19 +18,26 @@ from jaxlm.inference.generate import generate
 from jaxlm.models import build_model
 from jaxlm.models.attention import attend
 from jaxlm.parallel.sharding import LOGICAL_RULES
-from jaxlm.perf.flops import matmul_params
+from jaxlm.perf.flops import flops_per_token, matmul_params
 from jaxlm.train.state import param_count
 
 B, S, V = 2, 16, 64
-FAMILIES = ("gpt2", "llama")
-PARAM_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", None}
+FAMILIES = ("gpt2", "llama", "lstm", "gru", "hawk")
+TRANSFORMERS = ("gpt2", "llama")
+PARAM_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "rnn", None}
 
 
 def tiny_cfg(family: str, **overrides) -> ModelConfig:
-    """A resolved two-layer model; Llama gets fewer kv heads than query heads (GQA)."""
+    """A resolved two-layer model; Llama gets fewer kv heads than query heads (GQA).
+
+    All but GPT-2 get an untied head, so greedy output isn't the input token and the token
+    embedding is read on the input side only.
+    """
     kw = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, init_std=0.1)
     if family == "llama":
         kw["n_kv_heads"] = 2
+    if family != "gpt2":
+        kw["tie_embeddings"] = False
     kw.update(overrides)
     return resolve(RunConfig(model=ModelConfig(family=family, **kw))).model
 
@@ -35,8 +45,8 @@ def tiny_cfg(family: str, **overrides) -> ModelConfig:
 @functools.cache
 def init_params(cfg: ModelConfig, seed: int = 0):
     """Unboxed float32 parameters (the tree does not depend on attention impl or dtype)."""
-    boxed = build_model(cfg).init(jax.random.PRNGKey(seed), jnp.zeros((1, S), jnp.int32))
-    return nn.unbox(boxed["params"])
+    init = jax.jit(build_model(cfg).init)
+    return nn.unbox(init(jax.random.PRNGKey(seed), jnp.zeros((1, S), jnp.int32))["params"])
 
 
 @functools.cache
@@ -142,7 +152,153 @@ def test_packed_documents_are_isolated(family):
     assert np.abs(unmasked[0, la:] - alone[0, :lb]).max() > 1e-4
 
 
+# --- parameters ------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("family", FAMILIES)
+def test_every_param_has_logical_axis_names(family):
+    cfg = tiny_cfg(family)
+    init = lambda: build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    boxed = jax.eval_shape(init)["params"]  # shapes and boxes only, nothing computed
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert len(leaves) == len(jax.tree.leaves(init_params(cfg)))
+    rules = dict(LOGICAL_RULES)
+    for leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), type(leaf)
+        assert len(leaf.names) == len(leaf.value.shape), (leaf.names, leaf.value.shape)
+        assert set(leaf.names) <= PARAM_AXES, leaf.names
+        assert all(n is None or n in rules for n in leaf.names)
+    assert boxed["embed"]["embedding"].names == ("vocab", "embed")
+    assert any("rnn" in leaf.names for leaf in leaves) == cfg.recurrent
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_tying(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    assert ("head" in params) == (not cfg.tie_embeddings)
+    if not cfg.tie_embeddings:
+        assert params["head"]["kernel"].shape == (cfg.d_model, cfg.vocab_size)
+    # Zeroing the embedding row of a token that is never an input zeroes its logit exactly
+    # when the head is the embedding.
+    unused = 0
+    tokens = np.stack([random_tokens(7) % (V - 1) + 1] * 2)
+    emb = params["embed"]["embedding"].at[unused].set(0.0)
+    logits = forward(cfg, {**params, "embed": {"embedding": emb}}, tokens)
+    if cfg.tie_embeddings:
+        assert np.all(logits[..., unused] == 0.0)
+    else:
+        assert np.abs(logits[..., unused]).min() > 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tie", [True, False])
+def test_matmul_param_count_matches_the_tree(family, tie):
+    cfg = tiny_cfg(family, tie_embeddings=tie)
+    init = lambda: build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    params = nn.unbox(jax.eval_shape(init)["params"])  # shapes are all this test needs
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    size = lambda pred: sum(math.prod(x.shape) for path, x in flat if pred(path[-1].key))
+    # Kernels: dense, recurrent input/recurrent and Hawk's convolution taps.
+    kernels = size(lambda n: n.endswith("kernel"))
+    embedding = size(lambda n: n == "embedding")
+    head_from_embedding = cfg.vocab_size * cfg.d_model if tie else 0
+    assert matmul_params(cfg) == kernels + head_from_embedding
+    # Everything else is lookups (token and learned position embeddings), norms, biases and
+    # Hawk's decay rates.
+    others = size(lambda n: n in ("scale", "bias", "candidate_bias", "decay"))
+    assert param_count(params) == kernels + embedding + others
+    n_pos = cfg.max_seq_len * cfg.d_model if cfg.position == "learned" else 0
+    assert embedding == cfg.vocab_size * cfg.d_model + n_pos
+    if cfg.recurrent:  # no attention: the cost per token does not grow with the length
+        assert flops_per_token(cfg, 128) == flops_per_token(cfg, 1024) == 6 * matmul_params(cfg)
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decode_equals_full_forward(family):
+    """A prefill call, then one call per token (KV cache or carried state), equals one pass."""
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    tokens_BxS = np.stack([random_tokens(11), random_tokens(12)])
+    seg_BxS = np.stack([np.r_[np.ones(7), np.full(S - 7, 2)], np.ones(S)]).astype(np.int32)
+    pos_BxS = np.stack([np.r_[np.arange(7), np.arange(S - 7)], np.arange(S)]).astype(np.int32)
+    full = forward(cfg, params, tokens_BxS, pos_BxS, seg_BxS)
+
+    model = build_model(cfg, decode=True)
+    init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((B, S), jnp.int32))
+    cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(init)["cache"])
+
+    @jax.jit
+    def call(cache, tokens, pos, seg):
+        logits, v = model.apply(
+            {"params": params, "cache": cache}, tokens, pos, seg, mutable=["cache"]
+        )
+        return logits, v["cache"]
+
+    prefill = 5
+    outs = []
+    for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, S)]:
+        cols = slice(lo, hi)
+        logits, cache = call(cache, tokens_BxS[:, cols], pos_BxS[:, cols], seg_BxS[:, cols])
+        outs.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_equals_full_forward_argmax(family):
+    cfg = tiny_cfg(family)
+    params = init_params(cfg)
+    prompt, n_new = random_tokens(8, (5,)).tolist(), 9
+    (decoded,) = generate(cfg, params, prompt, n_new)
+    assert len(decoded) == n_new
+
+    seq = list(prompt)
+    for _ in range(n_new):  # causality lets a padded row stand in for the prefix
+        row = np.array(seq + [0] * (S - len(seq)), np.int32)
+        logits = forward(cfg, params, np.stack([row, row]))
+        seq.append(int(np.argmax(logits[0, len(seq) - 1])))
+    assert decoded == seq[len(prompt) :]
+    assert len(set(decoded)) > 1, "a constant continuation would make this test weak"
+
+    # Greedy samples agree; eos truncates before the first eos.
+    assert generate(cfg, params, prompt, n_new, num_samples=2) == [decoded, decoded]
+    eos = decoded[3]
+    (cut,) = generate(cfg, params, prompt, n_new, eos_id=eos)
+    assert cut == decoded[: decoded.index(eos)]
+
+
+# --- precision -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_compute_is_close_to_float32(family):
+    cfg = tiny_cfg(family)
+    cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
+    init16 = lambda: build_model(cfg16).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    params16 = nn.unbox(jax.eval_shape(init16)["params"])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))
+
+    params = init_params(cfg)
+    tokens = np.stack([random_tokens(9), random_tokens(10)])
+    raw16 = forward_fn(cfg16)(
+        params, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(S), (B, S)), jnp.ones((B, S), int)
+    )
+    assert raw16.dtype == jnp.bfloat16
+    lo, hi = np.asarray(raw16.astype(jnp.float32)), forward(cfg, params, tokens)
+    assert np.all(np.isfinite(lo))
+    scale = np.abs(hi).max()
+    assert np.abs(lo - hi).max() < 0.05 * scale
+    # Same argmax almost everywhere: bfloat16 keeps the model's predictions.
+    assert (lo.argmax(-1) == hi.argmax(-1)).mean() > 0.8
+
+
+# --- Transformers only: positions and attention implementations -----------------------------
+
+
+@pytest.mark.parametrize("family", TRANSFORMERS)
 def test_position_ids_matter(family):
     cfg = tiny_cfg(family)
     params = init_params(cfg)
@@ -156,9 +312,6 @@ def test_position_ids_matter(family):
         assert np.abs(base - shifted).max() > 1e-3
     else:  # rotary attention sees only position differences
         np.testing.assert_allclose(base, shifted, atol=1e-4, rtol=0)
-
-
-# --- attention implementations ---------------------------------------------------------------
 
 
 def _qkv(seed, b=2, s=12, h=4, k=2, e=8):
@@ -234,7 +387,7 @@ def test_attention_q_offset_continues_a_sequence(impl):
     assert float(jnp.abs(no_offset[:, 0] - full[:, -1]).max()) > 1e-3
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TRANSFORMERS)
 def test_model_logits_equal_across_attention_impls(family):
     cfg = tiny_cfg(family, attention="xla")
     params = init_params(cfg)
@@ -244,108 +397,3 @@ def test_model_logits_equal_across_attention_impls(family):
     xla = forward(cfg, params, tokens, pos, seg)
     ref = forward(dataclasses.replace(cfg, attention="reference"), params, tokens, pos, seg)
     np.testing.assert_allclose(xla, ref, atol=1e-5, rtol=0)
-
-
-# --- parameters ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_param_has_logical_axis_names(family):
-    cfg = tiny_cfg(family)
-    init = lambda: build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
-    boxed = jax.eval_shape(init)["params"]  # shapes and boxes only, nothing computed
-    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    assert len(leaves) == len(jax.tree.leaves(init_params(cfg)))
-    rules = dict(LOGICAL_RULES)
-    for leaf in leaves:
-        assert isinstance(leaf, nn.Partitioned), type(leaf)
-        assert len(leaf.names) == len(leaf.value.shape), (leaf.names, leaf.value.shape)
-        assert set(leaf.names) <= PARAM_AXES, leaf.names
-        assert all(n is None or n in rules for n in leaf.names)
-    assert boxed["embed"]["embedding"].names == ("vocab", "embed")
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_weight_tying(family):
-    cfg = tiny_cfg(family)
-    params = init_params(cfg)
-    assert ("head" in params) == (not cfg.tie_embeddings)
-    if not cfg.tie_embeddings:
-        assert params["head"]["kernel"].shape == (cfg.d_model, cfg.vocab_size)
-    # Zeroing the embedding row of a token that is never an input zeroes its logit exactly
-    # when the head is the embedding.
-    unused = 0
-    tokens = np.stack([random_tokens(7) % (V - 1) + 1] * 2)
-    emb = params["embed"]["embedding"].at[unused].set(0.0)
-    logits = forward(cfg, {**params, "embed": {"embedding": emb}}, tokens)
-    if cfg.tie_embeddings:
-        assert np.all(logits[..., unused] == 0.0)
-    else:
-        assert np.abs(logits[..., unused]).min() > 0.0
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_matmul_param_count_matches_the_tree(family):
-    cfg = tiny_cfg(family)
-    params = init_params(cfg)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    size = lambda pred: sum(int(x.size) for path, x in flat if pred(path[-1].key))
-    kernels, embedding = size(lambda n: n == "kernel"), size(lambda n: n == "embedding")
-    head_from_embedding = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
-    assert matmul_params(cfg) == kernels + head_from_embedding
-    # Everything else is lookups (token and learned position embeddings), norms and biases.
-    others = size(lambda n: n in ("scale", "bias"))
-    assert param_count(params) == kernels + embedding + others
-    n_pos = cfg.max_seq_len * cfg.d_model if cfg.position == "learned" else 0
-    assert embedding == cfg.vocab_size * cfg.d_model + n_pos
-
-
-# --- decoding --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_kv_cache_greedy_decode_equals_full_forward(family):
-    cfg = tiny_cfg(family)
-    params = init_params(cfg)
-    prompt, n_new = random_tokens(8, (5,)).tolist(), 9
-    (decoded,) = generate(cfg, params, prompt, n_new)
-    assert len(decoded) == n_new
-
-    seq = list(prompt)
-    for _ in range(n_new):  # causality lets a padded row stand in for the prefix
-        row = np.array(seq + [0] * (S - len(seq)), np.int32)
-        logits = forward(cfg, params, np.stack([row, row]))
-        seq.append(int(np.argmax(logits[0, len(seq) - 1])))
-    assert decoded == seq[len(prompt) :]
-    assert len(set(decoded)) > 1, "a constant continuation would make this test weak"
-
-    # Greedy samples agree; eos truncates before the first eos.
-    assert generate(cfg, params, prompt, n_new, num_samples=2) == [decoded, decoded]
-    eos = decoded[3]
-    (cut,) = generate(cfg, params, prompt, n_new, eos_id=eos)
-    assert cut == decoded[: decoded.index(eos)]
-
-
-# --- precision -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_bfloat16_compute_is_close_to_float32(family):
-    cfg = tiny_cfg(family)
-    cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
-    init16 = lambda: build_model(cfg16).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
-    params16 = nn.unbox(jax.eval_shape(init16)["params"])
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))
-
-    params = init_params(cfg)
-    tokens = np.stack([random_tokens(9), random_tokens(10)])
-    raw16 = forward_fn(cfg16)(
-        params, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(S), (B, S)), jnp.ones((B, S), int)
-    )
-    assert raw16.dtype == jnp.bfloat16
-    lo, hi = np.asarray(raw16.astype(jnp.float32)), forward(cfg, params, tokens)
-    assert np.all(np.isfinite(lo))
-    scale = np.abs(hi).max()
-    assert np.abs(lo - hi).max() < 0.05 * scale
-    # Same argmax almost everywhere: bfloat16 keeps the model's predictions.
-    assert (lo.argmax(-1) == hi.argmax(-1)).mean() > 0.8

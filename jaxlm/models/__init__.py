@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
-
 from jaxlm.config import ModelConfig
 from jaxlm.models.hawk import HawkLM
-from jaxlm.models.rnn import RecurrentLM
+from jaxlm.models.lm import LanguageModel
+from jaxlm.models.rnn import RecurrentEncoder, RecurrentLM
 from jaxlm.models.transformer import TransformerLM
 
+__all__ = [
+    "HawkLM",
+    "LanguageModel",
+    "RecurrentEncoder",
+    "RecurrentLM",
+    "TransformerLM",
+    "build_model",
+    "lm_class",
+]
 
-def build_model(cfg: ModelConfig, decode: bool = False) -> nn.Module:
-    """The language model a ModelConfig describes (Transformer or recurrent family)."""
+
+def lm_class(cfg: ModelConfig) -> type[LanguageModel]:
+    """The LanguageModel subclass of cfg.family (Transformer, LSTM/GRU or Hawk)."""
     if cfg.family == "hawk":
-        return HawkLM(cfg, decode=decode)
-    if cfg.recurrent:
-        return RecurrentLM(cfg, decode=decode)
-    return TransformerLM(cfg, decode=decode)
+        return HawkLM
+    return RecurrentLM if cfg.recurrent else TransformerLM
+
+
+def build_model(cfg: ModelConfig, decode: bool = False) -> LanguageModel:
+    """The language model a ModelConfig describes."""
+    return lm_class(cfg)(cfg, decode=decode)

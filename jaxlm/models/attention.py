@@ -26,6 +26,7 @@ from jaxlm.config import ModelConfig
 from jaxlm.kernels.flash_attention import flash_attention
 from jaxlm.kernels.flash_attention import reference_attention as kernel_reference
 from jaxlm.models.layers import Dense, Kernel, dtype_of, rotary, stacked_dense
+from jaxlm.models.lm import out_init_std
 from jaxlm.models.scan import ATTENTION_OUT, QKV
 from jaxlm.parallel.sharding import BATCH_AXES
 
@@ -330,7 +331,7 @@ class Attention(nn.Module):
             impl=cfg.attention,
         )
         out_BxSxHxE = checkpoint_name(out_BxSxHxE, ATTENTION_OUT)
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        out_std = out_init_std(cfg)
         out_BxSxD = Dense(
             cfg.d_model,
             ("heads", "head_dim", "embed"),

@@ -21,16 +21,9 @@ import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.models.hawk import HawkLM
+from jaxlm.models import lm_class
 from jaxlm.models.layers import Dense
-from jaxlm.models.rnn import RecurrentEncoder, RecurrentLM
-from jaxlm.models.transformer import TransformerLM
-
-
-def _lm_class(cfg: ModelConfig) -> type[nn.Module]:
-    if cfg.family == "hawk":
-        return HawkLM
-    return RecurrentLM if cfg.recurrent else TransformerLM
+from jaxlm.models.rnn import RecurrentEncoder
 
 
 class SequenceClassifier(nn.Module):
@@ -57,7 +50,7 @@ class SequenceClassifier(nn.Module):
             fwd_BxD = jnp.take_along_axis(h_BxSx2D[..., :d], last_B[:, None, None], axis=1)[:, 0]
             pooled_BxF = jnp.concatenate([fwd_BxD, h_BxSx2D[:, 0, d:]], axis=-1)
         else:
-            h_BxSxD = _lm_class(cfg)(cfg, name="backbone")(
+            h_BxSxD = lm_class(cfg)(cfg, name="backbone")(
                 tokens_BxS, None, segment_ids_BxS, deterministic, return_hidden=True
             )
             pooled_BxF = jnp.take_along_axis(h_BxSxD, last_B[:, None, None], axis=1)[:, 0]

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.layers import Dense, Mlp, Norm, default_segments, dtype_of, lm_head, normal_init
-from jaxlm.models.rnn import carried_state, embed_tokens, row_resets
+from jaxlm.models.layers import Dense, dtype_of, normal_init
+from jaxlm.models.lm import ACT_BxSxD, LanguageModel, mlp, norm, out_init_std
+from jaxlm.models.rnn import carried_state, row_resets
 
 GATE_EXPONENT = 8.0  # c in a_t = a ** (c * r_t), as in the paper
 DECAY_INIT = (0.9, 0.999)  # a ** c drawn uniformly from this range at initialisation
@@ -166,8 +167,7 @@ class RecurrentBlock(nn.Module):
         u_BxSxR = CausalConv(cfg, self.decode, name="conv")(u_BxSxR, segment_ids_BxS)
         h_BxSxR = RGLRU(cfg, self.decode, name="rg_lru")(u_BxSxR, reset_BxS)
         h_BxSxR = nn.with_logical_constraint(h_BxSxR * gate_BxSxR, act)
-        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        return dense(cfg.d_model, ("rnn", "embed"), out_std, "out")(h_BxSxR)
+        return dense(cfg.d_model, ("rnn", "embed"), out_init_std(cfg), "out")(h_BxSxR)
 
 
 class HawkBlock(nn.Module):
@@ -185,53 +185,32 @@ class HawkBlock(nn.Module):
         deterministic: bool = True,
     ) -> jax.Array:
         cfg = self.cfg
-        dtype = dtype_of(cfg.dtype)
-        norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name=name)  # noqa: E731
         h_BxSxD = RecurrentBlock(cfg, self.decode, name="recurrent")(
-            norm("rnn_norm")(x_BxSxD), segment_ids_BxS, reset_BxS
+            norm(cfg, "rnn_norm")(x_BxSxD), segment_ids_BxS, reset_BxS
         )
         x_BxSxD = x_BxSxD + nn.Dropout(cfg.dropout)(h_BxSxD, deterministic=deterministic)
-        mlp = Mlp(
-            cfg.d_model,
-            cfg.ff_dim,
-            cfg.mlp,
-            cfg.bias,
-            cfg.init_std,
-            cfg.init_std / (2 * cfg.n_layers) ** 0.5,
-            cfg.dropout,
-            dtype,
-            name="mlp",
-        )
-        x_BxSxD = x_BxSxD + mlp(norm("mlp_norm")(x_BxSxD), deterministic)
-        return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed"))
+        x_BxSxD = x_BxSxD + mlp(cfg)(norm(cfg, "mlp_norm")(x_BxSxD), deterministic)
+        return nn.with_logical_constraint(x_BxSxD, ACT_BxSxD)
 
 
-class HawkLM(nn.Module):
+class HawkLM(LanguageModel):
     """tokens_BxS -> logits_BxSxV through n_layers Hawk blocks; positions are not needed."""
 
-    cfg: ModelConfig
-    decode: bool = False
+    scale_embeddings = True
 
-    @nn.compact
-    def __call__(
+    def blocks(
         self,
-        tokens_BxS: jax.Array,
-        positions_BxS: jax.Array | None = None,
-        segment_ids_BxS: jax.Array | None = None,
-        deterministic: bool = True,
-        return_hidden: bool = False,
+        x_BxSxD: jax.Array,
+        positions_BxS: jax.Array,
+        segment_ids_BxS: jax.Array,
+        deterministic: bool,
     ) -> jax.Array:
+        """n_layers Hawk blocks, their recurrences reset where a new segment starts."""
         cfg = self.cfg
         del positions_BxS  # the convolution and recurrence see order directly
-        segment_ids_BxS = default_segments(tokens_BxS, segment_ids_BxS)
         reset_BxS = row_resets(self, self.decode, segment_ids_BxS)
-        x_BxSxD, embed = embed_tokens(cfg, tokens_BxS)
-        x_BxSxD = nn.Dropout(cfg.dropout)(x_BxSxD, deterministic=deterministic)
         for i in range(cfg.n_layers):
             x_BxSxD = HawkBlock(cfg, self.decode, name=f"block_{i}")(
                 x_BxSxD, segment_ids_BxS, reset_BxS, deterministic
             )
-        if return_hidden:  # the final normed hidden state, for heads other than the LM's
-            dtype = dtype_of(cfg.dtype)
-            return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name="final_norm")(x_BxSxD)
-        return lm_head(cfg, embed, x_BxSxD)
+        return x_BxSxD

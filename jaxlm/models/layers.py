@@ -16,8 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.config import ModelConfig
-
 Dtype = jnp.dtype
 
 
@@ -250,21 +248,3 @@ def rotary(x_BxSxNxE: jax.Array, positions_BxS: jax.Array, theta: float) -> jax.
         [x1 * cos_BxSx1xE2 - x2 * sin_BxSx1xE2, x2 * cos_BxSx1xE2 + x1 * sin_BxSx1xE2], axis=-1
     )
     return out.astype(x_BxSxNxE.dtype)
-
-
-def lm_head(cfg: ModelConfig, embed: nn.Embed, x_BxSxD: jax.Array) -> jax.Array:
-    """Final norm, then the tied embedding or an untied projection to the vocabulary."""
-    dtype = dtype_of(cfg.dtype)
-    x_BxSxD = Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name="final_norm")(x_BxSxD)
-    if cfg.tie_embeddings:
-        logits_BxSxV = embed.attend(x_BxSxD)
-    else:
-        logits_BxSxV = Dense(
-            cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, dtype=dtype, name="head"
-        )(x_BxSxD)
-    return nn.with_logical_constraint(logits_BxSxV, ("batch", "length", "act_vocab"))
-
-
-def default_segments(tokens_BxS: jax.Array, segment_ids_BxS: jax.Array | None) -> jax.Array:
-    """The given segment ids, or one segment per row."""
-    return jnp.ones_like(tokens_BxS) if segment_ids_BxS is None else segment_ids_BxS

@@ -1,11 +1,10 @@
 """Recurrent language models: stacked LSTM and GRU LMs and a bidirectional encoder.
 
-The LMs honour the Transformer's call convention, `(tokens_BxS, positions_BxS,
-segment_ids_BxS, deterministic) -> logits_BxSxV`, so the trainer, evaluation and generation
-treat them alike. Positions are ignored (order lives in the recurrence); a change of segment
-id resets the recurrent state, so packed documents never see each other. With
-`decode=True` each layer keeps its final state in the flax `cache` collection and the next
-call continues from it: generation costs O(1) per token whatever the length.
+The LM is a `LanguageModel` (jaxlm.models.lm) that supplies only its stack of recurrent
+layers. Positions are ignored (order lives in the recurrence); a change of segment id
+resets the recurrent state, so packed documents never see each other. With `decode=True`
+each layer keeps its final state in the flax `cache` collection and the next call
+continues from it: generation costs O(1) per token whatever the length.
 
 Cells follow `flax.linen.LSTMCell` / `GRUCell` exactly (gate order i, f, g, o; the GRU's
 reset gate multiplies the hidden-side candidate term *including* its bias). Input
@@ -23,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.layers import Norm, default_segments, dtype_of, lm_head, normal_init
+from jaxlm.models.layers import dtype_of, normal_init
+from jaxlm.models.lm import ACT_BxSxD, LanguageModel, default_segments, embed, norm
 
 GATES = {"lstm": 4, "gru": 3}
 State = dict[str, jax.Array]
@@ -181,52 +181,30 @@ class GatedLayer(nn.Module):
         return h_BxSxD.astype(dtype)
 
 
-def embed_tokens(cfg: ModelConfig, tokens_BxS: jax.Array) -> tuple[jax.Array, nn.Embed]:
-    """Token embeddings scaled by sqrt(d_model): unit-scale inputs from a small-std table."""
-    embed = nn.Embed(
-        cfg.vocab_size,
-        cfg.d_model,
-        dtype=dtype_of(cfg.dtype),
-        param_dtype=jnp.float32,
-        embedding_init=normal_init(cfg.init_std, ("vocab", "embed")),
-        name="embed",
-    )
-    x_BxSxD = embed(tokens_BxS) * jnp.asarray(cfg.d_model**0.5, dtype_of(cfg.dtype))
-    return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed")), embed
-
-
-class RecurrentLM(nn.Module):
+class RecurrentLM(LanguageModel):
     """Embedding -> n_layers LSTM/GRU layers (residual, dropout) -> norm -> head."""
 
-    cfg: ModelConfig
-    decode: bool = False
+    scale_embeddings = True
 
-    @nn.compact
-    def __call__(
+    def blocks(
         self,
-        tokens_BxS: jax.Array,
-        positions_BxS: jax.Array | None = None,
-        segment_ids_BxS: jax.Array | None = None,
-        deterministic: bool = True,
-        return_hidden: bool = False,
+        x_BxSxD: jax.Array,
+        positions_BxS: jax.Array,
+        segment_ids_BxS: jax.Array,
+        deterministic: bool,
     ) -> jax.Array:
+        """n_layers recurrences, each state reset where a new segment starts."""
         cfg = self.cfg
         del positions_BxS  # order is carried by the recurrence itself
-        segment_ids_BxS = default_segments(tokens_BxS, segment_ids_BxS)
         reset_BxS = row_resets(self, self.decode, segment_ids_BxS)
-        x_BxSxD, embed = embed_tokens(cfg, tokens_BxS)
-        x_BxSxD = nn.Dropout(cfg.dropout)(x_BxSxD, deterministic=deterministic)
         for i in range(cfg.n_layers):
             h_BxSxD = GatedLayer(cfg, cfg.family, self.decode, name=f"layer_{i}")(
                 x_BxSxD, reset_BxS
             )
             h_BxSxD = nn.Dropout(cfg.dropout)(h_BxSxD, deterministic=deterministic)
             x_BxSxD = x_BxSxD + h_BxSxD if cfg.rnn_residual else h_BxSxD
-            x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed"))
-        if return_hidden:  # the final normed hidden state, for heads other than the LM's
-            dtype = dtype_of(cfg.dtype)
-            return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name="final_norm")(x_BxSxD)
-        return lm_head(cfg, embed, x_BxSxD)
+            x_BxSxD = nn.with_logical_constraint(x_BxSxD, ACT_BxSxD)
+        return x_BxSxD
 
 
 class RecurrentEncoder(nn.Module):
@@ -251,7 +229,7 @@ class RecurrentEncoder(nn.Module):
         none_B = jnp.zeros(tokens_BxS.shape[:1], jnp.int32)
         starts_BxS = segment_starts(segment_ids_BxS, none_B)
         ends_BxS = segment_starts(segment_ids_BxS[:, ::-1], none_B)[:, ::-1]
-        x_BxSxI, _ = embed_tokens(cfg, tokens_BxS)
+        x_BxSxI, _ = embed(cfg, tokens_BxS, scale=True)
         x_BxSxI = nn.Dropout(cfg.dropout)(x_BxSxI, deterministic=deterministic)
         for i in range(cfg.n_layers):
             fwd_BxSxD = GatedLayer(cfg, cfg.family, name=f"forward_{i}")(x_BxSxI, starts_BxS)
@@ -262,5 +240,4 @@ class RecurrentEncoder(nn.Module):
             h_BxSx2D = nn.Dropout(cfg.dropout)(h_BxSx2D, deterministic=deterministic)
             residual = cfg.rnn_residual and i > 0
             x_BxSxI = x_BxSxI + h_BxSx2D if residual else h_BxSx2D
-        dtype = dtype_of(cfg.dtype)
-        return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name="final_norm")(x_BxSxI)
+        return norm(cfg, "final_norm")(x_BxSxI)

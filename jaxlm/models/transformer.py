@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import Attention
-from jaxlm.models.layers import Mlp, Norm, default_segments, dtype_of, lm_head, normal_init
+from jaxlm.models.lm import ACT_BxSxD, LanguageModel, mlp, norm
 from jaxlm.models.scan import SCANNED, remat_block, scan_blocks
 
 
@@ -27,83 +26,37 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, deterministic: bool = True):
         cfg = self.cfg
-        dtype = dtype_of(cfg.dtype)
-        norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name=name)  # noqa: E731
-        h_BxSxD = norm("attn_norm")(x_BxSxD)
+        h_BxSxD = norm(cfg, "attn_norm")(x_BxSxD)
         x_BxSxD = x_BxSxD + Attention(cfg, self.decode, name="attn")(
             h_BxSxD, positions_BxS, segment_ids_BxS, deterministic
         )
-        h_BxSxD = norm("mlp_norm")(x_BxSxD)
-        x_BxSxD = x_BxSxD + Mlp(
-            cfg.d_model,
-            cfg.ff_dim,
-            cfg.mlp,
-            cfg.bias,
-            cfg.init_std,
-            cfg.init_std / (2 * cfg.n_layers) ** 0.5,
-            cfg.dropout,
-            dtype,
-            name="mlp",
-        )(h_BxSxD, deterministic)
-        x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed"))
+        h_BxSxD = norm(cfg, "mlp_norm")(x_BxSxD)
+        x_BxSxD = x_BxSxD + mlp(cfg)(h_BxSxD, deterministic)
+        x_BxSxD = nn.with_logical_constraint(x_BxSxD, ACT_BxSxD)
         return (x_BxSxD, None) if self.scanned else x_BxSxD
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(LanguageModel):
     """tokens_BxS -> logits_BxSxV, honouring per-token positions and segment ids."""
 
-    cfg: ModelConfig
-    decode: bool = False
-
-    @nn.compact
-    def __call__(
+    def blocks(
         self,
-        tokens_BxS: jax.Array,
-        positions_BxS: jax.Array | None = None,
-        segment_ids_BxS: jax.Array | None = None,
-        deterministic: bool = True,
-        return_hidden: bool = False,
+        x_BxSxD: jax.Array,
+        positions_BxS: jax.Array,
+        segment_ids_BxS: jax.Array,
+        deterministic: bool,
     ) -> jax.Array:
+        """n_layers blocks, looped (block_0 ..) or as one nn.scan over stacked parameters."""
         cfg = self.cfg
-        dtype = dtype_of(cfg.dtype)
-        if positions_BxS is None:
-            positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
-        segment_ids_BxS = default_segments(tokens_BxS, segment_ids_BxS)
-
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            embedding_init=normal_init(cfg.init_std, ("vocab", "embed")),
-            name="embed",
-        )
-        x_BxSxD = embed(tokens_BxS)
-        if cfg.position == "learned":
-            pos_embed = nn.Embed(
-                cfg.max_seq_len,
-                cfg.d_model,
-                dtype=dtype,
-                param_dtype=jnp.float32,
-                embedding_init=normal_init(cfg.init_std / 2, (None, "embed")),
-                name="pos_embed",
-            )
-            x_BxSxD = x_BxSxD + pos_embed(positions_BxS)
-        x_BxSxD = nn.Dropout(cfg.dropout)(x_BxSxD, deterministic=deterministic)
-        x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed"))
-
         if cfg.scan_layers:
             stack = scan_blocks(remat_block(Block, cfg.remat, scanned=True), cfg.n_layers)
             x_BxSxD, _ = stack(cfg, self.decode, scanned=True, name=SCANNED)(
                 x_BxSxD, positions_BxS, segment_ids_BxS, deterministic
             )
-        else:
-            block = remat_block(Block, cfg.remat)
-            for i in range(cfg.n_layers):
-                x_BxSxD = block(cfg, self.decode, name=f"block_{i}")(
-                    x_BxSxD, positions_BxS, segment_ids_BxS, deterministic
-                )
-
-        if return_hidden:  # the final normed hidden state, for heads other than the LM's
-            return Norm(cfg.norm, cfg.norm_eps, cfg.bias, dtype, name="final_norm")(x_BxSxD)
-        return lm_head(cfg, embed, x_BxSxD)
+            return x_BxSxD
+        block = remat_block(Block, cfg.remat)
+        for i in range(cfg.n_layers):
+            x_BxSxD = block(cfg, self.decode, name=f"block_{i}")(
+                x_BxSxD, positions_BxS, segment_ids_BxS, deterministic
+            )
+        return x_BxSxD
