@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -103,10 +102,6 @@ EXPORT_INFO = "export.json"
 EXPORT_DTYPES = ("float32", "bfloat16")
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def abstract_params(cfg: RunConfig) -> tuple[Any, Any]:
     """(abstract train state, abstract params) placed on this process's first device."""
     mesh = make_mesh(MeshConfig(data=-1), jax.local_devices()[:1])
@@ -126,7 +121,7 @@ def restore_params(workdir: Path, cfg: RunConfig, step: int | None = None) -> tu
     try:
         steps = ckpt.all_steps()
         if step is None:
-            restored = ckpt.restore_latest(abstract, params_only=True, log=_log)
+            restored = ckpt.restore_latest(abstract, params_only=True)
             if restored is None:
                 raise ConfigError(f"'{workdir}' has no checkpoint yet; train it first.")
             return restored.state, restored.step

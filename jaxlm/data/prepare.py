@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import itertools
+import logging
 import multiprocessing
 import sys
 import time
@@ -31,6 +32,8 @@ from jaxlm.errors import ConfigError
 CHUNK_BYTES = 1 << 20  # text handed to a worker at a time: big enough to amortise pickling
 
 _worker_tok = None
+
+logger = logging.getLogger(__name__)
 
 
 def _init_worker(tokenizer_path: str) -> None:
@@ -98,9 +101,13 @@ def prepare(
     workers: int = 1,
     shard_bytes: int = 64 << 20,
     progress: bool = True,
-    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Tokenize the documents of `inputs` into shards under `output`; returns the manifest."""
+    """Tokenize the documents of `inputs` into shards under `output`; returns the manifest.
+
+    `log` receives the skip and summary lines (default: this module's logger).
+    """
+    log = log or logger.info
     if workers < 1 or shard_bytes < 1:
         raise ConfigError(f"workers={workers} and shard_bytes={shard_bytes} must be >= 1.")
     paths = expand_inputs(inputs)

@@ -8,7 +8,7 @@ Once the fine-tuning run has checkpoints of its own, resuming continues from tho
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.models.scan import stack_blocks, unstack_blocks
 from jaxlm.runs import load_run
 
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 def source_config(path: str | Path) -> RunConfig:
@@ -94,7 +92,7 @@ def load_init_params(cfg: RunConfig, shardings: Any) -> Any:
             f"The parameters in '{cfg.train.init_from}' are laid out differently from this "
             f"model's; start from a checkpoint of the same model config."
         )
-    _log(f"Initialised from '{cfg.train.init_from}' (its step {run.step}); fresh optimizer.")
+    logger.info(f"Initialised from '{cfg.train.init_from}' (its step {run.step}); fresh optimizer.")
     # Every process supplies the shards it holds, so this also works across hosts.
     return jax.tree.map(
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), host, shardings
