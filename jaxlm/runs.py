@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxlm.config import MeshConfig, RunConfig, load_config
-from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.models import build_model
 from jaxlm.parallel.sharding import make_mesh

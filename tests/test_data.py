@@ -16,7 +16,8 @@ from jaxlm.data.pipeline import (
     make_train_iterator,
     tokenize_documents,
 )
-from jaxlm.data.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
+from jaxlm.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer, train_tokenizer
+from jaxlm.data.tokenizer_base import Tokenizer
 
 _WORDS = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly banjo "
@@ -100,7 +101,7 @@ def test_missing_or_corrupt_tokenizer_path(tmp_path):
     corrupt = tmp_path / "bad.model"
     corrupt.write_bytes(b"not a sentencepiece model")
     with pytest.raises(ValueError, match="bad.model"):
-        Tokenizer.load(str(corrupt))
+        SentencePieceTokenizer.load(str(corrupt))
 
 
 def test_failed_training_leaves_no_files(tmp_path):

@@ -10,7 +10,8 @@ import numpy as np
 
 from jaxlm.config import RunConfig
 from jaxlm.data import corpus, mixture, pipeline
-from jaxlm.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from jaxlm.data.tokenizer import load_or_train_tokenizer
+from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.data.views import Concat
 
 

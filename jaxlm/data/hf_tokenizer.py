@@ -15,7 +15,6 @@ SentencePiece decodes its control pieces to nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _RustTokenizer
 
+from jaxlm.data.tokenizer_base import TokenizerFile
 from jaxlm.errors import ConfigError
 
 ROLES = ("pad", "unk", "bos", "eos")
@@ -79,7 +79,7 @@ def _special_ids(tok: _RustTokenizer, directory: str) -> dict[str, int]:
     return ids
 
 
-class HFTokenizer:
+class HFTokenizer(TokenizerFile):
     """A `tokenizers` tokenizer plus its special ids and the hash of its file."""
 
     def __init__(self, data: bytes, path: str, directory: str | None = None) -> None:
@@ -90,10 +90,9 @@ class HFTokenizer:
                 f"Cannot read a Hugging Face tokenizer at {path!r} ({e}); point at a valid "
                 "tokenizer.json."
             ) from e
+        super().__init__(data, path)
         self._tok.no_padding()
         self._tok.no_truncation()
-        self._path = path
-        self._sha256 = hashlib.sha256(data).hexdigest()
         found = _special_ids(self._tok, directory) if directory else {}
         self._ids = {role: int(found.get(role, -1)) for role in ROLES}
         added = self._tok.get_added_tokens_decoder().items()
@@ -112,16 +111,6 @@ class HFTokenizer:
                 "tokenizer.json."
             ) from e
         return cls(data, path, os.path.dirname(os.path.abspath(path)))
-
-    @property
-    def path(self) -> str:
-        """The file this tokenizer was loaded from."""
-        return self._path
-
-    @property
-    def sha256(self) -> str:
-        """Hex SHA-256 of the tokenizer.json bytes."""
-        return self._sha256
 
     @property
     def vocab_size(self) -> int:

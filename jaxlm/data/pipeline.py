@@ -31,7 +31,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.data.views import splitmix64
 from jaxlm.errors import ConfigError
 

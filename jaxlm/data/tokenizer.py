@@ -1,33 +1,33 @@
-"""SentencePiece tokenizer: load, train (atomically), cache, encode and decode."""
+"""SentencePiece tokenizers (load, train atomically, cache, encode, decode), and `load_tokenizer`,
+which opens either kind of tokenizer file behind the one `Tokenizer` interface."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from jaxlm.data.hf_tokenizer import HFTokenizer  # needs the optional `tokenizers`
+from jaxlm.data.hf_tokenizer import HFTokenizer
+from jaxlm.data.tokenizer_base import Tokenizer, TokenizerFile
 from jaxlm.errors import ConfigError
 
 # Fixed special ids, so every model trained here lays out its embedding table the same way.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
-class Tokenizer:
+class SentencePieceTokenizer(TokenizerFile):
     """A SentencePiece model plus the hash of the file it came from."""
 
     def __init__(self, model_bytes: bytes, path: str) -> None:
-        self._sp = spm.SentencePieceProcessor()
         # Loading from the same bytes that were hashed means `sha256` describes exactly this model.
+        super().__init__(model_bytes, path)
+        self._sp = spm.SentencePieceProcessor()
         self._sp.LoadFromSerializedProto(model_bytes)
-        self._path = path
-        self._sha256 = hashlib.sha256(model_bytes).hexdigest()
 
     @classmethod
-    def load(cls, path: str) -> Tokenizer:
+    def load(cls, path: str) -> SentencePieceTokenizer:
         """Load a SentencePiece `.model` file."""
         try:
             with open(path, "rb") as f:
@@ -38,16 +38,6 @@ class Tokenizer:
                 f"Cannot read a SentencePiece model at {path!r} ({e}); point data.tokenizer at an "
                 "existing .model file or leave it unset to train one."
             ) from e
-
-    @property
-    def path(self) -> str:
-        """The file this tokenizer was loaded from."""
-        return self._path
-
-    @property
-    def sha256(self) -> str:
-        """Hex SHA-256 of the model file bytes, to detect a tokenizer swapped under a checkpoint."""
-        return self._sha256
 
     @property
     def vocab_size(self) -> int:
@@ -90,7 +80,7 @@ class Tokenizer:
         return self._sp.Decode([int(i) for i in ids if int(i) != pad])
 
     def __repr__(self) -> str:
-        return f"Tokenizer(path={self._path!r}, vocab_size={self.vocab_size})"
+        return f"SentencePieceTokenizer(path={self._path!r}, vocab_size={self.vocab_size})"
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
@@ -171,19 +161,19 @@ def train_tokenizer(
         for leftover in (temp_model, temp_prefix + ".vocab"):
             if os.path.exists(leftover):
                 os.remove(leftover)
-    return Tokenizer.load(model_path)
+    return SentencePieceTokenizer.load(model_path)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str) -> Tokenizer:
     """Load a tokenizer file: a SentencePiece `.model`, or a Hugging Face `tokenizer.json`.
 
-    Both kinds offer the same interface as `Tokenizer` (ids of the special pieces, encode,
+    Both kinds offer the `Tokenizer` interface (ids of the special pieces, encode,
     encode_batch, decode, vocab_size, sha256, path), so eval, generate and data preparation
     need not know which one they hold.
     """
     if str(path).endswith(".json"):
         return HFTokenizer.load(str(path))
-    return Tokenizer.load(str(path))
+    return SentencePieceTokenizer.load(str(path))
 
 
 def load_or_train_tokenizer(
@@ -197,7 +187,7 @@ def load_or_train_tokenizer(
     if path:
         tokenizer = load_tokenizer(path)
     elif os.path.exists(cache_path):
-        tokenizer = Tokenizer.load(cache_path)
+        tokenizer = SentencePieceTokenizer.load(cache_path)
     else:
         tokenizer = train_tokenizer(texts_fn(), cache_path, vocab_size)
         trained = True

@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 
 from jaxlm.config import RunConfig
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.inference.generate import generate
 
 
