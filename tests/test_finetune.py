@@ -271,6 +271,41 @@ def test_bidirectional_lstm_classifier_learns(pretrained, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["val_accuracy"] >= 0.8
 
 
+def test_classifier_step_is_the_weighted_mean_and_spares_a_frozen_backbone():
+    import jax
+    import numpy as np
+
+    from jaxlm.config import load_config
+    from jaxlm.finetune.classify import (
+        ClassifyOptions,
+        make_classifier_optimizer,
+        make_classifier_steps,
+    )
+    from jaxlm.models.classifier import SequenceClassifier, init_params
+    from jaxlm.train.state import new_train_state
+
+    model = SequenceClassifier(load_config(None, TINY).model, 2)
+    params = init_params(model, 8, 0)
+    rng = np.random.default_rng(0)
+    batch = {
+        "tokens": rng.integers(0, 512, (4, 8)).astype(np.int32),
+        "lengths": np.array([8, 3, 5, 1], np.int32),
+        "labels": np.array([0, 1, 1, 0], np.int32),
+        "weights": np.array([1, 1, 1, 0], np.float32),  # the last row is padding
+    }
+    for frozen in (False, True):
+        o = ClassifyOptions("ckpt", "train.tsv", "out", lr=1e-2, freeze_backbone=frozen)
+        tx = make_classifier_optimizer(o, total_steps=4)
+        step, eval_step = make_classifier_steps(model, tx, frozen, dropout=False)
+        ev = jax.jit(eval_step)(params, batch)
+        new, metrics = jax.jit(step)(new_train_state(params, tx, jax.random.PRNGKey(0)), batch)
+        assert float(ev["n"]) == 3 and int(new.step) == 1
+        assert float(metrics["loss"]) == pytest.approx(float(ev["loss_sum"]) / 3, rel=1e-6)
+        changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), params, new.params)
+        moved = {part: any(jax.tree.leaves(changed[part])) for part in ("backbone", "head")}
+        assert moved == {"backbone": not frozen, "head": True}
+
+
 def test_bidirectional_needs_a_recurrent_checkpoint(pretrained, tmp_path, capsys):
     train = write_tsv(tmp_path / "t.tsv", sentiment_rows(TRAIN_TEMPLATES, 20, 0))
     argv = ["finetune", "classify", "--checkpoint", str(pretrained), "--train", train]

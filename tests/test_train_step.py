@@ -201,6 +201,31 @@ def test_weight_decay_spares_norms_and_biases(family):
         assert decayed == (path[-1].key in ("kernel", "embedding")), jax.tree_util.keystr(path)
 
 
+def test_lr_scale_scales_a_group_and_zero_freezes_it():
+    """Per-group AdamW: a group at scale s moves s times as far; at 0 it keeps no state."""
+    body = init_params(tiny_cfg("llama"))
+    params = {"body": body, "head": {"kernel": jnp.ones((32, 3)), "bias": jnp.ones((3,))}}
+    keys = iter(jax.random.split(jax.random.PRNGKey(2), len(jax.tree.leaves(params))))
+    grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+    cfg = OptimizerConfig(lr=0.1, warmup_steps=0, weight_decay=0.5)
+
+    def updates(tx):
+        state = tx.init(params)
+        return tx.update(grads, state, params)[0], state
+
+    plain, _ = updates(make_optimizer(cfg, total_steps=10))
+    scaled, _ = updates(make_optimizer(cfg, 10, lr_scale={"body": 0.25, "head": 1.0}))
+    assert_trees_close(scaled["head"], plain["head"], atol=0)
+    assert_trees_close(scaled["body"], jax.tree.map(lambda u: 0.25 * u, plain["body"]), atol=1e-9)
+
+    frozen, state = updates(make_optimizer(cfg, 10, lr_scale={"body": 0.0, "head": 1.0}))
+    assert all(not jnp.any(u) for u in jax.tree.leaves(frozen["body"]))
+    assert_trees_close(frozen["head"], plain["head"], atol=0)
+    head_size = sum(x.size for x in jax.tree.leaves(params["head"]))
+    # Adam's two moments of the head and a few step counters; nothing of the body.
+    assert sum(x.size for x in jax.tree.leaves(state)) < 2 * head_size + 8
+
+
 def test_lr_schedule_warmup_peak_and_floor():
     cfg = OptimizerConfig(lr=1e-2, warmup_steps=10, min_lr_ratio=0.1)
     sched = lr_schedule(cfg, total_steps=50)

@@ -1,7 +1,10 @@
 """Sequence classification on a pretrained LM: train, save, load, predict.
 
 Trains `models.classifier.SequenceClassifier` (the LM body plus a dense head) on labelled
-text; see `jaxlm.data.labeled` for the file formats. The workdir receives:
+text; see `jaxlm.data.labeled` for the file formats. Training is train/'s: its AdamW (the
+backbone in its own parameter group at a lower learning rate, or frozen), its step builder
+and its `TrainState`. It runs on one device (the default one): classification sets are
+small, and the models that fit one accelerator cover what this is for. The workdir receives:
   classifier/       Orbax checkpoint of the classifier parameters
   classifier.json   model config, labels (class id -> name), max_len, pooling, source
   metrics.json      validation loss/accuracy history and the final numbers
@@ -11,22 +14,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
-import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 
-from jaxlm import config as config_lib
+from jaxlm.config import ModelConfig, OptimizerConfig
+from jaxlm.data import labeled as fd
+from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.finetune.lm import source_config, source_tokenizer_path
+from jaxlm.models.classifier import SequenceClassifier, init_params, transfer_backbone
+from jaxlm.runs import load_run
+from jaxlm.train.optimizer import lr_schedule, make_optimizer
+from jaxlm.train.state import new_train_state
+from jaxlm.train.step import StepFn, make_step
+
+logger = logging.getLogger(__name__)
 
 CLASSIFIER_INFO = "classifier.json"
 
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+Batch = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +65,11 @@ class ClassifyOptions:
     bidirectional: bool = False
     seed: int = 0
 
+    @property
+    def frozen(self) -> bool:
+        """Whether the backbone stays as the checkpoint has it."""
+        return self.freeze_backbone or self.backbone_lr == 0
+
 
 def _check_options(o: ClassifyOptions) -> None:
     for name in ("epochs", "batch_size", "max_len", "lr"):
@@ -69,9 +89,6 @@ def _check_options(o: ClassifyOptions) -> None:
 
 def finetune_classifier(o: ClassifyOptions) -> dict[str, Any]:
     """Train a classifier on `o.train_file` from `o.checkpoint`; save it; return the metrics."""
-    from jaxlm.data import labeled as fd
-    from jaxlm.data.tokenizer import load_tokenizer
-
     _check_options(o)
     src_cfg = source_config(o.checkpoint)
     m = src_cfg.model
@@ -96,20 +113,16 @@ def finetune_classifier(o: ClassifyOptions) -> dict[str, Any]:
     train_x, cut = fd.encode_texts(tok, [e.text for e in train_ex], max_len)
     val_x, val_cut = fd.encode_texts(tok, [e.text for e in val_ex], max_len)
     if cut or val_cut:
-        _log(
+        logger.info(
             f"{cut} training and {val_cut} validation texts exceed --max-len={max_len} tokens "
             f"and were truncated to their first {max_len - 1} tokens plus end-of-text."
         )
-    _log(
+    logger.info(
         f"{len(train_ex)} training / {len(val_ex)} validation examples, "
         f"{len(labels)} classes: {', '.join(labels)}"
     )
 
-    from jaxlm.finetune import classify_train as finetune_train
-
-    result = finetune_train.train_classifier(
-        o, m, labels, (train_x, train_y), (val_x, val_y), max_len, log=_log
-    )
+    result = train_classifier(o, m, labels, (train_x, train_y), (val_x, val_y), max_len)
     info = {
         "model": dataclasses.asdict(m),
         "labels": labels,
@@ -127,19 +140,174 @@ def finetune_classifier(o: ClassifyOptions) -> dict[str, Any]:
     return metrics
 
 
+# --- training ---------------------------------------------------------------------------------
+
+
+def make_classifier_optimizer(o: ClassifyOptions, total_steps: int) -> optax.GradientTransformation:
+    """train/'s AdamW: `lr` for the head, `backbone_lr` (lr/10 by default) or frozen backbone.
+
+    Fine-tuning settings rather than pretraining ones: Adam's usual beta2 of 0.999, warmup
+    from 0 over `warmup_fraction` of the steps, cosine decay to 0, gradients clipped to norm 1.
+    """
+    cfg = OptimizerConfig(
+        lr=o.lr,
+        warmup_steps=int(total_steps * o.warmup_fraction),
+        min_lr_ratio=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=o.weight_decay,
+        grad_clip=1.0,
+    )
+    backbone_lr = o.lr / 10 if o.backbone_lr is None else o.backbone_lr
+    scale = {"head": 1.0, "backbone": 0.0 if o.frozen else backbone_lr / o.lr}
+    schedule = lr_schedule(cfg, total_steps, init_value=0.0)
+    return make_optimizer(cfg, total_steps, schedule=schedule, lr_scale=scale)
+
+
+def _logits(model: SequenceClassifier, params: Any, batch: Batch, rng, frozen: bool) -> jax.Array:
+    if frozen:  # no backward pass through a backbone that does not learn
+        params = {**params, "backbone": jax.lax.stop_gradient(params["backbone"])}
+    return model.apply(
+        {"params": params},
+        batch["tokens"],
+        batch["lengths"],
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+    )
+
+
+def make_classifier_steps(
+    model: SequenceClassifier, tx: optax.GradientTransformation, frozen: bool, dropout: bool
+) -> tuple[StepFn, Any]:
+    """(train_step, eval_step), both pure: train/'s step over example-weighted sums."""
+
+    def loss_fn(params, batch: Batch, rng):
+        logits_BxC = _logits(model, params, batch, rng, frozen)
+        ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
+        ce_sum = jnp.sum(ce_B * batch["weights"])
+        return ce_sum, {"loss": ce_sum}
+
+    def eval_step(params, batch: Batch) -> dict[str, jax.Array]:
+        logits_BxC = _logits(model, params, batch, None, frozen)
+        ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
+        w_B = batch["weights"]
+        correct_B = (jnp.argmax(logits_BxC, axis=-1) == batch["labels"]).astype(jnp.float32)
+        return {
+            "loss_sum": jnp.sum(ce_B * w_B),
+            "correct": jnp.sum(correct_B * w_B),
+            "n": jnp.sum(w_B),
+        }
+
+    return make_step(loss_fn, tx, dropout=dropout), eval_step
+
+
+def evaluate(eval_step, params, tokens, labels, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Mean loss and accuracy over a whole labelled set."""
+    outs = [eval_step(params, b) for b in fd.batches(tokens, labels, batch_size, pad_id=pad_id)]
+    tot = {k: float(sum(jax.device_get(o[k]) for o in outs)) for k in ("loss_sum", "correct", "n")}
+    return {"loss": tot["loss_sum"] / tot["n"], "accuracy": tot["correct"] / tot["n"]}
+
+
+def train_classifier(
+    o: ClassifyOptions,
+    m: ModelConfig,
+    labels: list[str],
+    train: tuple[list[list[int]], np.ndarray],
+    val: tuple[list[list[int]], np.ndarray],
+    max_len: int,
+) -> dict[str, Any]:
+    """Initialise from the checkpoint, train for o.epochs, evaluate; returns params + metrics."""
+    run = load_run(o.checkpoint)
+    pad = run.tokenizer.pad_id  # only fills masked positions; some tokenizers have none
+    pad_id = pad if isinstance(pad, int) and pad >= 0 else 0
+    model = SequenceClassifier(m, len(labels), o.bidirectional)
+    params = init_params(model, max_len, o.seed)
+    params, copied, fresh = transfer_backbone(params, run.params, o.bidirectional, o.checkpoint)
+    logger.info(
+        f"Backbone from '{o.checkpoint}' (its step {run.step}): {copied} tensors copied"
+        + (f", {fresh} freshly initialised" if fresh else "")
+    )
+    del run
+
+    train_x, train_y = train
+    steps_per_epoch = -(-len(train_x) // o.batch_size)
+    total = steps_per_epoch * o.epochs
+    tx = make_classifier_optimizer(o, total)
+    # Dropout keys are fold_in(PRNGKey(seed), step), as in the LM's step.
+    state = new_train_state(params, tx, jax.random.PRNGKey(o.seed))
+    del params
+    step_fn, eval_fn = make_classifier_steps(model, tx, o.frozen, m.dropout > 0 and not o.frozen)
+    train_step = jax.jit(step_fn, donate_argnums=(0,))
+    eval_step = jax.jit(eval_fn)
+    shuffle = np.random.default_rng(o.seed)
+    eval_every = o.eval_every or steps_per_epoch
+    history: list[dict[str, float]] = []
+    losses: list[jax.Array] = []  # device arrays, read only at evaluations
+    step, t0 = 0, time.perf_counter()
+
+    def run_eval() -> None:
+        ev = evaluate(eval_step, state.params, *val, o.batch_size, pad_id)
+        recent = [float(x) for x in jax.device_get(losses[-eval_every:])]
+        rec = {"step": step, **ev, "train_loss": float(np.mean(recent)) if recent else None}
+        history.append(rec)
+        logger.info(
+            f"step {step}/{total}: val loss {ev['loss']:.4f}, val accuracy {ev['accuracy']:.3f}"
+            + (f", train loss {rec['train_loss']:.4f}" if recent else "")
+        )
+
+    run_eval()
+    for _ in range(o.epochs):
+        order = shuffle.permutation(len(train_x))
+        for batch in fd.batches(train_x, train_y, o.batch_size, order, pad_id):
+            state, metrics = train_step(state, batch)
+            losses.append(metrics["loss"])
+            step += 1
+            if step % eval_every == 0 and step != total:
+                run_eval()
+    run_eval()
+    final = history[-1]
+    return {
+        "params": state.params,
+        "val_accuracy": final["accuracy"],
+        "val_loss": final["loss"],
+        "initial_val_accuracy": history[0]["accuracy"],
+        "steps": total,
+        "train_examples": len(train_x),
+        "val_examples": len(val[0]),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "history": history,
+    }
+
+
+# --- the saved classifier ---------------------------------------------------------------------
+
+# The parameters are one plain Orbax tree in `classifier/` (the format of an export's
+# `params/`), not a `train.checkpoint.Checkpointer`: that manager keeps numbered steps of
+# train state, data position and config (`classifier/<step>/state/...`), which would change
+# this directory's layout and leave classifiers saved before unreadable.
+
+
+def _save_params(path: Path, params: Any) -> None:
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path.absolute(), params)
+        ckpt.wait_until_finished()
+
+
+def _restore_params(path: Path, abstract: Any) -> Any:
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(path.absolute(), abstract)
+
+
 def save_classifier(
     workdir: Path, params: Any, info: dict[str, Any], metrics: dict[str, Any], tok_path: str
 ) -> None:
     """Write params (Orbax), classifier.json, metrics.json and the tokenizer into `workdir`."""
-    import orbax.checkpoint as ocp
-
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = workdir / "classifier.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)  # our own leftover from an interrupted save
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(tmp.absolute(), params)
-        ckpt.wait_until_finished()
+    _save_params(tmp, params)
     if (workdir / "classifier").exists():
         shutil.rmtree(workdir / "classifier")  # params without classifier.json: never complete
     tmp.rename(workdir / "classifier")
@@ -151,31 +319,19 @@ def save_classifier(
 
 def load_classifier(workdir: str | Path):
     """(model, params, info, tokenizer) of a saved classifier."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from jaxlm.data.tokenizer import load_tokenizer
-    from jaxlm.models.classifier import SequenceClassifier, init_params
-
     workdir = Path(workdir)
     if not (workdir / CLASSIFIER_INFO).is_file():
         raise ConfigError(f"'{workdir}' holds no {CLASSIFIER_INFO}; run `jaxlm finetune classify`.")
     info = json.loads((workdir / CLASSIFIER_INFO).read_text(encoding="utf-8"))
-    m = config_lib.ModelConfig(**info["model"])
+    m = ModelConfig(**info["model"])
     model = SequenceClassifier(m, len(info["labels"]), info["bidirectional"])
     abstract = jax.eval_shape(lambda: init_params(model, info["max_len"], 0))
-    with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore((workdir / "classifier").absolute(), abstract)
+    params = _restore_params(workdir / "classifier", abstract)
     return model, params, info, load_tokenizer(str(workdir / info["tokenizer"]))
 
 
 def predict(workdir: str | Path, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
     """Label and class probabilities of each text under a saved classifier."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxlm.data import labeled as fd
-
     model, params, info, tok = load_classifier(workdir)
     if not texts:
         return []

@@ -23,17 +23,19 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array  # raw uint32 key data: dropout keys are fold_in(rng, step)
 
 
+def new_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """The step-0 state around `params`: fresh optimizer state; dropout keys derive from `rng`."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
+    )
+
+
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
     def init(rng: jax.Array) -> TrainState:
         params_rng, dropout_rng = jax.random.split(rng)
         tokens = jnp.zeros((1, seq_len), jnp.int32)
         params = model.init(params_rng, tokens)["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=dropout_rng,
-        )
+        return new_train_state(params, tx, dropout_rng)
 
     return init
 

@@ -61,53 +61,66 @@ def _split_microbatches(batch: Batch, k: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(
-    model: nn.Module,
+LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def make_step(
+    loss_fn: LossFn,
     tx: optax.GradientTransformation,
     *,
     microbatches: int = 1,
-    z_loss: float = 0.0,
     dropout: bool = False,
     schedule: optax.Schedule | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Build the pure step: token-weighted mean loss over the whole (accumulated) batch."""
+) -> StepFn:
+    """Build a pure step from `loss_fn(params, batch, rng) -> (objective_sum, sums)`.
+
+    The objective and `sums["loss"]` are sums over the batch's `weights` (tokens, examples);
+    the step minimises their mean over the whole (accumulated) batch and reports it as
+    "loss", beside "grad_norm", the other entries of `sums` (summed) and the "lr" of
+    `schedule`. `rng` is None unless `dropout`.
+    """
 
     def objective(params, mb, rng, denom):
-        ce_sum, z_sum, n = _loss_sums(model, params, mb, rng)
-        return (ce_sum + z_loss * z_sum) / denom, (ce_sum, n)
+        total, sums = loss_fn(params, mb, rng)
+        return total / denom, sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
+    def microbatch_sums(params, batch, rng):  # traced by eval_shape only: for the shapes
+        mb = jax.tree.map(lambda x: x[: x.shape[0] // microbatches], batch)
+        return loss_fn(params, mb, rng)[1]
+
     def train_step(state: TrainState, batch: Batch):
         rng = jax.random.fold_in(state.rng, state.step) if dropout else None
-        # The token count of the whole batch is known before the forward pass. One batch
+        # The total weight of the whole batch is known before the forward pass. One batch
         # divides its loss by it, so the 1/n rides on the scalar cotangent instead of costing
         # a pass over the gradients; microbatches sum raw gradients and divide once, so
         # accumulation stays equal to one big batch.
         denom = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
         if microbatches == 1:
-            (_, (ce_sum, n)), grads = grad_fn(state.params, batch, rng, denom)
+            (_, sums), grads = grad_fn(state.params, batch, rng, denom)
         else:
 
             def body(carry, xs):
-                g_acc, ce_acc, n_acc = carry
+                g_acc, sums_acc = carry
                 mb, i = xs
                 mb_rng = None if rng is None else jax.random.fold_in(rng, i)
-                (_, (ce, n_mb)), g = grad_fn(state.params, mb, mb_rng, 1.0)
-                return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, n_acc + n_mb), None
+                (_, mb_sums), g = grad_fn(state.params, mb, mb_rng, 1.0)
+                return (
+                    jax.tree.map(jnp.add, g_acc, g),
+                    jax.tree.map(jnp.add, sums_acc, mb_sums),
+                ), None
 
+            sums_shape = jax.eval_shape(microbatch_sums, state.params, batch, rng)
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
             xs = (_split_microbatches(batch, microbatches), jnp.arange(microbatches))
-            (grads, ce_sum, n), _ = jax.lax.scan(body, init, xs)
+            (grads, sums), _ = jax.lax.scan(body, init, xs)
             grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": ce_sum / denom,
-            "grad_norm": optax.tree.norm(grads),
-            "tokens": n,
-        }
+        metrics = {**sums, "loss": sums["loss"] / denom, "grad_norm": optax.tree.norm(grads)}
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -116,9 +129,27 @@ def make_train_step(
     return train_step
 
 
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    microbatches: int = 1,
+    z_loss: float = 0.0,
+    dropout: bool = False,
+    schedule: optax.Schedule | None = None,
+) -> StepFn:
+    """The LM step: token-weighted mean cross-entropy (+ z-loss in the gradient only)."""
+
+    def loss_fn(params, batch, rng):
+        ce_sum, z_sum, n = _loss_sums(model, params, batch, rng)
+        return ce_sum + z_loss * z_sum, {"loss": ce_sum, "tokens": n}
+
+    return make_step(loss_fn, tx, microbatches=microbatches, dropout=dropout, schedule=schedule)
+
+
 def train_step_for(
     cfg: RunConfig, model: nn.Module, tx: optax.GradientTransformation, total_steps: int = 0
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+) -> StepFn:
     """The pure train step `cfg` describes: its microbatches, z-loss, dropout and lr schedule
     (over `total_steps`, default train.steps)."""
     t = cfg.train
