@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
@@ -132,9 +133,10 @@ def _full_logits(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, start_B: 
 
 
 @partial(jax.jit, static_argnames=("cfg", "total", "use_cache"))
-def _prefill(cfg, params, prompt_BxP, start_B, keys_B, total: int, use_cache: bool):
+def _prefill(cfg, params, prompt_BxP, start_B, seed, rows_B, total: int, use_cache: bool):
     """Run the prompts once; the state holds the logits for the first new token."""
     b, p = prompt_BxP.shape
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), rows_B)
     tokens_BxT = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt_BxP)
     cur = jnp.asarray(p, jnp.int32)
     if not use_cache:
@@ -248,20 +250,26 @@ def decode(
     chunk = max(1, min(chunk_size or max_new_tokens, max_new_tokens))
     n_chunks = -(-max_new_tokens // chunk)
     prompt_BxP, start_B = _left_pad(prompts)
-    rows = np.arange(len(prompts)) if row_ids is None else np.asarray(row_ids)
-    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), rows)
+    rows_B = np.arange(len(prompts)) if row_ids is None else np.asarray(row_ids)
     total = prompt_BxP.shape[1] + n_chunks * chunk
     state = _prefill(
-        cfg, params, jnp.asarray(prompt_BxP), jnp.asarray(start_B), keys_B, total, use_cache
+        cfg, params, prompt_BxP, start_B, np.int32(seed), rows_B, total, use_cache
     )
     pieces: list[np.ndarray] = []
     for _ in range(n_chunks):
         state, new_BxC = _decode_chunk(cfg, params, state, sampling, chunk)
-        pieces.append(np.asarray(new_BxC))
+        pieces.append(_to_host(new_BxC))
         so_far = np.concatenate(pieces, axis=1)[:, :max_new_tokens]
         if on_chunk is not None and on_chunk(so_far):
             return so_far
     return np.concatenate(pieces, axis=1)[:, :max_new_tokens]
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A (small) device array as numpy on every process, also when it spans several hosts."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def cut_at_eos(row: Sequence[int], eos_id: int | None) -> list[int]:

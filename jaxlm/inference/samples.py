@@ -16,7 +16,8 @@ def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> str:
     returns the text."""
     t = cfg.train
     prompt_ids = tok.encode(t.sample_prompt, bos=True)
-    params = jax.device_get(params)  # decoding runs unsharded on one device
+    # Decoding takes the parameters where they are (sharded, maybe over several hosts): no
+    # process ever holds the whole tree. The prompt goes in as numpy, the same on every process.
     out = {}
     for name, temp, top_k in (("greedy", 0.0, 0), ("sampled", t.temperature, t.top_k)):
         ids = generate(
