@@ -230,6 +230,11 @@ class CheckpointConfig:
     async_save: bool = _f(True, "write checkpoints in the background")
     every_minutes: float = _f(30.0, "also save after this many minutes without a save (0: off)")
     keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of N (0: off)")
+    agree_every: int = _f(
+        10,
+        "multi-process runs agree on stop signals and timed saves every N steps (each "
+        "agreement waits for the device); one process checks every step",
+    )
 
 
 @dataclass(frozen=True)

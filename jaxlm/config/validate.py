@@ -156,7 +156,7 @@ def validate(cfg: RunConfig) -> None:
         t.nan_policy in NAN_POLICIES,
         f"train.nan_policy={t.nan_policy!r} is not supported; use one of {', '.join(NAN_POLICIES)}.",
     )
-    _positive(c, "checkpoint", ("keep",))
+    _positive(c, "checkpoint", ("keep", "agree_every"))
 
     _positive(t, "train", ("steps", "batch_size", "microbatches", "log_every"))
     _require(

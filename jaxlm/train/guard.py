@@ -60,22 +60,30 @@ class StepBoundary:
     """Decides at each step boundary whether to stop (signal) or save (timer), identically
     on every process.
 
-    A single process reads its own flag and clock: no device work, no collective. With
-    several processes, a signal may reach only some of them and clocks differ, so the flags
-    are combined with a tiny all-gather every step; all processes then act at the same step.
+    A single process reads its own flag and clock at every step: no device work, no
+    collective. With several processes, a signal may reach only some of them and clocks
+    differ, so the flags must be combined; that all-gather waits for the device to finish the
+    steps already dispatched, which costs the host its lead. So the processes agree only at
+    steps that are multiples of `agree_every` (the same steps on every process); a signal or
+    a due save between two such steps waits for the next one.
     """
 
-    def __init__(self, stop: threading.Event | None, every_minutes: float):
+    def __init__(
+        self, stop: threading.Event | None, every_minutes: float, agree_every: int = 1
+    ) -> None:
         self.stop = stop or threading.Event()
         self.interval = every_minutes * 60.0
+        self.agree_every = agree_every
         self.last_save = time.monotonic()
 
-    def poll(self) -> tuple[bool, bool]:
-        """(stop now, a timed save is due)."""
+    def poll(self, step: int = 0) -> tuple[bool, bool]:
+        """(stop now, a timed save is due) after `step`."""
         due = bool(self.interval) and time.monotonic() - self.last_save >= self.interval
         stop = self.stop.is_set()
         if jax.process_count() == 1:
             return stop, due
+        if step % self.agree_every:
+            return False, False
         flags = multihost_utils.process_allgather(np.asarray([stop, due], np.int32))
         stop, due = (bool(v) for v in np.max(np.asarray(flags), axis=0))
         return stop, due

@@ -238,7 +238,7 @@ class _Loop:
         self.log = StepLog(
             self.writer, self.bar, self.start, tokens_per_step, fpt, t.nan_policy, peak
         )
-        self.boundary = StepBoundary(stop, cfg.checkpoint.every_minutes)
+        self.boundary = StepBoundary(stop, cfg.checkpoint.every_minutes, cfg.checkpoint.agree_every)
         self.history: list[tuple[int, float]] = []
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -310,7 +310,7 @@ class _Loop:
         """Log, evaluate and save as due after step `done`; True when a signal says stop."""
         t, every = self.job.cfg.train, self.job.cfg.checkpoint.every_steps
         self.log.add(done, metrics)
-        stop_now, timed = self.boundary.poll()
+        stop_now, timed = self.boundary.poll(done)
         do_save = bool(every and done % every == 0) or timed or stop_now
         do_log = done % t.log_every == 0 or done == t.steps or stop_now
         do_eval = bool(self.job.eval_batches and t.eval_every and done % t.eval_every == 0)
