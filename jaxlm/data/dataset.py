@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlm.config import RunConfig
 from jaxlm.data import corpus, mixture, pipeline
-from jaxlm.data.tokenizer import load_or_train_tokenizer
+from jaxlm.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer
 from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.data.views import Concat
+from jaxlm.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -56,7 +59,7 @@ def prepare_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
         return [doc for w in ws for doc in corpus.split_documents(w.text, d.doc_chars)]
 
     train_text, val_text = split_docs(train_works), split_docs(val_works)
-    tok = load_or_train_tokenizer(
+    tok = _run_tokenizer(
         d.tokenizer, str(workdir / "tokenizer.model"), lambda: train_text, cfg.model.vocab_size
     )
     return Corpus(
@@ -67,3 +70,40 @@ def prepare_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
         val_works=[w.name for w in val_works],
         streams=mixture.default_streams(cfg, prepared=False),
     )
+
+
+def _run_tokenizer(
+    path: str | None, cache_path: str, texts_fn: Callable[[], Iterable[str]], vocab_size: int
+) -> Tokenizer:
+    """The tokenizer at `path`, else the run's own (cached at `cache_path` or trained there).
+
+    With several processes only process 0 loads or trains the run's own tokenizer; it sends
+    the model's bytes to the others, so every process holds the same one and the hosts need
+    not share a disk.
+    """
+    if path or jax.process_count() == 1:
+        return load_or_train_tokenizer(path, cache_path, texts_fn, vocab_size)
+    tok, error = None, None
+    if jax.process_index() == 0:
+        try:
+            tok = load_or_train_tokenizer(None, cache_path, texts_fn, vocab_size)
+        except ConfigError as e:  # the others must hear of it, or they wait forever
+            error = e
+    model = _from_process_zero(None if tok is None else Path(tok.path).read_bytes())
+    if error is not None:
+        raise error
+    if model is None:
+        raise ConfigError(
+            "Process 0 could not load or train the tokenizer (its own error says why); fix "
+            "that and start every process again."
+        )
+    return tok or SentencePieceTokenizer(model, cache_path)
+
+
+def _from_process_zero(data: bytes | None) -> bytes | None:
+    """Process 0's `data` on every process (None where process 0 has none)."""
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if data is None else len(data))))
+    if n < 0:
+        return None
+    buf = np.frombuffer(data, np.uint8) if data is not None else np.zeros(n, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
