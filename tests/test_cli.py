@@ -1,14 +1,21 @@
-"""End-to-end checks of the `jaxlm` command line: help texts, a tiny real run, bad input."""
+"""End-to-end checks of the `jaxlm` command line: help texts, a tiny real run, bad input, the
+signal handlers of `jaxlm train`, and the stop strings and streaming of `jaxlm generate`."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, cli_error
 
 from jaxlm import cli
+from jaxlm.cli import train as cli_train
+from jaxlm.cli.generate import Finisher, Streamer, cut_at_stop
 from jaxlm.config import load_config
 from jaxlm.data.tokenizer import train_tokenizer
 
@@ -49,6 +56,25 @@ def test_subcommand_help_gives_each_option_one_line(command, capsys):
     for ln in options:
         # "  --flag ARG   description": the description sits on the same line.
         assert "  " in ln.strip(), f"option help wraps onto a second line: {ln!r}"
+
+
+@pytest.mark.parametrize("kind", ["lm", "classify", "predict"])
+def test_finetune_help_gives_each_option_one_line(kind, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", kind, "--help"])
+    options = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  -")]
+    assert len(options) >= 3
+    assert all("  " in ln.strip() for ln in options), options
+
+
+@pytest.mark.parametrize("direction", ["from-hf", "to-hf"])
+def test_convert_help_gives_each_option_one_line(direction, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["convert", direction, "--help"])
+    assert exc.value.code == 0
+    options = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  -")]
+    assert len(options) >= 3
+    assert all("  " in ln.strip() for ln in options), options
 
 
 def test_tiny_run_writes_everything_and_learns(tmp_path, capsys):
@@ -96,29 +122,20 @@ def test_tiny_run_writes_everything_and_learns(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("KING.")
 
 
-def _run_error(argv: list[str], capsys) -> str:
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, f"expected one line, got: {err!r}"
-    return err
-
-
 def test_bad_value_fails_in_one_line_and_creates_nothing(tmp_path, capsys):
     workdir = tmp_path / "never"
-    err = _run_error(["train", "-w", str(workdir), "model.n_heads=3"], capsys)
+    err = cli_error(["train", "-w", str(workdir), "model.n_heads=3"], capsys)
     assert "model.n_heads=3" in err and "d_model" in err
     assert not workdir.exists()
 
 
 def test_missing_config_file_is_one_line(tmp_path, capsys):
-    err = _run_error(
-        ["train", "-w", str(tmp_path / "r"), "-c", str(tmp_path / "nope.yaml")], capsys
-    )
+    err = cli_error(["train", "-w", str(tmp_path / "r"), "-c", str(tmp_path / "nope.yaml")], capsys)
     assert "nope.yaml" in err
 
 
 def test_mesh_larger_than_the_machine_is_refused(tmp_path, capsys):
-    err = _run_error(["train", "-w", str(tmp_path / "r"), "mesh.data=4", *TINY], capsys)
+    err = cli_error(["train", "-w", str(tmp_path / "r"), "mesh.data=4", *TINY], capsys)
     assert "4" in err and "device" in err
 
 
@@ -126,7 +143,7 @@ def test_tokenizer_model_mismatch_is_refused_before_training(tmp_path, capsys):
     text = ["To be, or not to be, that is the question."] * 200
     tok = train_tokenizer(text, str(tmp_path / "small.model"), vocab_size=300)
     workdir = tmp_path / "r"
-    err = _run_error(["train", "-w", str(workdir), f"data.tokenizer={tok.path}", *TINY], capsys)
+    err = cli_error(["train", "-w", str(workdir), f"data.tokenizer={tok.path}", *TINY], capsys)
     assert "300" in err and "512" in err
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
 
@@ -143,7 +160,54 @@ def test_changed_model_does_not_resume_and_keeps_the_run(tmp_path, capsys):
     assert cli.main(["train", "-w", str(workdir), "--no-progress", *short]) == 0
     capsys.readouterr()
     before = (workdir / "config.yaml").read_text()
-    err = _run_error(["train", "-w", str(workdir), *short, "model.n_layers=2"], capsys)
+    err = cli_error(["train", "-w", str(workdir), *short, "model.n_layers=2"], capsys)
     assert "model.n_layers" in err
     assert (workdir / "config.yaml").read_text() == before
     assert Path(workdir / "checkpoints" / "4").is_dir()
+
+
+# --- stop signals ------------------------------------------------------------------------------
+
+
+def test_first_signal_asks_to_stop_second_sigint_interrupts(capsys):
+    stop, before = threading.Event(), signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), cli_train._stop_on_signals(stop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)  # repeated: still just stopping
+        os.kill(os.getpid(), signal.SIGINT)  # impatient: interrupt now
+    assert signal.getsignal(signal.SIGINT) is before
+    assert capsys.readouterr().err.count("saving at the next step boundary") == 1
+
+
+# --- `jaxlm generate`: stop strings and streaming --------------------------------------------
+
+
+class CharTokenizer:
+    """Id i is the i-th letter of ALPHABET; id 0 is EOS."""
+
+    ALPHABET = "#abcdefgh \n"
+    eos_id = 0
+
+    def decode(self, ids):
+        return "".join(self.ALPHABET[i] for i in ids if i)
+
+
+def test_stop_strings_and_eos_cut_the_text():
+    assert cut_at_stop("abc\n\ndef", ["\n\n", "d"]) == ("abc", True)
+    assert cut_at_stop("abc", ["x"]) == ("abc", False)
+    fin = Finisher(CharTokenizer(), ["ba"])
+    assert fin.text([1, 2, 3, 2, 1, 4]) == ("abc", True)  # "abcbad": cut at the stop string
+    assert fin.text([3, 3, 0, 1, 2, 1]) == ("cc", True)  # EOS first
+    assert fin.text([3, 3, 4]) == ("ccd", False)
+
+
+def test_streamer_never_prints_what_a_stop_string_removes(capsys):
+    import sys
+
+    stream = Streamer(Finisher(CharTokenizer(), ["ab"]), sys.stdout)
+    ids = [3, 4, 1, 2, 5]  # "cdabe": the stop "ab" arrives split over two chunks
+    ended = [stream(np.asarray([ids[:n]])) for n in (3, 4, 5)]
+    stream.finish()
+    assert ended == [False, True, True]
+    assert capsys.readouterr().out == "cd\n"

@@ -1,17 +1,21 @@
-"""Tests for jaxlm.config: loading, overrides, family defaults, round trips, validation."""
+"""Tests for jaxlm.config: loading, overrides, family defaults, round trips, validation, the
+runtime/architecture marking of model fields and the shipped configs."""
 
 import dataclasses
 import re
 from pathlib import Path
 
 import pytest
+from conftest import RECURRENT, RUNTIME_FIELDS, assert_one_sentence
 
 from jaxlm.config import (
     FAMILY_DEFAULTS,
     ModelConfig,
     RunConfig,
+    architecture_fields,
     describe,
     from_dict,
+    layout_fields,
     load_config,
     parse_overrides,
     resolve,
@@ -21,12 +25,7 @@ from jaxlm.config import (
 )
 from jaxlm.errors import ConfigError
 
-
-def _assert_one_sentence(message: str) -> None:
-    """A user-facing error is one line, ends with a full stop and holds no second sentence."""
-    assert "\n" not in message, f"error spans several lines: {message!r}"
-    assert message.rstrip().endswith("."), message
-    assert not re.search(r"[.!?]\s+[A-Z]", message), f"more than one sentence: {message!r}"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -276,7 +275,7 @@ def test_bad_override_raises_one_sentence_naming_key(overrides, key):
         load_config(None, overrides)
     message = str(info.value)
     assert key in message
-    _assert_one_sentence(message)
+    assert_one_sentence(message)
 
 
 def test_mesh_error_names_every_auto_axis():
@@ -308,7 +307,7 @@ def test_bad_config_file_raises_one_sentence_naming_key(tmp_path, text, override
         load_config(path, overrides)
     message = str(info.value)
     assert key.format(path=path) in message
-    _assert_one_sentence(message)
+    assert_one_sentence(message)
 
 
 def test_missing_config_file(tmp_path):
@@ -316,7 +315,7 @@ def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path, [])
     assert str(path) in str(info.value)
-    _assert_one_sentence(str(info.value))
+    assert_one_sentence(str(info.value))
 
 
 def test_directory_is_not_a_config_file(tmp_path):
@@ -347,3 +346,53 @@ def test_validate_catches_directly_built_configs():
     bad = resolve(RunConfig(model=ModelConfig(d_model=30, n_heads=4)))
     with pytest.raises(ConfigError, match="model.n_heads"):
         validate(bad)
+
+
+# --- runtime fields, speed knobs, checkpoint settings, shipped recurrent configs --------------
+
+
+def test_every_model_field_is_architecture_or_runtime():
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(runtime_fields()) == RUNTIME_FIELDS
+    assert set(architecture_fields()) == names - RUNTIME_FIELDS
+    assert set(layout_fields()) == {"scan_layers"}
+
+
+def test_knob_validation():
+    with pytest.raises(ConfigError, match="model.remat='sometimes'"):
+        load_config(None, ["model.remat=sometimes"])
+    with pytest.raises(ConfigError, match="model.matmul_precision"):
+        load_config(None, ["model.matmul_precision=fastest"])
+    with pytest.raises(ConfigError, match="Transformer families only"):
+        load_config(None, ["model.family=lstm", "model.scan_layers=true"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("checkpoint.every_minutes=-1", "checkpoint.every_minutes"),
+        ("checkpoint.keep_every=-5", "checkpoint.keep_every"),
+        ("checkpoint.keep_every=15", "checkpoint.keep_every=15"),  # every_steps is 10
+        ("train.nan_policy=ignore", "train.nan_policy"),
+    ],
+)
+def test_new_checkpoint_and_nan_settings_are_validated(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, ["checkpoint.every_steps=10", override])
+    assert load_config(None, ["checkpoint.keep_every=30", "checkpoint.every_steps=10"])
+
+
+@pytest.mark.parametrize("family", RECURRENT)
+def test_shipped_config_loads(family):
+    cfg = load_config(CONFIGS / f"{family}-tiny.yaml")
+    assert cfg.model.family == family and cfg.model.recurrent
+
+
+def test_recurrent_configs_skip_transformer_only_checks():
+    # 3 heads don't divide d_model=256, which only matters to attention.
+    cfg = load_config(None, ["model.family=lstm", "model.n_heads=3", "data.seq_len=1024"])
+    assert cfg.model.position is None and cfg.model.tie_embeddings is True
+    with pytest.raises(ConfigError, match="model.rnn_width"):
+        load_config(None, ["model.family=hawk", "model.rnn_width=100", "model.n_heads=8"])
+    with pytest.raises(ConfigError, match="model.family"):
+        load_config(None, ["model.family=rnn"])

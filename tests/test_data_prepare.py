@@ -1,9 +1,8 @@
-"""`jaxlm tokenizer train` and `jaxlm data prepare`: formats, shards, manifest, resumption,
-bad data, and the checks that tie prepared data to a training run."""
+"""`jaxlm data prepare` (jaxlm.data.prepare): formats, shards, manifest, resumption, bad data,
+and the checks that tie prepared data to a training run."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import pickle
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST_XLA, paragraph, write_corpus
 
 from jaxlm import cli
 from jaxlm.config import load_config
@@ -20,39 +20,11 @@ from jaxlm.data.shards import open_prepared
 from jaxlm.data.tokenizer import load_tokenizer, train_tokenizer
 from jaxlm.errors import ConfigError
 
-_WORDS = "the quick brown fox jumps over a lazy dog while kings sing of swords and light".split()
-
-
-def _paragraph(rng: random.Random, words: int = 12) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(words)).capitalize() + "."
-
-
-def _write_corpus(root: Path, seed: int = 0) -> dict[str, list[str]]:
-    """Text, blank-line text, JSONL and gzip inputs; returns each file's expected documents."""
-    rng = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    docs: dict[str, list[str]] = {}
-    for i in range(3):
-        text = f"Document {i}, naïve 東京.\n{_paragraph(rng)}\n"
-        (root / f"a{i}.txt").write_text(text, encoding="utf-8")
-        docs[f"a{i}.txt"] = [text]
-    records = [{"text": _paragraph(rng, 20), "id": j} for j in range(12)]
-    (root / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), "utf-8")
-    docs["b.jsonl"] = [r["text"] for r in records]
-    gz_records = [{"text": _paragraph(rng, 8)} for _ in range(5)]
-    with gzip.open(root / "c.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in gz_records)
-    docs["c.jsonl.gz"] = [r["text"] for r in gz_records]
-    with gzip.open(root / "d.txt.gz", "wt", encoding="utf-8") as f:
-        f.write("Zipped text.\n")
-    docs["d.txt.gz"] = ["Zipped text.\n"]
-    return docs
-
 
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory) -> str:
     rng = random.Random(1)
-    texts = [_paragraph(rng, 30) + " naïve 東京" for _ in range(50)]
+    texts = [paragraph(rng, 30) + " naïve 東京" for _ in range(50)]
     path = tmp_path_factory.mktemp("tok") / "spm.model"
     train_tokenizer(texts, str(path), vocab_size=320)
     return str(path)
@@ -66,33 +38,11 @@ def _quiet(msg: str) -> None:
     pass
 
 
-# --- tokenizer training -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
-def test_tokenizer_train_cli_writes_model_and_vocab(tmp_path, model_type, capsys):
-    _write_corpus(tmp_path / "in")
-    prefix = tmp_path / "out" / "tok"
-    argv = ["tokenizer", "train", "--input", str(tmp_path / "in" / "*"), "--vocab-size", "400"]
-    argv += ["--model-type", model_type, "--output", str(prefix)]
-    argv += ["--user-defined-symbols", "<|user|>,<|end|>", "--max-sentences", "200"]
-    assert cli.main(argv) == 0
-    assert (tmp_path / "out" / "tok.vocab").is_file()
-    tok = load_tokenizer(str(prefix) + ".model")
-    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
-    assert len(tok.encode("<|user|>")) == 1 and len(tok.encode("<|end|>")) == 1
-    text = "Kings sing\n\tnaïve 東京 🙂 <|user|>"
-    assert tok.decode(tok.encode(text)) == text
-    # A second run refuses to overwrite the model that data may have been prepared with.
-    assert cli.main(argv) == 2
-    assert "already exists" in capsys.readouterr().err
-
-
 # --- preparation ------------------------------------------------------------------------------
 
 
 def test_prepare_round_trips_every_format_and_counts_right(tmp_path, tok_path):
-    expected = _write_corpus(tmp_path / "in")
+    expected = write_corpus(tmp_path / "in")
     manifest = prepare(
         [str(tmp_path / "in" / "*")], tok_path, tmp_path / "out", shard_bytes=300,
         progress=False, log=_quiet,
@@ -121,7 +71,7 @@ def test_prepare_round_trips_every_format_and_counts_right(tmp_path, tok_path):
 
 def test_blank_line_split_and_parallel_workers_give_identical_shards(tmp_path, tok_path):
     rng = random.Random(3)
-    paragraphs = [_paragraph(rng) for _ in range(9)]
+    paragraphs = [paragraph(rng) for _ in range(9)]
     (tmp_path / "poem.txt").write_text("\n\n  \n".join(paragraphs) + "\n", encoding="utf-8")
     kwargs = dict(split="blank-lines", shard_bytes=200, progress=False, log=_quiet)
     prepare([str(tmp_path / "poem.txt")], tok_path, tmp_path / "one", workers=1, **kwargs)
@@ -133,7 +83,7 @@ def test_blank_line_split_and_parallel_workers_give_identical_shards(tmp_path, t
 
 
 def test_rerun_skips_finished_shards_and_keeps_bytes(tmp_path, tok_path):
-    _write_corpus(tmp_path / "in")
+    write_corpus(tmp_path / "in")
     args = ([str(tmp_path / "in" / "*")], tok_path, tmp_path / "out")
     first = prepare(*args, shard_bytes=300, progress=False, log=_quiet)
     before = _digest(tmp_path / "out")
@@ -197,7 +147,7 @@ def test_wrong_text_field_and_no_usable_input_are_errors(tmp_path, tok_path, cap
 
 
 def test_failed_run_leaves_finished_shards_readable_and_a_rerun_completes(tmp_path, tok_path):
-    _write_corpus(tmp_path / "in")
+    write_corpus(tmp_path / "in")
     bad = tmp_path / "in" / "z.jsonl"  # sorts last: fails after earlier shards are written
     bad.write_text('{"content": "wrong key"}\n', encoding="utf-8")
     args = ([str(tmp_path / "in" / "*")], tok_path, tmp_path / "out")
@@ -219,7 +169,7 @@ def test_failed_run_leaves_finished_shards_readable_and_a_rerun_completes(tmp_pa
 
 
 def test_changed_input_under_a_finished_shard_is_refused(tmp_path, tok_path):
-    _write_corpus(tmp_path / "in")
+    write_corpus(tmp_path / "in")
     args = ([str(tmp_path / "in" / "*")], tok_path, tmp_path / "out")
     prepare(*args, shard_bytes=300, progress=False, log=_quiet)
     before = _digest(tmp_path / "out")
@@ -240,7 +190,7 @@ def test_changed_input_under_a_finished_shard_is_refused(tmp_path, tok_path):
 def test_training_refuses_a_tokenizer_or_vocab_that_does_not_match(tmp_path, tok_path):
     from jaxlm.data.dataset import prepare_corpus
 
-    _write_corpus(tmp_path / "in")
+    write_corpus(tmp_path / "in")
     prepare([str(tmp_path / "in" / "*")], tok_path, tmp_path / "out", progress=False)
     base = ["model.vocab_size=320", f"data.corpus={tmp_path / 'out'}", "train.batch_size=4"]
     corpus = prepare_corpus(load_config(None, base), tmp_path / "run")
@@ -257,18 +207,6 @@ def test_training_refuses_a_tokenizer_or_vocab_that_does_not_match(tmp_path, tok
         prepare_corpus(load_config(None, [*base, mix]), tmp_path)
 
 
-def test_bench_data_writes_a_table(tmp_path, capsys):
-    out = tmp_path / "data.md"
-    argv = ["bench", "data", "--batches", "3", "--warmup", "1", "--copies", "1", "--workers", "1"]
-    argv += ["--train-tokens-per-s", "1000", "--markdown", str(out), "train.batch_size=8"]
-    argv += ["model.vocab_size=512", "data.seq_len=32", "model.max_seq_len=32"]
-    assert cli.main(argv) == 0
-    table = out.read_text()
-    for row in ("data prepare, 1 worker(s)", "pipeline: prepared shards", "train step consumes"):
-        assert row in table
-    assert "x what the train step needs from it" in table
-
-
 @pytest.mark.slow
 def test_two_real_processes_on_prepared_data_match_one(tmp_path, tok_path):
     """`jaxlm launch local` with 2 processes x 2 devices == 1 process x 4 devices, bit for bit."""
@@ -277,14 +215,14 @@ def test_two_real_processes_on_prepared_data_match_one(tmp_path, tok_path):
     import subprocess
     import sys
 
-    _write_corpus(tmp_path / "in")
+    write_corpus(tmp_path / "in")
     prepare([str(tmp_path / "in" / "*")], tok_path, tmp_path / "data", progress=False)
     overrides = ["model.vocab_size=320", "model.d_model=32", "model.n_layers=1"]
     overrides += ["model.n_heads=4", "model.max_seq_len=32", "data.seq_len=32", "train.steps=3"]
     overrides += ["train.batch_size=8", "train.log_every=1", "train.eval_every=0"]
     overrides += ["train.sample_tokens=0", "optimizer.warmup_steps=1", "mesh.data=1"]
     overrides += ["mesh.fsdp=2", "mesh.tensor=2", f"data.corpus={tmp_path / 'data'}"]
-    fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    fast = FAST_XLA
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_"))}
     env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": fast}
     cli_cmd = [sys.executable, "-m", "jaxlm.cli"]

@@ -329,13 +329,3 @@ def test_missing_files_are_refused(tmp_path, bpe_file, capsys):
         from_hf(src, tmp_path / "jax", tokenizer=str(bpe_file))
     assert not (tmp_path / "jax").exists()
     assert not list(tmp_path.glob(".jax.*"))  # no half-written output left behind
-
-
-@pytest.mark.parametrize("direction", ["from-hf", "to-hf"])
-def test_convert_help_gives_each_option_one_line(direction, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["convert", direction, "--help"])
-    assert exc.value.code == 0
-    options = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  -")]
-    assert len(options) >= 3
-    assert all("  " in ln.strip() for ln in options), options

@@ -2,7 +2,7 @@
 
 The schedulers' own tools (sbatch/srun, gcloud, kubectl) are replaced by small shims that
 record what they were given, so the rendered scripts really execute. The local recipe is
-run for real, with training, in test_multihost.py.
+run for real, with training, in test_parallel_distributed.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Tests of the train step: accumulation, masking, z-loss, weight decay, schedule, learning."""
+"""Tests of the train step: accumulation, masking, z-loss, matmul precision, learning."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -8,51 +9,34 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import (
+    TRANSFORMERS,
+    assert_trees_close,
+    init_params,
+    loaded_model,
+    padded_batch,
+    train_step_model,
+)
 
-from jaxlm.config import MeshConfig, ModelConfig, OptimizerConfig, RunConfig, resolve
+from jaxlm.config import MeshConfig, ModelConfig, OptimizerConfig
 from jaxlm.models import build_model
 from jaxlm.parallel.sharding import make_mesh
-from jaxlm.train.optimizer import decay_mask, lr_schedule, make_optimizer
+from jaxlm.train.optimizer import lr_schedule, make_optimizer
 from jaxlm.train.state import TrainState, init_train_state
-from jaxlm.train.step import jit_train_step, make_train_step
+from jaxlm.train.step import _loss_sums, jit_train_step, make_train_step
 
-S, V = 16, 64
-FAMILIES = ("gpt2", "llama")
+S, V = 16, 64  # train_step_model's sequence length and vocabulary
 # Real tokens per row: every row differs, so token weighting across microbatches matters.
 LENGTHS = (16, 3, 9, 16, 1, 12, 7, 14)
 
 
-def tiny_cfg(family: str) -> ModelConfig:
-    # A wide init makes per-token losses differ, so a wrong token weighting would show.
-    kw = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=S, init_std=0.3)
-    if family == "llama":
-        kw["n_kv_heads"] = 2
-    return resolve(RunConfig(model=ModelConfig(family=family, **kw))).model
-
-
 def make_batch(seed: int = 0, lengths=LENGTHS) -> dict[str, np.ndarray]:
     """Rows of real tokens followed by padding (segment 0, weight 0)."""
-    rng = np.random.default_rng(seed)
-    b = len(lengths)
-    real_BxS = np.arange(S)[None, :] < np.asarray(lengths)[:, None]
-    return {
-        "inputs": rng.integers(0, V, (b, S)).astype(np.int32),
-        "targets": rng.integers(0, V, (b, S)).astype(np.int32),
-        "segment_ids": real_BxS.astype(np.int32),
-        "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (b, S)).copy(),
-        "weights": real_BxS.astype(np.float32),
-    }
-
-
-@functools.cache
-def init_params(cfg: ModelConfig):
-    """Unboxed parameters of a config, made once per test process."""
-    model = build_model(cfg)
-    return nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, S), jnp.int32))["params"])
+    return padded_batch(np.random.default_rng(seed), lengths, S, V)
 
 
 def fresh_state(cfg: ModelConfig, tx) -> TrainState:
-    params = init_params(cfg)
+    params = init_params(cfg, S, eager=True)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -76,16 +60,11 @@ def plain_ce(model, params, batch, rows=slice(None)) -> float:
     return float((ce_BxS * w_BxS).sum() / w_BxS.sum())
 
 
-def assert_trees_close(a, b, atol):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
-
-
 # --- gradient accumulation -------------------------------------------------------------------
 
 
 def test_microbatches_equal_one_big_batch():
-    cfg = tiny_cfg("llama")
+    cfg = train_step_model("llama")
     model = build_model(cfg)
     tx = optax.sgd(1.0)  # updates are the gradients themselves, so params compare grads
     batch = make_batch()
@@ -116,7 +95,7 @@ def test_microbatches_equal_one_big_batch():
 
 
 def test_targets_under_zero_weight_are_ignored():
-    cfg = tiny_cfg("llama")
+    cfg = train_step_model("llama")
     model = build_model(cfg)
     tx = optax.sgd(1.0)
     step = jax.jit(make_train_step(model, tx))
@@ -140,7 +119,7 @@ def test_targets_under_zero_weight_are_ignored():
 
 
 def test_z_loss_changes_gradient_not_reported_loss():
-    cfg = tiny_cfg("llama")
+    cfg = train_step_model("llama")
     model = build_model(cfg)
     tx = optax.sgd(1.0)
     z = 0.5
@@ -167,86 +146,35 @@ def test_z_loss_changes_gradient_not_reported_loss():
     assert_trees_close(got, expected, atol=2e-6)
 
 
-# --- optimizer -------------------------------------------------------------------------------
+# --- matmul precision ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_decay_mask_marks_matrices_only(family):
-    params = init_params(tiny_cfg(family))
-    mask = decay_mask(params)
-    names = {}
-    for path, decays in jax.tree_util.tree_flatten_with_path(mask)[0]:
-        name = path[-1].key
-        names[name] = names.get(name, 0) + 1
-        expected = name in ("kernel", "embedding")
-        assert decays == expected, f"{jax.tree_util.keystr(path)}: decay={decays}"
-    assert names.get("kernel") and names.get("embedding") and names.get("scale")
-    if tiny_cfg(family).bias:
-        assert names.get("bias")
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_weight_decay_spares_norms_and_biases(family):
-    """With zero gradients the AdamW update is pure decay: nonzero only on matrices."""
-    params = init_params(tiny_cfg(family))
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, p: jnp.ones_like(p) if path[-1].key == "bias" else p, params
-    )
-    cfg = OptimizerConfig(lr=0.1, warmup_steps=0, weight_decay=0.5, grad_clip=0.0)
-    tx = make_optimizer(cfg, total_steps=10)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
-    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
-        decayed = bool(jnp.any(u != 0))
-        assert decayed == (path[-1].key in ("kernel", "embedding")), jax.tree_util.keystr(path)
-
-
-def test_lr_scale_scales_a_group_and_zero_freezes_it():
-    """Per-group AdamW: a group at scale s moves s times as far; at 0 it keeps no state."""
-    body = init_params(tiny_cfg("llama"))
-    params = {"body": body, "head": {"kernel": jnp.ones((32, 3)), "bias": jnp.ones((3,))}}
-    keys = iter(jax.random.split(jax.random.PRNGKey(2), len(jax.tree.leaves(params))))
-    grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
-    cfg = OptimizerConfig(lr=0.1, warmup_steps=0, weight_decay=0.5)
-
-    def updates(tx):
-        state = tx.init(params)
-        return tx.update(grads, state, params)[0], state
-
-    plain, _ = updates(make_optimizer(cfg, total_steps=10))
-    scaled, _ = updates(make_optimizer(cfg, 10, lr_scale={"body": 0.25, "head": 1.0}))
-    assert_trees_close(scaled["head"], plain["head"], atol=0)
-    assert_trees_close(scaled["body"], jax.tree.map(lambda u: 0.25 * u, plain["body"]), atol=1e-9)
-
-    frozen, state = updates(make_optimizer(cfg, 10, lr_scale={"body": 0.0, "head": 1.0}))
-    assert all(not jnp.any(u) for u in jax.tree.leaves(frozen["body"]))
-    assert_trees_close(frozen["head"], plain["head"], atol=0)
-    head_size = sum(x.size for x in jax.tree.leaves(params["head"]))
-    # Adam's two moments of the head and a few step counters; nothing of the body.
-    assert sum(x.size for x in jax.tree.leaves(state)) < 2 * head_size + 8
-
-
-def test_lr_schedule_warmup_peak_and_floor():
-    cfg = OptimizerConfig(lr=1e-2, warmup_steps=10, min_lr_ratio=0.1)
-    sched = lr_schedule(cfg, total_steps=50)
-    lrs = np.array([float(sched(i)) for i in range(61)])
-    np.testing.assert_allclose(lrs[0], cfg.lr / (cfg.warmup_steps + 1), rtol=1e-6)  # no wasted step
-    np.testing.assert_allclose(lrs[10], cfg.lr, rtol=1e-6)
-    np.testing.assert_allclose(lrs[50], cfg.lr * cfg.min_lr_ratio, rtol=1e-5)
-    np.testing.assert_allclose(lrs[50:], cfg.lr * cfg.min_lr_ratio, rtol=1e-5)
-    assert np.all(np.diff(lrs[:11]) > 0)
-    assert np.all(np.diff(lrs[10:51]) < 0)
-    assert lrs.max() == pytest.approx(cfg.lr)
+def test_matmul_precision_reaches_every_dot():
+    cfg = loaded_model("llama", "model.d_model=32", "model.vocab_size=300", "model.n_layers=1")
+    cfg = dataclasses.replace(cfg, matmul_precision="highest")
+    model = build_model(cfg)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"])
+    batch = {
+        "inputs": tokens,
+        "targets": tokens,
+        "positions": jnp.zeros((1, 8), jnp.int32),
+        "segment_ids": jnp.ones((1, 8), jnp.int32),
+        "weights": jnp.ones((1, 8)),
+    }
+    text = str(jax.make_jaxpr(jax.grad(lambda p: _loss_sums(model, p, batch, None)[0]))(params))
+    dots = text.count("dot_general[")
+    assert dots > 0 and text.count("HIGHEST") >= dots
 
 
 # --- learning --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TRANSFORMERS)
 def test_loss_decreases_on_a_fixed_batch(family):
     """The real path: sharded init, jitted donated step, schedule reported per step."""
     steps = 15
-    model = build_model(tiny_cfg(family))
+    model = build_model(train_step_model(family))
     opt_cfg = OptimizerConfig(lr=1e-2, warmup_steps=2, weight_decay=0.1)
     tx = make_optimizer(opt_cfg, steps)
     mesh = make_mesh(MeshConfig())

@@ -1,4 +1,5 @@
-"""Real `jaxlm train` processes killed, preempted, damaged and diverging.
+"""The training loop (jaxlm.train.loop) under real `jaxlm train` processes killed, preempted,
+damaged and diverging.
 
 The bar: a run killed at any moment and started again with the same command ends with
 bitwise the parameters and per-step losses of a run that was never interrupted. Each case

@@ -1,36 +1,28 @@
-"""Decoding: KV cache / carried state vs recomputing, batched left padding, sampling filters
-(top-k, top-p, no-repeat n-grams), seeds, stop strings, and the `jaxlm generate` command."""
+"""Decoding (jaxlm.inference.generate): KV cache / carried state vs recomputing, batched left
+padding, sampling filters (top-k, top-p, no-repeat n-grams), seeds, and the `jaxlm generate`
+command. Stop strings and streaming, which the command does, are in test_cli.py."""
 
 import functools
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAMILIES, cli_error, init_params, resolved_model
 
 from jaxlm import cli
-from jaxlm.cli.generate import Finisher, Streamer, cut_at_stop
-from jaxlm.config import ModelConfig, RunConfig, resolve
+from jaxlm.config import ModelConfig
 from jaxlm.inference.generate import Sampling, decode, filter_logits
 from jaxlm.models import build_model
 
 V = 64
-FAMILIES = ("llama", "gpt2", "lstm", "gru", "hawk")
 
 
 def tiny_cfg(family: str) -> ModelConfig:
+    # An untied head keeps greedy output off the input token.
     kw = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=48, init_std=0.3)
-    if not family == "gpt2":
-        kw["tie_embeddings"] = False  # an untied head keeps greedy output off the input token
-    return resolve(RunConfig(model=ModelConfig(family=family, **kw))).model
-
-
-@functools.cache
-def init_params(cfg: ModelConfig):
-    boxed = jax.jit(build_model(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
-    return nn.unbox(boxed["params"])
+    return resolved_model(family, untied=True, **kw)
 
 
 def prompts(seed: int, lengths) -> list[list[int]]:
@@ -60,7 +52,7 @@ def full_logits(cfg, params, seq: list[int]) -> np.ndarray:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_decode_equals_recompute_and_batched_equals_alone(family):
     cfg, n_new = tiny_cfg(family), 10
-    params = init_params(cfg)
+    params = init_params(cfg, 8)
     ps = prompts(1, (3, 7))  # different lengths: the short one is left-padded by 4 more
     cached = decode(cfg, params, ps, n_new)
     recomputed = decode(cfg, params, ps, n_new, use_cache=False)
@@ -76,7 +68,7 @@ def test_cached_decode_equals_recompute_and_batched_equals_alone(family):
 
 def test_sampled_rows_do_not_depend_on_their_batch():
     cfg = tiny_cfg("llama")
-    params, sampling = init_params(cfg), Sampling(temperature=1.0)
+    params, sampling = init_params(cfg, 8), Sampling(temperature=1.0)
     ps = prompts(2, (4, 9, 6))
     batch = decode(cfg, params, ps, 8, sampling, seed=3)
     alone = decode(cfg, params, ps[1:2], 8, sampling, seed=3, row_ids=[1])
@@ -111,7 +103,7 @@ def _ranks(cfg, params, ps, out) -> list[int]:
 
 def test_top_k_never_samples_outside_the_k_best():
     cfg, k = tiny_cfg("llama"), 3
-    params = init_params(cfg)
+    params = init_params(cfg, 8)
     ps = prompts(3, (5, 5, 5, 5))
     hot = Sampling(temperature=3.0, top_k=k)  # flat distribution: without top-k ranks spread
     ranks = _ranks(cfg, params, ps, decode(cfg, params, ps, 12, hot, seed=0))
@@ -124,7 +116,7 @@ def test_top_k_never_samples_outside_the_k_best():
 @pytest.mark.parametrize("n", [2, 3])
 def test_no_repeat_ngram_size_never_repeats_an_ngram(n):
     cfg = tiny_cfg("gpt2")
-    params = init_params(cfg)
+    params = init_params(cfg, 8)
     ps = [[5, 6, 5, 6, 5], [1, 2, 3], [7] * 4, [9, 9, 8, 9, 9, 8]]  # prompts full of repeats
 
     def ngrams(seq):
@@ -150,45 +142,12 @@ def test_no_repeat_ngram_size_never_repeats_an_ngram(n):
 
 def test_same_seed_same_text_different_seed_different_text():
     cfg = tiny_cfg("llama")
-    params, s = init_params(cfg), Sampling(temperature=1.0, top_p=0.95)
+    params, s = init_params(cfg, 8), Sampling(temperature=1.0, top_p=0.95)
     ps = prompts(4, (6,))
     a, b = decode(cfg, params, ps, 16, s, seed=7), decode(cfg, params, ps, 16, s, seed=7)
     c = decode(cfg, params, ps, 16, s, seed=8)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-
-
-# --- stop strings and streaming --------------------------------------------------------------
-
-
-class CharTokenizer:
-    """Id i is the i-th letter of ALPHABET; id 0 is EOS."""
-
-    ALPHABET = "#abcdefgh \n"
-    eos_id = 0
-
-    def decode(self, ids):
-        return "".join(self.ALPHABET[i] for i in ids if i)
-
-
-def test_stop_strings_and_eos_cut_the_text():
-    assert cut_at_stop("abc\n\ndef", ["\n\n", "d"]) == ("abc", True)
-    assert cut_at_stop("abc", ["x"]) == ("abc", False)
-    fin = Finisher(CharTokenizer(), ["ba"])
-    assert fin.text([1, 2, 3, 2, 1, 4]) == ("abc", True)  # "abcbad": cut at the stop string
-    assert fin.text([3, 3, 0, 1, 2, 1]) == ("cc", True)  # EOS first
-    assert fin.text([3, 3, 4]) == ("ccd", False)
-
-
-def test_streamer_never_prints_what_a_stop_string_removes(capsys):
-    import sys
-
-    stream = Streamer(Finisher(CharTokenizer(), ["ab"]), sys.stdout)
-    ids = [3, 4, 1, 2, 5]  # "cdabe": the stop "ab" arrives split over two chunks
-    ended = [stream(np.asarray([ids[:n]])) for n in (3, 4, 5)]
-    stream.finish()
-    assert ended == [False, True, True]
-    assert capsys.readouterr().out == "cd\n"
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -233,32 +192,14 @@ def test_generate_batches_prompts_and_writes_json_lines(memorised_run, tmp_path,
     assert "--- prompt 1, sample 1 ---" in capsys.readouterr().out
 
 
-def _error_line(argv, capsys) -> str:
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
-    return err
-
-
 def test_generate_errors_are_one_line(memorised_run, tmp_path, capsys):
-    err = _error_line(["generate", "--checkpoint", str(tmp_path / "nope")], capsys)
+    err = cli_error(["generate", "--checkpoint", str(tmp_path / "nope")], capsys)
     assert "nope" in err
-    err = _error_line(["generate", "-w", str(memorised_run), "--top-p", "0"], capsys)
+    err = cli_error(["generate", "-w", str(memorised_run), "--top-p", "0"], capsys)
     assert "--top-p" in err
     (tmp_path / "bad.jsonl").write_text('"fine"\n{"prompt": 3}\n')
-    err = _error_line(
+    err = cli_error(
         ["generate", "-w", str(memorised_run), "--prompts-file", str(tmp_path / "bad.jsonl")],
         capsys,
     )
     assert "line 2" in err
-
-
-def test_bench_decode_compares_cache_and_recompute(tmp_path, capsys):
-    out = tmp_path / "decode.json"
-    model = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=320"]
-    argv = ["bench", "decode", *model, "--prompt-lens", "4", "--new-tokens", "6", "--iters", "1"]
-    assert cli.main([*argv, "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["results"]
-    assert [r["mode"] for r in rows] == ["cache", "recompute"]
-    assert all(r["same_tokens"] and r["tokens_per_s"] > 0 for r in rows)
-    assert "| llama | recompute |" in capsys.readouterr().out

@@ -1,11 +1,11 @@
-"""Evaluation: loss / perplexity / bits-per-byte against a direct computation, per-file
-results, multiple choice (log-likelihoods, a forced answer) and the `jaxlm eval` command."""
+"""Evaluation (jaxlm.inference.evaluate): loss / perplexity / bits-per-byte against a direct
+computation, per-file results, multiple choice (log-likelihoods, a forced answer) and the
+`jaxlm eval` command."""
 
 import dataclasses
 import functools
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import MEMORISED_TEXT as TEXT
+from conftest import cli_error, fake_devices_env
 
 from jaxlm import cli
 from jaxlm.config import ModelConfig, RunConfig, resolve
@@ -22,7 +23,7 @@ from jaxlm.data.corpus import split_documents
 from jaxlm.data.tokenizer import train_tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.inference.evaluate import Evaluator, evaluate_choices, evaluate_text
-from jaxlm.inference.scoring import choice_accuracy, pack_rows
+from jaxlm.inference.scoring import choice_accuracy
 from jaxlm.models import build_model
 from jaxlm.runs import Run
 
@@ -89,23 +90,6 @@ def test_loss_perplexity_and_bits_per_byte_match_a_direct_computation(random_run
     assert got["bits_per_token"] * tokens == pytest.approx(got["bits_per_byte"] * n_bytes)
 
 
-def test_pack_rows_scores_every_target_once_and_cuts_only_long_documents():
-    rng = np.random.default_rng(0)
-    docs = [rng.integers(4, 50, n).astype(np.int32) for n in (5, 9, 3, 23, 7)]
-    rows = pack_rows(docs, seq_len=8)
-    pairs = [
-        (int(r["inputs"][j]), int(r["targets"][j]), int(r["positions"][j]))
-        for r in rows
-        for j in np.flatnonzero(r["weights"])
-    ]
-    want = []
-    for d in docs:  # the 23-token document is cut into windows of 8, 8 and 6 targets
-        want += [(int(d[t]), int(d[t + 1]), t % 8) for t in range(len(d) - 1)]
-    assert sorted(pairs) == sorted(want)
-    # The 9-token doc (8 targets) fills a row of its own instead of being split over two.
-    assert any(r["segment_ids"].tolist() == [1] * 8 for r in rows)
-
-
 def test_choice_logliks_match_a_direct_computation(random_run, tmp_path):
     items = [
         {"context": "The quick brown", "choices": [" fox jumps", " bird", " café"], "answer": 0},
@@ -122,12 +106,6 @@ def test_choice_logliks_match_a_direct_computation(random_run, tmp_path):
             want = -sum(direct_nats(random_run, ids)[len(ctx) - 1 :])
             assert ll == pytest.approx(want, rel=1e-4, abs=1e-4)
     assert got == {**got, **choice_accuracy(items, got["logliks"]), "items": 2}
-
-
-def test_summed_and_per_byte_accuracy_can_disagree():
-    items = [{"context": "", "choices": ["a", "bbbbbbbb"], "answer": 1}]
-    # The long choice loses on the sum (-4 < -1) but wins per byte (-0.5 > -1).
-    assert choice_accuracy(items, [[-1.0, -4.0]]) == {"items": 1, "acc": 0.0, "acc_norm": 1.0}
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused(random_run):
@@ -173,8 +151,7 @@ def test_eval_on_four_devices_matches_one(memorised_run, tmp_path, capsys):
     mc.write_text(json.dumps({"context": "The quick", "choices": [" brown", " cat"], "answer": 0}))
     argv = ["-w", str(memorised_run), "--data", str(data), "--multiple-choice", str(mc)]
     one = _eval([*argv, "--batch-size", "4"], capsys)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env = fake_devices_env(4)
     code = "import sys; from jaxlm import cli; sys.exit(cli.main(sys.argv[1:]))"
     out = subprocess.run(
         [sys.executable, "-c", code, "eval", "--no-progress", "--batch-size", "4", *argv],
@@ -232,16 +209,8 @@ def test_multiple_choice_picks_the_memorised_continuation(memorised_run, tmp_pat
     assert mc["items"] == 4 and mc["acc"] == 1.0 and mc["acc_norm"] == 1.0
 
 
-def _error_line(argv, capsys) -> str:
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
-    return err
-
-
 def test_eval_errors_are_one_line(memorised_run, tmp_path, capsys):
-    err = _error_line(["eval", "--checkpoint", str(tmp_path / "missing")], capsys)
+    err = cli_error(["eval", "--checkpoint", str(tmp_path / "missing")], capsys)
     assert "missing" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
@@ -250,14 +219,14 @@ def test_eval_errors_are_one_line(memorised_run, tmp_path, capsys):
         + json.dumps({"context": "a", "choices": ["b"], "answer": 0})
         + "\n"
     )
-    err = _error_line(["eval", "-w", str(memorised_run), "--multiple-choice", str(bad)], capsys)
+    err = cli_error(["eval", "-w", str(memorised_run), "--multiple-choice", str(bad)], capsys)
     assert "line 3" in err
     bad.write_text('{"context": "a", "choices": ["b", "c"], "answer": 2}\n')
-    err = _error_line(["eval", "-w", str(memorised_run), "--multiple-choice", str(bad)], capsys)
+    err = cli_error(["eval", "-w", str(memorised_run), "--multiple-choice", str(bad)], capsys)
     assert "line 1" in err and "answer 2" in err
-    err = _error_line(["eval", "-w", str(memorised_run), "--step", "7"], capsys)
+    err = cli_error(["eval", "-w", str(memorised_run), "--step", "7"], capsys)
     assert "--step 7" in err
     text = tmp_path / "t.jsonl"
     text.write_text('{"text": "ok"}\n{"txt": "no"}\n')
-    err = _error_line(["eval", "-w", str(memorised_run), "--data", str(text)], capsys)
+    err = cli_error(["eval", "-w", str(memorised_run), "--data", str(text)], capsys)
     assert "line 2" in err

@@ -2,21 +2,28 @@
 
 The sharded runs need 8 devices, which XLA only fakes when told before JAX starts, so they
 run in a subprocess (this file run as a script, one per model family) that prints JSON;
-the pytest process itself keeps its single device.
+the pytest process itself keeps its single device. The worker imports conftest as the tests do
+(the script's folder is on its path).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import (
+    FAST_XLA,
+    RECURRENT,
+    assert_one_sentence,
+    fake_devices_env,
+    padded_batch,
+    resolved_model,
+)
 
-from jaxlm.config import MeshConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from jaxlm.config import MeshConfig, ModelConfig, RunConfig, TrainConfig
 from jaxlm.errors import ConfigError
 from jaxlm.parallel.sharding import MESH_AXES, mesh_shape, validate_mesh
 
@@ -31,20 +38,16 @@ MESHES = {
 }
 # One extra mesh per family: sequence sharding (gpt2), kv heads replicated over tensor (llama).
 EXTRA = {"gpt2": {"d2f2s2": (2, 2, 1, 2)}, "llama": {"d2t4": (2, 1, 4, 1)}}
-RECURRENT = ("lstm", "gru", "hawk")
 FSDP_THRESHOLD = 4096  # parameters with more elements than this must be split by fsdp=8
-# Lower LLVM effort: compiling dominates these runs and codegen level does not change HLO.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def tiny_model(family: str, **kw) -> ModelConfig:
     """A one-block model whose every axis splits over the meshes above."""
     base = dict(vocab_size=V, d_model=32, n_layers=1, n_heads=8, max_seq_len=S, init_std=0.1)
-    if family == "llama":
-        base["n_kv_heads"] = 2  # grouped-query: 4 query heads per kv head
     if family == "hawk":
         base.update(n_heads=4, rnn_width=64)  # RG-LRU gate blocks must divide the width
-    return resolve(RunConfig(model=ModelConfig(family=family, **{**base, **kw}))).model
+    # gqa: Llama gets 2 kv heads, 4 query heads per kv head.
+    return resolved_model(family, gqa=True, **{**base, **kw})
 
 
 # ------------------------------------------------------------------ worker (subprocess)
@@ -52,14 +55,7 @@ def tiny_model(family: str, **kw) -> ModelConfig:
 
 def _fixed_batch() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    real_BxS = np.arange(S)[None, :] < rng.integers(4, S + 1, B)[:, None]
-    return {
-        "inputs": rng.integers(0, V, (B, S)).astype(np.int32),
-        "targets": rng.integers(0, V, (B, S)).astype(np.int32),
-        "segment_ids": real_BxS.astype(np.int32),
-        "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
-        "weights": real_BxS.astype(np.float32),
-    }
+    return padded_batch(rng, rng.integers(4, S + 1, B), S, V)
 
 
 def _mesh_cfg(sizes: tuple[int, ...]) -> MeshConfig:
@@ -137,11 +133,7 @@ def worker(family: str) -> dict:
 
 def _run_workers(families: tuple[str, ...]) -> dict[str, dict]:
     """One subprocess per family, started together, results parsed from stdout."""
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_XLA}",
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = fake_devices_env(8, FAST_XLA)
     procs = {
         fam: subprocess.Popen(
             [sys.executable, __file__, fam],
@@ -220,11 +212,6 @@ def _abstract_mesh(data=1, fsdp=1, tensor=1, sequence=1):
     )
 
 
-def _one_sentence(message: str) -> None:
-    assert "\n" not in message and message.endswith("."), message
-    assert not re.search(r"[.!?]\s+[A-Z]", message), message
-
-
 def _cfg(family="llama", batch_size=8, microbatches=1, seq_len=16, **model) -> RunConfig:
     from jaxlm.config import DataConfig
 
@@ -253,7 +240,7 @@ def test_bad_mesh_is_refused_in_one_sentence(cfg_kw, mesh_kw, expected):
     rest = {k: v for k, v in cfg_kw.items() if k not in model_keys}
     with pytest.raises(ConfigError, match=expected) as err:
         validate_mesh(_cfg(**rest, **model), _abstract_mesh(**mesh_kw))
-    _one_sentence(str(err.value))
+    assert_one_sentence(str(err.value))
 
 
 def test_good_mesh_passes_and_kv_heads_may_be_fewer_than_tensor():
@@ -264,7 +251,7 @@ def test_good_mesh_passes_and_kv_heads_may_be_fewer_than_tensor():
 def test_more_processes_than_batch_shards_is_refused():
     with pytest.raises(ConfigError, match=r"split 2 ways .* 4 processes") as err:
         validate_mesh(_cfg(), _abstract_mesh(data=2, tensor=4), process_count=4)
-    _one_sentence(str(err.value))
+    assert_one_sentence(str(err.value))
 
 
 @pytest.mark.parametrize(
@@ -277,7 +264,7 @@ def test_more_processes_than_batch_shards_is_refused():
 def test_mesh_that_does_not_cover_the_devices_is_refused(mesh, n, expected):
     with pytest.raises(ConfigError, match=expected) as err:
         mesh_shape(mesh, n)
-    _one_sentence(str(err.value))
+    assert_one_sentence(str(err.value))
 
 
 def test_minus_one_takes_the_remaining_devices():

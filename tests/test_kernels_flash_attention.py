@@ -8,7 +8,6 @@ import dataclasses
 import importlib.util
 import itertools
 import json
-import os
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fake_devices_env
 
 from jaxlm.kernels import flash_kernels
 from jaxlm.kernels.flash_attention import BlockSizes, flash_attention, reference_attention
@@ -319,11 +319,7 @@ print(json.dumps({"err": err, "local_shapes": local_shapes, "loss": float(ref[0]
 
 
 def test_sharded_mesh_runs_the_kernel_per_shard():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = fake_devices_env(8)
     proc = subprocess.run(
         [sys.executable, "-c", SHARDED_WORKER], env=env, capture_output=True, text=True, timeout=300
     )

@@ -1,44 +1,28 @@
 """Tests of what only the recurrent LMs (LSTM, GRU, Hawk) have: flax cell equivalence, the
-parallel scan, the RG-LRU's decay, unbounded generation, the bidirectional encoder and the
-recurrent configs. The invariants all families share (causality, packed documents, cached
-decode == full forward, axis names, parameter counts, bfloat16) are in test_model.py."""
-
-import functools
-from pathlib import Path
+parallel scan, the RG-LRU's decay, unbounded generation and the bidirectional encoder. The
+invariants all families share (causality, packed documents, cached decode == full forward,
+axis names, parameter counts, bfloat16) are in test_models.py, the recurrent configs in
+test_config.py."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import init_params, random_tokens, resolved_model
 
-from jaxlm.config import ModelConfig, RunConfig, load_config, resolve
-from jaxlm.errors import ConfigError
+from jaxlm.config import ModelConfig
 from jaxlm.inference.generate import generate
-from jaxlm.models import build_model
 from jaxlm.models.hawk import GATE_EXPONENT, linear_scan, linear_scan_sequential
 from jaxlm.models.rnn import GatedLayer, RecurrentEncoder, gru_step, lstm_step
 
 S, V = 12, 64
-FAMILIES = ("lstm", "gru", "hawk")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def tiny_cfg(family: str, **overrides) -> ModelConfig:
     """A resolved two-layer model with an untied head (so greedy output isn't the input)."""
     kw = dict(vocab_size=V, d_model=16, n_layers=2, n_heads=2, init_std=0.3, tie_embeddings=False)
-    kw.update(overrides)
-    return resolve(RunConfig(model=ModelConfig(family=family, **kw))).model
-
-
-@functools.cache
-def init_params(cfg: ModelConfig):
-    boxed = jax.jit(build_model(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, S), jnp.int32))
-    return nn.unbox(boxed["params"])
-
-
-def random_tokens(seed: int, shape=(S,)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, V, size=shape).astype(np.int32)
+    return resolved_model(family, **{**kw, **overrides})
 
 
 # --- cells against flax.linen ----------------------------------------------------------------
@@ -114,7 +98,7 @@ def test_parallel_scan_equals_sequential_values_and_gradients():
 
 
 def test_rg_lru_decay_starts_in_the_papers_range():
-    params = init_params(tiny_cfg("hawk"))
+    params = init_params(tiny_cfg("hawk"), S)
     decay_logit = np.asarray(params["block_0"]["recurrent"]["rg_lru"]["decay"], np.float64)
     a_c = (1.0 / (1.0 + np.exp(-decay_logit))) ** GATE_EXPONENT  # sigmoid(lambda) ** c
     assert 0.9 <= a_c.min() < a_c.max() <= 0.999
@@ -125,7 +109,7 @@ def test_rg_lru_decay_starts_in_the_papers_range():
 
 def test_recurrent_generation_is_not_bounded_by_max_seq_len():
     cfg = tiny_cfg("gru", max_seq_len=8)
-    (out,) = generate(cfg, init_params(cfg), [1, 2, 3], 20)
+    (out,) = generate(cfg, init_params(cfg, S), [1, 2, 3], 20)
     assert len(out) == 20
 
 
@@ -135,7 +119,7 @@ def test_recurrent_generation_is_not_bounded_by_max_seq_len():
 def test_bidirectional_encoder_sees_both_sides_within_a_segment():
     cfg = tiny_cfg("gru")
     enc = RecurrentEncoder(cfg)
-    tokens = random_tokens(6)[None]
+    tokens = random_tokens(6, (S,), V)[None]
     seg = np.r_[np.ones(6), np.full(6, 2)].astype(np.int32)[None]
     params = enc.init(jax.random.PRNGKey(0), jnp.asarray(tokens), jnp.asarray(seg))["params"]
     run = jax.jit(lambda t: enc.apply({"params": params}, t, jnp.asarray(seg)))
@@ -146,22 +130,3 @@ def test_bidirectional_encoder_sees_both_sides_within_a_segment():
     diff = np.abs(np.asarray(run(jnp.asarray(changed))) - base).max(-1)[0]
     assert np.all(diff[:6] > 1e-4)  # seen by earlier positions (backward) and later (forward)
     np.testing.assert_allclose(diff[6:], 0.0, atol=1e-6)  # document 2 is untouched
-
-
-# --- configs ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_shipped_config_loads(family):
-    cfg = load_config(CONFIGS / f"{family}-tiny.yaml")
-    assert cfg.model.family == family and cfg.model.recurrent
-
-
-def test_recurrent_configs_skip_transformer_only_checks():
-    # 3 heads don't divide d_model=256, which only matters to attention.
-    cfg = load_config(None, ["model.family=lstm", "model.n_heads=3", "data.seq_len=1024"])
-    assert cfg.model.position is None and cfg.model.tie_embeddings is True
-    with pytest.raises(ConfigError, match="model.rnn_width"):
-        load_config(None, ["model.family=hawk", "model.rnn_width=100", "model.n_heads=8"])
-    with pytest.raises(ConfigError, match="model.family"):
-        load_config(None, ["model.family=rnn"])

@@ -9,12 +9,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST_XLA
 
 from jaxlm.bench.plan import GIB, Plan, cpu_device_count, format_plan
 from jaxlm.config import MeshConfig, RunConfig
 from jaxlm.errors import ConfigError
 
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 SMALL = [
     "model.vocab_size=512",
     "model.d_model=64",

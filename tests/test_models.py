@@ -1,7 +1,8 @@
 """Property tests of the language models. Every family (Transformer, LSTM/GRU, Hawk) shares
 one wrapper, so the invariants run over all five: causality, packed documents, cached decode
-== full forward, logical axis names, weight tying, parameter counts, mixed precision. Then the
-Transformer's own: positions and the attention implementations."""
+== full forward, logical axis names, weight tying, parameter counts, mixed precision, the
+hidden state the head reads. Then the Transformer's own: positions and attention
+implementations (the attention functions themselves are in test_models_attention.py)."""
 
 import dataclasses
 import functools
@@ -12,18 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAMILIES, TINY_LM, TRANSFORMERS, init_params, random_tokens, resolved_model
 
-from jaxlm.config import ModelConfig, RunConfig, resolve
+from jaxlm.config import ModelConfig, load_config
 from jaxlm.inference.generate import generate
 from jaxlm.models import build_model
-from jaxlm.models.attention import attend
 from jaxlm.parallel.sharding import LOGICAL_RULES
 from jaxlm.perf.flops import flops_per_token, matmul_params
 from jaxlm.train.state import param_count
 
 B, S, V = 2, 16, 64
-FAMILIES = ("gpt2", "llama", "lstm", "gru", "hawk")
-TRANSFORMERS = ("gpt2", "llama")
 PARAM_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "rnn", None}
 
 
@@ -34,19 +33,7 @@ def tiny_cfg(family: str, **overrides) -> ModelConfig:
     embedding is read on the input side only.
     """
     kw = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, init_std=0.1)
-    if family == "llama":
-        kw["n_kv_heads"] = 2
-    if family != "gpt2":
-        kw["tie_embeddings"] = False
-    kw.update(overrides)
-    return resolve(RunConfig(model=ModelConfig(family=family, **kw))).model
-
-
-@functools.cache
-def init_params(cfg: ModelConfig, seed: int = 0):
-    """Unboxed float32 parameters (the tree does not depend on attention impl or dtype)."""
-    init = jax.jit(build_model(cfg).init)
-    return nn.unbox(init(jax.random.PRNGKey(seed), jnp.zeros((1, S), jnp.int32))["params"])
+    return resolved_model(family, gqa=True, untied=True, **{**kw, **overrides})
 
 
 @functools.cache
@@ -71,18 +58,14 @@ def forward(cfg, params, tokens_BxS, positions_BxS=None, segment_ids_BxS=None) -
     return np.asarray(logits.astype(jnp.float32))
 
 
-def random_tokens(seed: int, shape=(S,)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, V, size=shape).astype(np.int32)
-
-
 # --- causality and packing -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_causal_future_tokens_do_not_leak(family):
     cfg = tiny_cfg(family)
-    params = init_params(cfg)
-    tokens = random_tokens(0)
+    params = init_params(cfg, S)
+    tokens = random_tokens(0, (S,), V)
     for t in (0, 6, S - 2):
         changed = tokens.copy()
         changed[t + 1 :] = (changed[t + 1 :] + 1 + np.arange(S - t - 1)) % V
@@ -95,7 +78,7 @@ def test_causal_future_tokens_do_not_leak(family):
 def test_causal_gradients_vanish_towards_the_future(family):
     """d logits[t] / d (input row used at position u) is nonzero exactly for u <= t."""
     cfg = tiny_cfg(family)
-    params = init_params(cfg)
+    params = init_params(cfg, S)
     model = build_model(cfg)
     tokens_1xS = np.random.default_rng(1).permutation(V)[:S][None].astype(np.int32)
     # A table read only on the input side, with one distinct row per position: learned
@@ -118,9 +101,9 @@ def test_causal_gradients_vanish_towards_the_future(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_documents_are_isolated(family):
     cfg = tiny_cfg(family)
-    params = init_params(cfg)
+    params = init_params(cfg, S)
     la, lb = 6, S - 6
-    doc_a, doc_b = random_tokens(2, (la,)), random_tokens(3, (lb,))
+    doc_a, doc_b = random_tokens(2, (la,), V), random_tokens(3, (lb,), V)
     other_a = (doc_a + 7) % V
     packed_seg = np.r_[np.ones(la), np.full(lb, 2)].astype(np.int32)
     packed_pos = np.r_[np.arange(la), np.arange(lb)]
@@ -161,7 +144,7 @@ def test_every_param_has_logical_axis_names(family):
     init = lambda: build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
     boxed = jax.eval_shape(init)["params"]  # shapes and boxes only, nothing computed
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    assert len(leaves) == len(jax.tree.leaves(init_params(cfg)))
+    assert len(leaves) == len(jax.tree.leaves(init_params(cfg, S)))
     rules = dict(LOGICAL_RULES)
     for leaf in leaves:
         assert isinstance(leaf, nn.Partitioned), type(leaf)
@@ -175,14 +158,14 @@ def test_every_param_has_logical_axis_names(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weight_tying(family):
     cfg = tiny_cfg(family)
-    params = init_params(cfg)
+    params = init_params(cfg, S)
     assert ("head" in params) == (not cfg.tie_embeddings)
     if not cfg.tie_embeddings:
         assert params["head"]["kernel"].shape == (cfg.d_model, cfg.vocab_size)
     # Zeroing the embedding row of a token that is never an input zeroes its logit exactly
     # when the head is the embedding.
     unused = 0
-    tokens = np.stack([random_tokens(7) % (V - 1) + 1] * 2)
+    tokens = np.stack([random_tokens(7, (S,), V) % (V - 1) + 1] * 2)
     emb = params["embed"]["embedding"].at[unused].set(0.0)
     logits = forward(cfg, {**params, "embed": {"embedding": emb}}, tokens)
     if cfg.tie_embeddings:
@@ -221,8 +204,8 @@ def test_matmul_param_count_matches_the_tree(family, tie):
 def test_cached_decode_equals_full_forward(family):
     """A prefill call, then one call per token (KV cache or carried state), equals one pass."""
     cfg = tiny_cfg(family)
-    params = init_params(cfg)
-    tokens_BxS = np.stack([random_tokens(11), random_tokens(12)])
+    params = init_params(cfg, S)
+    tokens_BxS = np.stack([random_tokens(11, (S,), V), random_tokens(12, (S,), V)])
     seg_BxS = np.stack([np.r_[np.ones(7), np.full(S - 7, 2)], np.ones(S)]).astype(np.int32)
     pos_BxS = np.stack([np.r_[np.arange(7), np.arange(S - 7)], np.arange(S)]).astype(np.int32)
     full = forward(cfg, params, tokens_BxS, pos_BxS, seg_BxS)
@@ -250,8 +233,8 @@ def test_cached_decode_equals_full_forward(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_equals_full_forward_argmax(family):
     cfg = tiny_cfg(family)
-    params = init_params(cfg)
-    prompt, n_new = random_tokens(8, (5,)).tolist(), 9
+    params = init_params(cfg, S)
+    prompt, n_new = random_tokens(8, (5,), V).tolist(), 9
     (decoded,) = generate(cfg, params, prompt, n_new)
     assert len(decoded) == n_new
 
@@ -281,8 +264,8 @@ def test_bfloat16_compute_is_close_to_float32(family):
     params16 = nn.unbox(jax.eval_shape(init16)["params"])
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))
 
-    params = init_params(cfg)
-    tokens = np.stack([random_tokens(9), random_tokens(10)])
+    params = init_params(cfg, S)
+    tokens = np.stack([random_tokens(9, (S,), V), random_tokens(10, (S,), V)])
     raw16 = forward_fn(cfg16)(
         params, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(S), (B, S)), jnp.ones((B, S), int)
     )
@@ -301,8 +284,8 @@ def test_bfloat16_compute_is_close_to_float32(family):
 @pytest.mark.parametrize("family", TRANSFORMERS)
 def test_position_ids_matter(family):
     cfg = tiny_cfg(family)
-    params = init_params(cfg)
-    tokens = np.stack([random_tokens(4)] * 2)
+    params = init_params(cfg, S)
+    tokens = np.stack([random_tokens(4, (S,), V)] * 2)
     pos = np.broadcast_to(np.arange(S), (B, S))
     base = forward(cfg, params, tokens, pos)
     spread = forward(cfg, params, tokens, 2 * pos)
@@ -314,86 +297,34 @@ def test_position_ids_matter(family):
         np.testing.assert_allclose(base, shifted, atol=1e-4, rtol=0)
 
 
-def _qkv(seed, b=2, s=12, h=4, k=2, e=8):
-    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return (
-        jax.random.normal(kq, (b, s, h, e)),
-        jax.random.normal(kk, (b, s, k, e)),
-        jax.random.normal(kv, (b, s, k, e)),
-    )
-
-
-SEGMENTS = jnp.asarray([[1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0], [1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3]])
-
-
-def _naive_attention(q, k, v, seg, causal):
-    """Per query loop in numpy: softmax over the keys it is allowed to see."""
-    q, k, v, seg = map(np.asarray, (q, k, v, seg))
-    b, s, h, e = q.shape
-    group = h // k.shape[2]
-    out = np.zeros_like(q)
-    for bi in range(b):
-        for i in range(s):
-            allowed = (seg[bi] == seg[bi, i]) & ((not causal) | (np.arange(s) <= i))
-            for hi in range(h):
-                scores = k[bi, allowed, hi // group] @ q[bi, i, hi] / np.sqrt(e)
-                p = np.exp(scores - scores.max())
-                out[bi, i, hi] = (p / p.sum()) @ v[bi, allowed, hi // group]
-    return out
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_attention_impls_agree_with_naive_loop(causal):
-    q, k, v = _qkv(0)
-    kw = dict(q_segment_ids_BxS=SEGMENTS, kv_segment_ids_BxT=SEGMENTS, causal=causal)
-    expected = _naive_attention(q, k, v, SEGMENTS, causal)
-    for impl in ("reference", "xla"):
-        np.testing.assert_allclose(attend(q, k, v, impl=impl, **kw), expected, atol=1e-5)
-
-
-def test_attention_impls_have_equal_gradients():
-    q, k, v = _qkv(1)
-    cot = jax.random.normal(jax.random.PRNGKey(9), q.shape)
-    kw = dict(q_segment_ids_BxS=SEGMENTS, kv_segment_ids_BxT=SEGMENTS)
-
-    def loss(impl):
-        return lambda q, k, v: jnp.sum(attend(q, k, v, impl=impl, **kw) * cot)
-
-    ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
-    xla = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
-    for g_ref, g_xla in zip(ref, xla, strict=True):
-        assert float(jnp.abs(g_ref).max()) > 1e-3
-        np.testing.assert_allclose(g_ref, g_xla, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("impl", ["reference", "xla"])
-def test_attention_q_offset_continues_a_sequence(impl):
-    """The last query alone, offset to its index, equals the last row of full attention."""
-    q, k, v = _qkv(2)
-    full = attend(q, k, v, q_segment_ids_BxS=SEGMENTS, kv_segment_ids_BxT=SEGMENTS, impl=impl)
-    last = attend(
-        q[:, -1:],
-        k,
-        v,
-        q_segment_ids_BxS=SEGMENTS[:, -1:],
-        kv_segment_ids_BxT=SEGMENTS,
-        q_offset=q.shape[1] - 1,
-        impl=impl,
-    )
-    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-6)
-    no_offset = attend(
-        q[:, -1:], k, v, q_segment_ids_BxS=SEGMENTS[:, -1:], kv_segment_ids_BxT=SEGMENTS, impl=impl
-    )
-    assert float(jnp.abs(no_offset[:, 0] - full[:, -1]).max()) > 1e-3
-
-
 @pytest.mark.parametrize("family", TRANSFORMERS)
 def test_model_logits_equal_across_attention_impls(family):
     cfg = tiny_cfg(family, attention="xla")
-    params = init_params(cfg)
-    tokens = np.stack([random_tokens(5), random_tokens(6)])
+    params = init_params(cfg, S)
+    tokens = np.stack([random_tokens(5, (S,), V), random_tokens(6, (S,), V)])
     seg = np.stack([np.r_[np.ones(10), np.full(6, 2)], np.ones(S)]).astype(np.int32)
     pos = np.stack([np.r_[np.arange(10), np.arange(6)], np.arange(S)])
     xla = forward(cfg, params, tokens, pos, seg)
     ref = forward(dataclasses.replace(cfg, attention="reference"), params, tokens, pos, seg)
     np.testing.assert_allclose(xla, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "gpt2",
+        pytest.param("lstm", marks=pytest.mark.slow),
+        pytest.param("hawk", marks=pytest.mark.slow),
+    ],
+)
+def test_return_hidden_is_what_the_tied_head_reads(family):
+    cfg = load_config(None, [*TINY_LM, f"model.family={family}"]).model
+    model = build_model(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, cfg.vocab_size)
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens))["params"]
+    apply = jax.jit(model.apply, static_argnames="return_hidden")
+    hidden_BxSxD = apply({"params": params}, tokens, return_hidden=True)
+    logits_BxSxV = apply({"params": params}, tokens)
+    assert hidden_BxSxD.shape == (2, 7, cfg.d_model)
+    expected = hidden_BxSxD @ params["embed"]["embedding"].T  # tied embeddings
+    assert jnp.allclose(logits_BxSxV, expected, atol=1e-5)

@@ -1,4 +1,5 @@
-"""The multi-host path for real: several processes on 127.0.0.1 joined by jax.distributed.
+"""jaxlm.parallel.distributed, the multi-host path for real: several processes on 127.0.0.1
+joined by jax.distributed.
 
 One run goes through the entry point users run (`jaxlm launch local`, which starts
 `jaxlm train --coordinator ...` per process) and must match a one-process run on the same
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST_XLA
 
 from jaxlm.errors import ConfigError
 from jaxlm.parallel.distributed import jax_cluster, resolve_layout
 
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # A one-block model, 3 steps, one eval batch, no samples: all the work is start-up.
 OVERRIDES = [
     "model.family=llama",

@@ -1,32 +1,19 @@
-"""Which config changes block a resume or `train.init_from`: the model fields' marking
-(architecture must match, runtime may change), unit checks and tiny real runs."""
+"""jaxlm.train.resume: which config changes block a resume or `train.init_from` (architecture
+must match, runtime may change), the rewind of metrics.jsonl, unit checks and tiny real runs."""
 
 import dataclasses
 import json
 import shutil
 from pathlib import Path
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import pytest
-from conftest import TINY_MODEL
+from conftest import RUNTIME_FIELDS, TINY_MODEL, cli_error, tiny_run_config
 
 from jaxlm import cli
-from jaxlm.config import (
-    ModelConfig,
-    architecture_fields,
-    layout_fields,
-    load_config,
-    runtime_fields,
-    to_dict,
-)
+from jaxlm.config import architecture_fields, load_config, to_dict
 from jaxlm.errors import ConfigError
-from jaxlm.finetune.lm import check_same_model, restack
-from jaxlm.models import build_model
-from jaxlm.train.resume import changed_settings, check_resumable
-
-RUNTIME = {"attention", "dtype", "remat", "scan_layers", "matmul_precision", "dropout"}
+from jaxlm.finetune.lm import check_same_model
+from jaxlm.train.resume import changed_settings, check_resumable, rewind_metrics
 
 TINY = [
     *TINY_MODEL,
@@ -38,13 +25,6 @@ TINY = [
     "optimizer.warmup_steps=1",
     "checkpoint.every_steps=2",
 ]
-
-
-def test_every_model_field_is_architecture_or_runtime():
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    assert set(runtime_fields()) == RUNTIME
-    assert set(architecture_fields()) == names - RUNTIME
-    assert set(layout_fields()) == {"scan_layers"}
 
 
 # --- unit checks of the rules ----------------------------------------------------------------
@@ -76,7 +56,7 @@ def test_every_architecture_change_is_refused_by_resume_and_init_from(name):
         check_same_model(cfg.model, old, "src")
 
 
-@pytest.mark.parametrize("name", sorted(RUNTIME - {"scan_layers"}))
+@pytest.mark.parametrize("name", sorted(RUNTIME_FIELDS - {"scan_layers"}))
 def test_runtime_changes_resume_and_are_listed(name):
     cfg = load_config(None, [])
     saved = to_dict(cfg)
@@ -102,22 +82,34 @@ def test_changed_batch_size_is_refused_but_steps_are_not():
         check_resumable(to_dict(load_config(None, ["train.batch_size=64"])), cfg, Path("run"))
 
 
-def _param_shapes(model: ModelConfig, params=None):
-    """The shapes of `model`'s parameter tree (of `params`, if given, else a fresh init)."""
-    if params is None:
-        init = build_model(model).init
-        params = nn.unbox(jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-        params = params["params"]
-    return jax.tree.map(lambda x: x.shape, params)
+# --- metrics and the list of changes -------------------------------------------------------
 
 
-def test_restack_converts_between_scanned_and_per_layer_trees():
-    plain = load_config(None, [*TINY_MODEL, "model.n_layers=2"]).model
-    scanned = dataclasses.replace(plain, scan_layers=True)
-    for old, new in [(plain, scanned), (scanned, plain)]:
-        params = jax.tree.map(jnp.zeros, _param_shapes(old), is_leaf=lambda x: isinstance(x, tuple))
-        assert _param_shapes(new, restack(params, old, new)) == _param_shapes(new)
-        assert restack(params, old, old) is params
+def test_rewind_metrics_drops_later_and_torn_records(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "split": sp} for s in range(6) for sp in ("train", "perf")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "spl')
+    assert rewind_metrics(path, 3) == 5
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [
+        0, 0, 1, 1, 2, 2, 3, 3
+    ]  # fmt: skip
+    assert rewind_metrics(path, 3) == 0
+    assert rewind_metrics(path, -1) == 8 and path.read_text() == ""
+    assert rewind_metrics(tmp_path / "absent.jsonl", 0) == 0
+
+
+def test_harmless_changes_are_listed_and_shape_changes_refused(tmp_path):
+    cfg = tiny_run_config()
+    saved = dataclasses.asdict(cfg)
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=400, log_every=5))
+    check_resumable(saved, longer, tmp_path)
+    assert changed_settings(saved, longer) == [
+        "train.steps: 200 -> 400",
+        "train.log_every: 10 -> 5",
+    ]
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=64))
+    with pytest.raises(ConfigError, match="model.d_model=64"):
+        check_resumable(saved, wider, tmp_path)
 
 
 # --- real runs: resume and init_from ---------------------------------------------------------
@@ -137,11 +129,7 @@ def _train(workdir: Path, capsys, *extra: str) -> tuple[dict, str]:
 
 
 def _error(workdir: Path, capsys, *extra: str) -> str:
-    capsys.readouterr()
-    assert cli.main(["train", "-w", str(workdir), "--no-progress", *TINY, *extra]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
+    return cli_error(["train", "-w", str(workdir), "--no-progress", *TINY, *extra], capsys)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""The training pipeline over several streams and sources: determinism, resume, processes,
-packing, mixture weights, and the document split of prepared data."""
+"""jaxlm.data.pipeline: packing documents into rows (segments, positions, padding), the train
+iterator over one or several streams and sources (determinism, resume, processes, mixture
+weights), eval batches, and the lazy views and document split of prepared data."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from jaxlm.data.pipeline import BATCH_KEYS, WeightedSource, make_eval_batches, make_train_iterator
+from jaxlm.data.pipeline import (
+    BATCH_KEYS,
+    WeightedSource,
+    make_eval_batches,
+    make_train_iterator,
+    tokenize_documents,
+)
 from jaxlm.data.views import Concat, Subset, hash_split
 
 BOS, EOS = 2, 3
@@ -47,6 +54,146 @@ def _mixture(weights=(0.7, 0.3)) -> list[WeightedSource]:
         mean = float(np.mean([len(d) for d in docs]))
         out.append(WeightedSource(docs, w, f"src{s}", mean))
     return out
+
+
+def _synthetic_docs(n_docs: int = 23, seed: int = 0) -> list[np.ndarray]:
+    """Documents [bos, distinct values..., eos] so every (input, target) pair is unique."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 30, size=n_docs)  # some longer than a row, some just bos+eos
+    return [
+        np.asarray([2, *range(1000 * (i + 1), 1000 * (i + 1) + n - 2), 3], np.int32)
+        for i, n in enumerate(lengths)
+    ]
+
+
+def _pairs(docs):
+    return [(int(a), int(b)) for d in docs for a, b in zip(d[:-1], d[1:], strict=True)]
+
+
+def _rows(batches, key):
+    return np.concatenate([b[key] for b in batches])
+
+
+def _check_row_structure(batch, seq_len, synthetic=True):
+    for key in BATCH_KEYS:
+        assert batch[key].shape[1] == seq_len
+    assert {k: batch[k].dtype for k in BATCH_KEYS} == {
+        "inputs": np.int32,
+        "targets": np.int32,
+        "segment_ids": np.int32,
+        "positions": np.int32,
+        "weights": np.float32,
+    }
+    for seg, pos, w, inp, tgt in zip(
+        *(batch[k] for k in ("segment_ids", "positions", "weights", "inputs", "targets")),
+        strict=True,
+    ):
+        real = seg > 0
+        np.testing.assert_array_equal(w, real.astype(np.float32))
+        assert np.all(seg[~real] == 0) and np.all(np.diff(real.astype(int)) <= 0)  # pad at end
+        ids = seg[real]
+        if ids.size == 0:  # a whole padding row (eval batches only)
+            continue
+        assert ids[0] == 1 and np.all(np.diff(ids) >= 0) and np.all(np.diff(ids) <= 1)
+        for s in np.unique(ids):
+            np.testing.assert_array_equal(pos[seg == s], np.arange(np.sum(seg == s)))
+        if synthetic:  # next token of the same document: +1, or out of bos, or into eos
+            for a, b in zip(inp[real], tgt[real], strict=True):
+                assert b != 2 and (a == 2 or b == 3 or b == a + 1)
+
+
+# --- one stream: packing, determinism, host shards, eval batches ------------------------------
+
+
+def test_train_packing_covers_each_pair_once_per_epoch():
+    docs, seq_len, batch_size = _synthetic_docs(), 16, 4
+    expected = _pairs(docs)
+    n_rows = -(-len(expected) // seq_len) * 2  # two epochs, rounded up to whole rows
+    batches = _take(make_train_iterator(docs, seq_len, batch_size, seed=3), -(-n_rows // 4))
+    for b in batches:
+        _check_row_structure(b, seq_len)
+    # An endless stream packs without padding, so its first len(expected) tokens are epoch 1.
+    stream = list(
+        zip(_rows(batches, "inputs").ravel(), _rows(batches, "targets").ravel(), strict=True)
+    )
+    stream = [(int(a), int(b)) for a, b in stream]
+    epoch1, epoch2 = stream[: len(expected)], stream[len(expected) : 2 * len(expected)]
+    assert sorted(epoch1) == sorted(expected) and len(set(epoch1)) == len(expected)
+    assert sorted(epoch2) == sorted(expected)
+    # Each epoch is shuffled afresh: document order (by first target) differs.
+    first_targets = lambda s: [b for a, b in s if a == 2]
+    assert first_targets(epoch1) != first_targets(epoch2)
+    assert first_targets(epoch1) != [int(d[1]) for d in docs]
+
+
+def test_train_determinism_and_json_state_restore():
+    docs = _synthetic_docs()
+    run = lambda seed, n=12: _take(make_train_iterator(docs, 16, 4, seed=seed), n)
+    a, b, c = run(0), run(0), run(1)
+    for x, y in zip(a, b, strict=True):
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, c, strict=True))
+    # Save the state at every step (through JSON, as grain.checkpoint stores it) and resume.
+    it = make_train_iterator(docs, 16, 4, seed=0)
+    for step in range(8):
+        state = json.loads(json.dumps(it.get_state()))
+        resumed = make_train_iterator(docs, 16, 4, seed=0)
+        resumed.set_state(state)
+        for x, y in zip(_take(resumed, 4), a[step : step + 4], strict=True):
+            for k in BATCH_KEYS:
+                np.testing.assert_array_equal(x[k], y[k])
+        next(it)
+
+
+def test_train_shards_partition_global_batch():
+    docs = _synthetic_docs()
+    whole = _take(make_train_iterator(docs, 8, 6, seed=5), 5)
+    shards = [
+        _take(make_train_iterator(docs, 8, 6, seed=5, shard_index=i, shard_count=2), 5)
+        for i in range(2)
+    ]
+    for step, batch in enumerate(whole):
+        parts = [s[step] for s in shards]
+        assert all(p["inputs"].shape == (3, 8) for p in parts)
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), batch[k])
+        rows = [tuple(r) for p in parts for r in p["targets"]]
+        assert len(set(rows)) == len(rows)  # disjoint
+    with pytest.raises(ValueError, match="7"):
+        make_train_iterator(docs, 8, 7, seed=0, shard_count=2)
+
+
+def test_eval_batches_cover_every_target_once():
+    docs, seq_len, batch_size = _synthetic_docs(17, seed=1), 16, 3
+    batches = make_eval_batches(docs, seq_len, batch_size)
+    assert len(batches) >= 2
+    for b in batches:
+        assert b["inputs"].shape == (batch_size, seq_len)
+        _check_row_structure(b, seq_len)
+    total_tokens = sum(len(d) for d in docs)
+    assert sum(float(b["weights"].sum()) for b in batches) == total_tokens - len(docs)
+    real = [
+        (int(a), int(t))
+        for b in batches
+        for a, t, w in zip(
+            b["inputs"].ravel(), b["targets"].ravel(), b["weights"].ravel(), strict=True
+        )
+        if w > 0
+    ]
+    assert real == _pairs(docs)  # in order, each exactly once
+    again = make_eval_batches(docs, seq_len, batch_size)
+    assert all(
+        np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(batches, again, strict=True)
+    )
+
+
+def test_tokenize_documents_wraps_in_bos_eos(tiny_tok):
+    token_docs = tokenize_documents(["a lazy dog", "東京"], tiny_tok)
+    assert all(d.dtype == np.int32 and d[0] == 2 and d[-1] == 3 for d in token_docs)
+    assert tiny_tok.decode(token_docs[1]) == "東京"
+    batch = next(make_train_iterator(token_docs, 4, 2, seed=0))
+    _check_row_structure(batch, 4, synthetic=False)
 
 
 # --- determinism and resume ------------------------------------------------------------------
