@@ -23,7 +23,7 @@ from conftest import FAST_XLA
 from jaxlm.errors import ConfigError
 from jaxlm.parallel.distributed import jax_cluster, resolve_layout
 
-# A one-block model, 3 steps, one eval batch, no samples: all the work is start-up.
+# A one-block model, 3 steps, one eval batch, 8 sampled tokens: the work is start-up.
 OVERRIDES = [
     "model.family=llama",
     "model.vocab_size=384",
@@ -39,7 +39,7 @@ OVERRIDES = [
     "train.log_every=1",
     "train.eval_every=0",
     "train.eval_batches=1",
-    "train.sample_tokens=0",
+    "train.sample_tokens=8",  # the samples decode on parameters sharded over both hosts
     "checkpoint.every_steps=2",
     # 2 x 2 devices: fsdp across the two processes, tensor inside each.
     "mesh.data=1",
@@ -91,7 +91,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         timeout=300,
     )
     assert multi.returncode == 0, multi.stderr[-4000:]
-    return {"one": one, "two": two, "log": multi.stderr}
+    return {"one": one, "two": two, "log": multi.stderr, "stdout": multi.stdout}
 
 
 def test_two_processes_match_one_process(runs):
@@ -106,6 +106,14 @@ def test_two_processes_really_ran_as_one_job(runs):
     log = runs["log"]
     assert "4 device(s)" in log  # each process sees the 4 global devices
     assert log.count("jaxlm: llama model") == 1  # only process 0 logs
+
+
+def test_two_processes_write_the_samples_of_one_process(runs):
+    # Decoding runs on the parameters where they lie (fsdp across the two hosts): the same
+    # greedy and sampled text as one process, printed once.
+    samples = (runs["two"] / "samples.txt").read_text()
+    assert samples == (runs["one"] / "samples.txt").read_text()
+    assert samples.count("--- greedy") == 1 and runs["stdout"].count("--- greedy") == 1
 
 
 def test_multi_process_checkpoints_are_written_once(runs):

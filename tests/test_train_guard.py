@@ -66,3 +66,22 @@ def test_step_boundary_reports_signals_and_due_timed_saves(monkeypatch):
     assert boundary.poll() == (True, False)
     now[0] += 1e6
     assert StepBoundary(None, every_minutes=0.0).poll() == (False, False)  # timer off
+
+
+def test_processes_agree_only_every_agree_every_steps(monkeypatch):
+    # With several processes the flags are combined by a collective that waits for the
+    # device; it must run at the multiples of agree_every only, the same steps everywhere.
+    gathered = []
+
+    def allgather(flags):
+        gathered.append(flags.tolist())
+        return np.stack([flags, np.asarray([0, 1], np.int32)])  # the other process: save due
+
+    monkeypatch.setattr(guard.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(guard.multihost_utils, "process_allgather", allgather)
+    stop = threading.Event()
+    boundary = StepBoundary(stop, every_minutes=0.0, agree_every=4)
+    stop.set()
+    polls = [boundary.poll(step) for step in range(1, 9)]
+    assert polls == [(False, False)] * 3 + [(True, True)] + [(False, False)] * 3 + [(True, True)]
+    assert gathered == [[1, 0], [1, 0]]  # steps 4 and 8 only
