@@ -247,6 +247,27 @@ def test_resume_through_an_orbax_checkpoint(tmp_path):
     _assert_same(_take(resumed, 4), reference[5:])
 
 
+@pytest.mark.parametrize("new_count", [1, 4])
+def test_stream_states_of_two_processes_resume_on_another_count(new_count):
+    # Elastic resume: states are keyed by global stream index, so the union of what 2
+    # processes saved restores 1 or 4 processes, whose rows continue the global batches.
+    srcs, streams, batch = _mixture(), 4, 8
+    reference = _take(make_train_iterator(srcs, 16, batch, 7, streams=streams), 9)
+    saved = {}
+    for p in range(2):
+        it = make_train_iterator(srcs, 16, batch, 7, shard_index=p, shard_count=2, streams=4)
+        _take(it, 5)
+        saved.update(json.loads(json.dumps(it.get_state()))["streams"])
+    rows = batch // new_count
+    for p in range(new_count):
+        it = make_train_iterator(
+            srcs, 16, batch, 7, shard_index=p, shard_count=new_count, streams=streams
+        )
+        it.set_state({"streams": saved})
+        want = [{k: v[p * rows : (p + 1) * rows] for k, v in b.items()} for b in reference[5:]]
+        _assert_same(_take(it, 4), want)
+
+
 # --- several processes -----------------------------------------------------------------------
 
 

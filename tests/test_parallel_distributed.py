@@ -122,6 +122,41 @@ def test_multi_process_checkpoints_are_written_once(runs):
     assert (runs["two"] / "config.yaml").is_file()
 
 
+# Elastic resume: the same run, its process count changing at each restart.
+ELASTIC = [o for o in OVERRIDES if not o.startswith(("mesh.", "train.steps", "checkpoint."))]
+# A constant learning rate after warmup: each stage stops at its own train.steps, which
+# must not bend the schedule (it stretches over train.steps).
+ELASTIC += ["checkpoint.every_steps=2", "train.sample_tokens=0", "optimizer.min_lr_ratio=1.0"]
+
+
+def _train(workdir: Path, processes: int, steps: int) -> None:
+    """`jaxlm train` to `steps` on `processes` local processes of one CPU device each."""
+    argv = [sys.executable, "-m", "jaxlm.cli"]
+    over = [*ELASTIC, f"train.steps={steps}"]
+    if processes == 1:
+        argv += ["train", "--workdir", str(workdir), "--no-progress", *over]
+    else:
+        argv += ["launch", "local", "--workdir", str(workdir), "--nodes", str(processes)]
+        argv += ["--cpu-devices", "1", "--port", str(free_port()), *over]
+    done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_resume_on_another_process_count_continues_the_same_run(tmp_path):
+    # 2 processes train to step 2; the job comes back on 1 process to step 4, then on 4
+    # processes to step 6. Each restart picks up the data where the checkpoint left it
+    # (streams are saved by global index, not per process), so every step's loss equals
+    # that of one uninterrupted process.
+    elastic, straight = tmp_path / "elastic", tmp_path / "straight"
+    for processes, steps in ((2, 2), (1, 4), (4, 6)):
+        _train(elastic, processes, steps)
+    _train(straight, 1, 6)
+    got, _ = _train_losses(elastic)
+    want, _ = _train_losses(straight)
+    assert len(want) == 6
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
 def _probe(env_for_rank, n: int = 2) -> list[list]:
     """Start n processes that only join through jaxlm.distributed.initialize()."""
     code = (

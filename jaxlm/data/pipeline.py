@@ -191,13 +191,12 @@ def make_train_iterator(
     hi = lo + rows_per_shard
     per_stream = batch_size // streams
     first, last = lo // per_stream, (hi - 1) // per_stream
-    blocks = [
-        _stream_rows(srcs, k, streams, seed, per_stream, seq_len) for k in range(first, last + 1)
-    ]
+    blocks = {
+        k: _stream_rows(srcs, k, streams, seed, per_stream, seq_len) for k in range(first, last + 1)
+    }
     # Rows [lo, hi) of the global batch, counted from the first stream this process builds.
     a, b = lo - first * per_stream, hi - first * per_stream
-    ds = blocks[0] if len(blocks) == 1 else _RowBlocks(blocks)
-    ds = ds.map(lambda batch: _finish_rows({k: v[a:b] for k, v in batch.items()}))
+    ds = _RowBlocks(blocks).map(lambda batch: _finish_rows({k: v[a:b] for k, v in batch.items()}))
     if prefetch > 0:
         # Packing runs in Python; a background thread keeps it off the step's critical path.
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
@@ -274,29 +273,57 @@ class _JsonSafePackStateIterator(grain.DatasetIterator):
 
 
 class _RowBlocks(grain.IterDataset):
-    """Concatenates the row blocks of several streams, step by step, into one batch."""
+    """Concatenates the row blocks of the streams a process builds, step by step, into one batch.
+
+    Its iterator's state maps each stream's global index to that stream's state, so it does
+    not depend on how many processes share the batch: a checkpoint's states, merged over the
+    processes that wrote it, restore any other split of the streams (elastic resume).
+    """
+
+    def __init__(self, blocks: dict[int, grain.IterDataset]) -> None:
+        super().__init__(list(blocks.values()))
+        self._indices = list(blocks)
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _RowBlocksIterator([p.__iter__() for p in self._parents])
+        return _RowBlocksIterator(self._indices, [p.__iter__() for p in self._parents])
 
 
 class _RowBlocksIterator(grain.DatasetIterator):
-    """Iterator side of _RowBlocks; its state is the list of the streams' states."""
+    """Iterator side of _RowBlocks."""
 
-    def __init__(self, parents: list[grain.DatasetIterator]) -> None:
+    def __init__(self, indices: list[int], parents: list[grain.DatasetIterator]) -> None:
         super().__init__(parents)
-        self._streams = parents
+        self._indices, self._streams = indices, parents
 
     def __next__(self) -> dict[str, np.ndarray]:
         parts = [next(it) for it in self._streams]
+        if len(parts) == 1:
+            return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def get_state(self) -> dict[str, Any]:
-        return {"streams": [it.get_state() for it in self._streams]}
+        return {
+            "streams": {
+                str(k): it.get_state() for k, it in zip(self._indices, self._streams, strict=True)
+            }
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        for it, s in zip(self._streams, state["streams"], strict=True):
-            it.set_state(s)
+        streams = state.get("streams")
+        if isinstance(streams, list):  # earlier versions: this process's streams, in order
+            states = dict(zip(self._indices, streams, strict=True))
+        elif streams is None:  # earlier versions with one stream: its own state, unwrapped
+            states = {self._indices[0]: state}
+        else:
+            missing = [k for k in self._indices if str(k) not in streams]
+            if missing:
+                raise ConfigError(
+                    f"The saved data position holds no state for stream(s) {missing}; resume "
+                    "with the data.streams and train.batch_size the run was trained with."
+                )
+            states = {k: streams[str(k)] for k in self._indices}
+        for k, it in zip(self._indices, self._streams, strict=True):
+            it.set_state(states[k])
 
 
 class _EpochShuffle(grain.MapDataset):

@@ -14,6 +14,7 @@ of the way of new saves, yet nothing the user did not ask to delete is deleted.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -91,11 +92,38 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """Restore the state onto the shardings in `abstract_state`; advance `data_iter`."""
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        state = self.manager.restore(step, args=args)["state"]
         if data_iter is not None:
-            args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return restored["state"]
+            data_iter.set_state(self._data_position(step))
+        return state
+
+    def _data_position(self, step: int) -> dict[str, Any]:
+        """This process's data-iterator state at `step`, whatever the process count then.
+
+        Each process saved its iterator's state as `process_I-of-N.json` (Grain's handler).
+        With the same process count, this process's own file is used as written. Otherwise
+        the per-stream states of every file are merged: streams are addressed by their global
+        index, so each process of a resized job finds the streams it now builds.
+        """
+        directory = self.directory / str(step) / "data_iter"
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.is_file():
+            return json.loads(own.read_text(encoding="utf-8"))
+        files = sorted(directory.glob("process_*-of-*.json"))
+        if not files:
+            raise FileNotFoundError(f"{directory} holds no data position")
+        streams: dict[str, Any] = {}
+        for path in files:
+            saved = json.loads(path.read_text(encoding="utf-8")).get("streams")
+            if not isinstance(saved, dict):
+                raise ConfigError(
+                    f"Checkpoint step {step} in {self.directory} was written by {len(files)} "
+                    f"processes with an earlier jaxlm, whose data position resumes only on as "
+                    f"many; start {len(files)} processes (or train anew in another --workdir)."
+                )
+            streams.update(saved)
+        return {"streams": streams}
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Restore only the parameters (no optimizer state is read) onto their shardings."""
@@ -150,6 +178,8 @@ class Checkpointer:
                         state = self.restore_params(step, abstract_state)
                     else:
                         state = self.restore(step, abstract_state, data_iter)
+                except ConfigError:
+                    raise  # readable, but not by this job as started: the user must act
                 except Exception as e:  # (tensorstore raises plain Exceptions)
                     error = e
             if _everywhere(state is not None):
