@@ -42,7 +42,7 @@ def csv(kind):
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
-    """Multi-process flags; without them jaxlm.distributed reads the scheduler's environment."""
+    """Multi-process flags; without them jaxlm.parallel.distributed reads the scheduler's environment."""
     p.add_argument(
         "--coordinator", metavar="HOST:PORT", help="address of process 0 (multi-process runs)"
     )

@@ -252,9 +252,7 @@ def decode(
     prompt_BxP, start_B = _left_pad(prompts)
     rows_B = np.arange(len(prompts)) if row_ids is None else np.asarray(row_ids)
     total = prompt_BxP.shape[1] + n_chunks * chunk
-    state = _prefill(
-        cfg, params, prompt_BxP, start_B, np.int32(seed), rows_B, total, use_cache
-    )
+    state = _prefill(cfg, params, prompt_BxP, start_B, np.int32(seed), rows_B, total, use_cache)
     pieces: list[np.ndarray] = []
     for _ in range(n_chunks):
         state, new_BxC = _decode_chunk(cfg, params, state, sampling, chunk)

@@ -1,5 +1,5 @@
 """The arithmetic of evaluation: reading eval inputs, loss -> perplexity / bits-per-byte,
-and multiple-choice rows and accuracies. No JAX here; `jaxlm.evaluate` runs the model.
+and multiple-choice rows and accuracies. No JAX here; `jaxlm.inference.evaluate` runs the model.
 
 Bits-per-byte divides the summed next-token loss (nats) by ln 2 and by the UTF-8 bytes of
 the evaluated text, so models with different tokenizers compare. The nats cover every

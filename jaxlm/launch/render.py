@@ -1,6 +1,6 @@
 """Render the launch recipes in `jaxlm/launch/recipes/` for a config, and run them (`jaxlm launch`).
 
-Every recipe starts the same `jaxlm train` on each host and lets `jaxlm.distributed` find
+Every recipe starts the same `jaxlm train` on each host and lets `jaxlm.parallel.distributed` find
 its place in the run; the recipes differ only in how the scheduler starts processes.
 A rendered recipe is a command plus the script fed to its standard input, so `--dry-run`
 can print, as a copy-pasteable heredoc, exactly what a real launch would execute. The

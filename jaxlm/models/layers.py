@@ -1,8 +1,8 @@
 """Building blocks shared by the language models: dense, norms, MLPs, rotary positions.
 
 Every parameter is created through `nn.with_logical_partitioning`, so it carries logical
-axis names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`) that `jaxlm.sharding`
-maps to mesh axes. Array names carry their shapes: B batch, S sequence, D d_model, F MLP
+axis names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`) that
+`jaxlm.parallel.sharding` maps to mesh axes. Array names carry their shapes: B batch, S sequence, D d_model, F MLP
 width, H query heads, K kv heads, E head dim, V vocab.
 """
 

@@ -2,7 +2,7 @@
 # jaxlm, several processes on one machine: {{nodes}} copies of `jaxlm train` joined through a
 # coordinator on 127.0.0.1:{{port}}. This exercises the multi-host code path on a laptop
 # (with fake CPU devices) or splits one box. Rendered and run by `jaxlm launch local`;
-# `--dry-run` prints it. Words in double braces are filled in by jaxlm/launch.py.
+# `--dry-run` prints it. Words in double braces are filled in by jaxlm/launch/render.py.
 set -uo pipefail
 mkdir -p {{workdir}}
 cat > {{config_path}} <<'JAXLM_CONFIG'
