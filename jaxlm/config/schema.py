@@ -103,7 +103,7 @@ class ModelConfig:
     )
     remat: str = _f(
         "none",
-        "recompute in backward: " + " | ".join(REMAT_POLICIES) + " (jaxlm.models.remat)",
+        "recompute in backward: " + " | ".join(REMAT_POLICIES) + " (jaxlm.models.scan)",
         runtime=True,
     )
     matmul_precision: str = _f(
