@@ -36,6 +36,7 @@ from jaxlm.config import (
     load_config,
     resolve,
 )
+from jaxlm.data.pipeline import BATCH_KEYS
 from jaxlm.data.tokenizer import train_tokenizer
 from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.models import build_model
@@ -313,3 +314,28 @@ def fake_devices_env(n: int, *xla_flags: str) -> dict[str, str]:
     """
     flags = " ".join([f"--xla_force_host_platform_device_count={n}", *xla_flags])
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+
+
+# --- token documents (data pipeline and views) -----------------------------------------------
+
+BOS, EOS = 2, 3
+
+
+def numbered_docs(
+    n_docs: int, base: int, lo: int = 2, hi: int = 30, seed: int = 0
+) -> list[np.ndarray]:
+    """[bos, distinct ids..., eos]; document j's ids are base + 1000*j + (0, 1, ...)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi, size=n_docs)
+    return [
+        np.asarray([BOS, *range(base + 1000 * j, base + 1000 * j + n - 2), EOS], np.int32)
+        for j, n in enumerate(lengths)
+    ]
+
+
+def assert_same_batches(a, b) -> None:
+    """Two lists of batches hold the same arrays under every batch key."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(x[k], y[k])

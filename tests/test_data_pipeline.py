@@ -1,6 +1,6 @@
 """jaxlm.data.pipeline: packing documents into rows (segments, positions, padding), the train
 iterator over one or several streams and sources (determinism, resume, processes, mixture
-weights), eval batches, and the lazy views and document split of prepared data."""
+weights) and eval batches. The lazy views of prepared data: test_data_views.py."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import BOS, EOS
+from conftest import assert_same_batches as _assert_same
+from conftest import numbered_docs as _docs
 
 from jaxlm.data.pipeline import (
     BATCH_KEYS,
@@ -16,19 +19,6 @@ from jaxlm.data.pipeline import (
     make_train_iterator,
     tokenize_documents,
 )
-from jaxlm.data.views import Concat, Subset, hash_split
-
-BOS, EOS = 2, 3
-
-
-def _docs(n_docs: int, base: int, lo: int = 2, hi: int = 30, seed: int = 0) -> list[np.ndarray]:
-    """[bos, distinct ids..., eos]; document j's ids are base + 1000*j + (0, 1, ...)."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(lo, hi, size=n_docs)
-    return [
-        np.asarray([BOS, *range(base + 1000 * j, base + 1000 * j + n - 2), EOS], np.int32)
-        for j, n in enumerate(lengths)
-    ]
 
 
 def _doc_of(token: int, base: int = 0) -> int:
@@ -37,13 +27,6 @@ def _doc_of(token: int, base: int = 0) -> int:
 
 def _take(it, n: int) -> list[dict[str, np.ndarray]]:
     return [next(it) for _ in range(n)]
-
-
-def _assert_same(a, b) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        for k in BATCH_KEYS:
-            np.testing.assert_array_equal(x[k], y[k])
 
 
 def _mixture(weights=(0.7, 0.3)) -> list[WeightedSource]:
@@ -399,27 +382,3 @@ def test_mixture_token_shares_match_weights(weights):
         sigma = np.sqrt(n_docs * var_z) / (n_docs * float(q @ m1))
         assert abs(share - w) < 4 * sigma, (s, shares, weights, sigma)
     assert n_docs > 500  # enough draws for the bound to mean something
-
-
-# --- splits and views ------------------------------------------------------------------------
-
-
-def test_hash_split_is_seeded_stable_and_close_to_the_fraction():
-    train, val = hash_split(10_000, 0.1, seed=0)
-    assert len(train) + len(val) == 10_000 and set(train).isdisjoint(val)
-    assert abs(len(val) / 10_000 - 0.1) < 4 * np.sqrt(0.1 * 0.9 / 10_000)
-    more_train, more_val = hash_split(12_000, 0.1, seed=0)
-    np.testing.assert_array_equal(more_val[more_val < 10_000], val)  # appending moves nothing
-    np.testing.assert_array_equal(hash_split(10_000, 0.1, seed=0)[1], val)
-    assert not np.array_equal(hash_split(10_000, 0.1, seed=1)[1], val)
-
-
-def test_views_and_eval_batches_over_lazy_sources():
-    a, b = _docs(5, 0), _docs(4, 500_000, seed=1)
-    view = Concat([Subset(a, np.array([4, 0])), b])
-    assert len(view) == 6
-    np.testing.assert_array_equal(view[0], a[4])
-    np.testing.assert_array_equal(view[5], b[3])
-    full = make_eval_batches(list(view[i] for i in range(6)), 8, 2)
-    lazy = make_eval_batches(view, 8, 2, max_batches=2)
-    _assert_same(lazy, full[:2])
