@@ -198,7 +198,7 @@ def render(target: str, cfg: RunConfig, opts: LaunchOptions) -> Rendered:
     path = RECIPE_DIR / RECIPES[target]
     if not path.is_file():
         raise ConfigError(
-            f"Launch recipe {path} is missing; run jaxlm launch from a checkout of the repository."
+            f"Launch recipe {path} is missing from the installed package; reinstall jaxlm."
         )
     devices = {
         "local": opts.nodes * opts.cpu_devices,
