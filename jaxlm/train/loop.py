@@ -104,7 +104,7 @@ def train(
             "The run is complete at step %d; raise train.steps to train further.", start_step
         )
         return {**summary, "tokens_per_sec": None, "state": state}
-    return _Loop(job, state, restored_step, progress, stop).run(summary)
+    return _Loop(job, state, restored_step, summary, progress, stop).run()
 
 
 def set_up(cfg: RunConfig, workdir: Path) -> Job:
@@ -197,18 +197,26 @@ def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], mesh) -> dic
 class _Loop:
     """The step loop of one run: compiled steps, and when to log, evaluate, save and stop."""
 
-    def __init__(self, job: Job, state: TrainState, last_saved: int | None, progress, stop):
+    def __init__(
+        self,
+        job: Job,
+        state: TrainState,
+        last_saved: int | None,
+        summary: dict[str, Any],
+        progress: bool,
+        stop: threading.Event | None,
+    ):
         cfg, t = job.cfg, job.cfg.train
-        self.job, self.state, self.last_saved = job, state, last_saved
-        self.start = int(jax.device_get(state.step))
+        self.job, self.state, self.last_saved, self.summary = job, state, last_saved, summary
+        self.start = summary["start_step"]
         is_main = jax.process_index() == 0
-        fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+        fpt = summary["flops_per_token"]
         peak, peak_source = device_peak(cfg.model.dtype)  # MFU's denominator
         logger.info(
             "jaxlm: %s model, %.2fM parameters, %.1f MFLOPs/token (training), %d device(s) "
             "mesh %s, %d train / %d val docs",
             cfg.model.family,
-            param_count(state.params) / 1e6,
+            summary["params"] / 1e6,
             fpt / 1e6,
             len(jax.devices()),
             dict(job.mesh.shape),
@@ -260,9 +268,9 @@ class _Loop:
         self.boundary.saved()
         self.last_saved = step
 
-    def run(self, summary: dict[str, Any]) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         """Steps from the current one to train.steps (or a stop signal); the final summary."""
-        t, job = self.job.cfg.train, self.job
+        t, job, summary = self.job.cfg.train, self.job, self.summary
         first_eval = final_eval = None
         wait_for_saves = True
         try:
