@@ -1,4 +1,5 @@
-"""`jaxlm plan`: ahead-of-time memory per device, on fake CPU devices and a described TPU pod."""
+"""`jaxlm plan`: ahead-of-time memory per device, on fake CPU devices and described TPU pods
+of one or several slices."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import FAST_XLA
 
-from jaxlm.bench.plan import GIB, Plan, cpu_device_count, format_plan
+from jaxlm.bench.plan import GIB, Plan, cpu_device_count, format_plan, target_devices
+from jaxlm.bench.report import tpu_devices
 from jaxlm.config import MeshConfig, RunConfig
 from jaxlm.errors import ConfigError
+from jaxlm.parallel.sharding import make_mesh
 
 SMALL = [
     "model.vocab_size=512",
@@ -25,6 +29,13 @@ SMALL = [
     "train.batch_size=8",
     "optimizer.warmup_steps=1",
 ]
+
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install 'jax[tpu]==<jax version>'; CI installs it), "
+    "so no TPU topology can be described",
+)
 
 
 def run_plan(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -84,11 +95,7 @@ def test_report_says_whether_it_fits():
     assert "unknown" in format_plan(Plan(**fields, device_memory_bytes=None))
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed (pip install 'jax[tpu]==<jax version>'; CI installs it), "
-    "so no TPU topology can be described",
-)
+@needs_libtpu
 def test_plan_for_a_64_chip_v5p_pod_matches_xla_memory_analysis():
     # Wide enough that fsdp=64 shards fill TPU tiles, so padding stays a small share.
     wide = ["model.d_model=512", "model.n_heads=4", "model.n_layers=1", "model.vocab_size=2048"]
@@ -111,3 +118,53 @@ def test_plan_for_a_64_chip_v5p_pod_matches_xla_memory_analysis():
     assert plan["argument_bytes"] == pytest.approx(analytic, rel=0.05)  # XLA agrees, +padding
     assert plan["alias_bytes"] >= plan["param_bytes"] + plan["opt_bytes"]  # state is donated
     assert plan["device_memory_bytes"] == 95 * GIB and plan["fits"] is True
+
+
+def test_slices_need_a_topology_and_a_positive_count(capsys):
+    from jaxlm import cli
+
+    assert cli.main(["plan", "--slices", "2", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "--slices 2 needs a TPU --topology" in err and err.count("\n") == 1
+    with pytest.raises(ConfigError, match=r"--slices 0 must be at least 1"):
+        target_devices(RunConfig(), "v5p:4x4x4", None, 0)
+
+
+@needs_libtpu
+def test_two_slices_are_the_outer_blocks_of_the_data_axis():
+    devices = tpu_devices("v5p:2x2x2", slices=2)
+    assert len(devices) == 16 and {d.slice_index for d in devices} == {0, 1}
+    mesh = make_mesh(MeshConfig(data=4, fsdp=4, dcn_data=2), devices)
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()  # fsdp never crosses
+    with pytest.raises(ConfigError, match=r"number of slices .* is 2; make that product 2"):
+        make_mesh(MeshConfig(data=4, fsdp=4), devices)
+
+
+@needs_libtpu
+def test_plan_for_two_v5p_slices_keeps_per_chip_state_of_one_slice():
+    # fsdp=64 inside each slice, data=2 across the two: each chip holds what it would on one
+    # slice, and the batch of 128 rows is split over all 128 chips.
+    wide = ["model.d_model=512", "model.n_heads=4", "model.n_layers=1", "model.vocab_size=2048"]
+    proc = run_plan(
+        "--topology",
+        "v5p:4x4x4",
+        "--slices",
+        "2",
+        "mesh.data=2",
+        "mesh.fsdp=64",
+        "mesh.dcn_data=2",
+        "train.batch_size=128",
+        "data.seq_len=64",
+        "model.max_seq_len=64",
+        "optimizer.warmup_steps=1",
+        *wide,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(proc.stdout)
+    assert plan["devices"] == 128 and plan["slices"] == 2 and plan["mesh"]["data"] == 2
+    assert plan["param_bytes"] == plan["params"] * 4 // 64
+    assert plan["batch_bytes"] == 64 * 5 * 4  # one row: 5 keys of 64 4-byte values
+    analytic = plan["param_bytes"] + plan["opt_bytes"] + plan["batch_bytes"]
+    assert plan["argument_bytes"] == pytest.approx(analytic, rel=0.05)
+    assert plan["fits"] is True

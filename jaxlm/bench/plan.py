@@ -22,7 +22,7 @@ from jaxlm.config import RunConfig
 from jaxlm.data.pipeline import BATCH_KEYS
 from jaxlm.errors import ConfigError
 from jaxlm.models import build_model
-from jaxlm.parallel.sharding import batch_sharding, make_mesh, mesh_shape, validate_mesh
+from jaxlm.parallel.sharding import batch_sharding, granules, make_mesh, mesh_shape, validate_mesh
 from jaxlm.perf.flops import flops_per_token
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import state_shardings
@@ -51,6 +51,7 @@ class Plan:
     alias_bytes: int  # XLA: outputs written over donated inputs
     code_bytes: int  # XLA: generated code
     device_memory_bytes: int | None
+    slices: int = 1  # TPU slices the devices span (joined by the data-centre network)
 
     @property
     def peak_bytes(self) -> int:
@@ -99,6 +100,7 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
     t, m, seq = cfg.train, cfg.model, cfg.data.seq_len
     mesh = make_mesh(cfg.mesh, devices)
     validate_mesh(cfg, mesh, process_count=1)
+    kind, n = granules(devices)
     model = build_model(m)
     tx = make_optimizer(cfg.optimizer, t.steps)
     abstract, shardings = state_shardings(model, tx, seq, mesh)
@@ -134,6 +136,7 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
         alias_bytes=mem["alias"],
         code_bytes=mem["generated_code"],
         device_memory_bytes=device_memory_bytes,
+        slices=n if kind == "slices" else 1,
     )
 
 
@@ -150,15 +153,24 @@ def cpu_device_count(cfg: RunConfig, devices: int | None) -> int:
     return math.prod(sizes)
 
 
-def target_devices(cfg: RunConfig, topology: str | None, devices: int | None) -> list:
+def target_devices(
+    cfg: RunConfig, topology: str | None, devices: int | None, slices: int | None = None
+) -> list:
     """The devices to compile for; must run before anything else initialises JAX.
 
     JAX is kept on CPU either way: a TPU slice is only described, never opened, so a plan
     can run beside a training job that holds the local accelerators.
     """
+    if slices is not None and topology is None:
+        raise ConfigError(
+            f"--slices {slices} needs a TPU --topology (fake CPU devices have no slices); "
+            "add e.g. --topology v5p:4x4x4 or drop --slices."
+        )
+    if slices is not None and slices < 1:
+        raise ConfigError(f"--slices {slices} must be at least 1 (the number of TPU slices).")
     jax.config.update("jax_platforms", "cpu")
     if topology is not None:
-        return report.tpu_devices(topology)
+        return report.tpu_devices(topology, slices or 1)
     jax.config.update("jax_num_cpu_devices", cpu_device_count(cfg, devices))
     return jax.devices()
 
@@ -173,10 +185,11 @@ def _size(n: int) -> str:
 def format_plan(p: Plan) -> str:
     """The plan as a short human-readable report."""
     mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
+    slices = f" in {p.slices} slices" if p.slices > 1 else ""
     lines = [
         f"parameters          {p.params:,} ({p.params / 1e6:.2f}M)",
         f"FLOPs per token     {p.flops_per_token:.4g} (training)",
-        f"devices             {p.devices} x {p.platform}, mesh {mesh}",
+        f"devices             {p.devices} x {p.platform}{slices}, mesh {mesh}",
         "per device:",
         f"  parameters        {_size(p.param_bytes)}",
         f"  optimizer state   {_size(p.opt_bytes)}",

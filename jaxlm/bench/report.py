@@ -50,8 +50,9 @@ def environment(mesh: Mesh | None = None) -> dict[str, Any]:
     }
 
 
-def tpu_devices(topology: str) -> list:
-    """Abstract devices of a TPU slice such as 'v5p:4x4x4', described by libtpu (no TPU)."""
+def tpu_devices(topology: str, slices: int = 1) -> list:
+    """Abstract devices of `slices` TPU slices such as 'v5p:4x4x4', described by libtpu (no
+    TPU); devices of several slices carry their `slice_index`."""
     generation, _, shape = topology.partition(":")
     dims = shape.split("x")
     if not shape or not all(d.isdigit() for d in dims):
@@ -68,7 +69,7 @@ def tpu_devices(topology: str) -> list:
             topology_name=topology,
             chip_config_name="default",
             chips_per_host_bounds=bounds if len(dims) == 3 else bounds[:2] + (1,),
-            num_slices=1,
+            num_slices=slices,
         )
     except Exception as e:  # libtpu missing, or a topology it does not know
         raise ConfigError(

@@ -23,6 +23,12 @@ def register(sub) -> None:
     p.add_argument(
         "--device-memory-gb", type=float, metavar="GB", help="per device (default: TPU's HBM)"
     )
+    p.add_argument(
+        "--slices",
+        type=int,
+        metavar="N",
+        help="N slices of --topology joined by the data-centre network (set mesh.dcn_data)",
+    )
     p.add_argument("--devices", type=int, metavar="N", help="fake CPU devices (no --topology)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_plan)
@@ -32,7 +38,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from jaxlm.bench import plan  # imports JAX: keep `--help` fast
 
-    devices = plan.target_devices(cfg, args.topology, args.devices)
+    devices = plan.target_devices(cfg, args.topology, args.devices, args.slices)
     memory = plan.default_device_memory(args.topology)
     if args.device_memory_gb is not None:
         memory = int(args.device_memory_gb * plan.GIB)

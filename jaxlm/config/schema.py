@@ -192,7 +192,10 @@ class DataConfig:
     seed: int = _f(0, "seed of the shuffle and of the train/validation split")
     streams: int | None = _f(
         None,
-        "independent packed streams per global batch; divides batch_size (null: 1 text, gcd(B,8))",
+        "independent packed streams per global batch; divides batch_size. null: prepared data "
+        "gets one per row (batch_size, fewer if a source has fewer documents), so any process "
+        "count dividing the batch packs disjoint streams; in-memory text gets 1; a resumed run "
+        "keeps what its checkpoints were saved with",
     )
     prefetch: int = _f(2, "batches prepared ahead in a background thread (0: off)")
 
@@ -213,12 +216,28 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; one may be -1 meaning 'all remaining devices'."""
+    """Device mesh axis sizes; one may be -1 meaning 'all remaining devices'.
 
-    data: int = _f(-1, "data-parallel axis size")
-    fsdp: int = _f(1, "fully-sharded data-parallel axis size (params/optimizer sharded)")
+    On several slices or nodes, dcn_data * dcn_fsdp must equal their number: those factors
+    are the outer, slow part of the data and fsdp axes, the rest runs over the fast
+    interconnect inside each one."""
+
+    data: int = _f(-1, "data-parallel axis size, in total over all slices/nodes")
+    fsdp: int = _f(1, "fully-sharded data-parallel axis size (params/optimizer sharded), in total")
     tensor: int = _f(1, "tensor-parallel axis size (heads and MLP sharded)")
     sequence: int = _f(1, "sequence-parallel axis size (activation length sharded)")
+    dcn_data: int = _f(
+        1,
+        "how many slices/nodes (granules: TPU slices, else processes) the data axis spans "
+        "across the slow data-centre network; it must divide mesh.data, whose outer factor "
+        "it is, and each granule holds mesh.data/dcn_data of the axis (1: one granule)",
+    )
+    dcn_fsdp: int = _f(
+        1,
+        "how many slices/nodes (granules) the fsdp axis spans across the data-centre network; "
+        "it must divide mesh.fsdp and each granule holds mesh.fsdp/dcn_fsdp of it (1: one "
+        "granule, so FSDP's all-gathers stay inside it)",
+    )
 
 
 @dataclass(frozen=True)
@@ -254,6 +273,9 @@ class TrainConfig:
     temperature: float = _f(0.8, "sampling temperature of the sampled continuation")
     top_k: int = _f(40, "top-k of the sampled continuation (0: off)")
     nan_policy: str = _f("stop", "non-finite loss or grad norm: stop (the run) | skip (the update)")
+    max_skipped_steps: int = _f(
+        10, "with nan_policy=skip, stop the run after this many skipped steps in a row"
+    )
     init_from: str | None = _f(
         None, "fine-tune: start from this run/export/converted dir's params (fresh optimizer)"
     )

@@ -143,6 +143,14 @@ def validate(cfg: RunConfig) -> None:
         len(auto) <= 1,
         f"Only one mesh axis may be -1, but {', '.join('mesh.' + a for a in auto)} are; fix all but one.",
     )
+    for k, axis in (("dcn_data", "data"), ("dcn_fsdp", "fsdp")):
+        v, size = getattr(mesh, k), getattr(mesh, axis)
+        _require(v >= 1, f"mesh.{k}={v} must be a positive number of slices/nodes; use 1 for one.")
+        _require(
+            size == -1 or size % v == 0,
+            f"mesh.{k}={v} does not divide mesh.{axis}={size}, its total size over all "
+            f"slices/nodes; make mesh.{axis} a multiple of {v}.",
+        )
 
     _require(c.every_steps >= 0, f"checkpoint.every_steps={c.every_steps} must be >= 0.")
     _require(c.every_minutes >= 0, f"checkpoint.every_minutes={c.every_minutes} must be >= 0.")
@@ -157,6 +165,7 @@ def validate(cfg: RunConfig) -> None:
         f"train.nan_policy={t.nan_policy!r} is not supported; use one of {', '.join(NAN_POLICIES)}.",
     )
     _positive(c, "checkpoint", ("keep", "agree_every"))
+    _positive(t, "train", ("max_skipped_steps",))
 
     _positive(t, "train", ("steps", "batch_size", "microbatches", "log_every"))
     _require(

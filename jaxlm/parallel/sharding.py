@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -21,6 +22,8 @@ from jaxlm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
+# The mesh axes that may span slices/nodes, and the mesh.* key of their slow (DCN) factor.
+DCN_KEYS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
 
 # Logical axis -> mesh axis (or axes, or None = replicated). Parameter axes first, then
 # activation axes (prefixed `act_` where the same concept is laid out differently).
@@ -62,14 +65,80 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
             f"The mesh ({desc}) has {total} devices but {n_devices} are available; make the "
             f"mesh.* sizes multiply to {n_devices} (or set one of them to -1)."
         )
+    for axis, key in DCN_KEYS.items():
+        if sizes[axis] % getattr(cfg, key):
+            raise ConfigError(
+                f"mesh.{key}={getattr(cfg, key)} does not divide the {sizes[axis]} devices of "
+                f"the {axis} axis; make mesh.{axis} a multiple of {getattr(cfg, key)}."
+            )
     return sizes
 
 
+def dcn_shape(cfg: MeshConfig) -> tuple[int, ...]:
+    """How many granules each mesh axis spans (its outer, slow factor), in MESH_AXES order."""
+    return tuple(getattr(cfg, DCN_KEYS[a]) if a in DCN_KEYS else 1 for a in MESH_AXES)
+
+
+def granules(devices: list) -> tuple[str, int]:
+    """What the devices' granules are ('slices' or 'processes') and how many there are.
+
+    TPU devices know their slice; elsewhere (CPU, GPU), and on a single slice, the units
+    across the slow network are the processes.
+    """
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) > 1:
+        return "slices", len(slices)
+    return "processes", len({d.process_index for d in devices})
+
+
+def hybrid_devices(sizes: dict[str, int], dcn: tuple[int, ...], devices: list) -> np.ndarray:
+    """The devices as a mesh grid in which each granule is one contiguous block.
+
+    An axis of size n with dcn factor k is k granules of n/k devices each, the granule
+    index outermost: collectives over the inner part (fsdp's all-gathers when dcn_fsdp=1)
+    stay on the fast interconnect, and only the dcn part crosses the slow network.
+    """
+    kind, n = granules(devices)
+    if math.prod(dcn) != n:
+        raise ConfigError(
+            f"mesh.dcn_data*mesh.dcn_fsdp={math.prod(dcn)} but the number of {kind} "
+            f"(granules across the data-centre network) is {n}; make that product {n}."
+        )
+    ici = tuple(sizes[a] // k for a, k in zip(MESH_AXES, dcn, strict=True))
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(d.slice_index if kind == "slices" else d.process_index, []).append(d)
+    counts = sorted({len(g) for g in groups.values()})
+    if counts != [math.prod(ici)]:
+        raise ConfigError(
+            f"The {n} {kind} hold {' or '.join(map(str, counts))} devices each but the mesh "
+            f"needs {math.prod(ici)} in each; give them all the same number of devices."
+        )
+    try:
+        return mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=kind == "processes"
+        )
+    except (ValueError, NotImplementedError):  # shapes the topology helper can't place
+        grid = np.empty([k * i for k, i in zip(dcn, ici, strict=True)], dtype=object)
+        for at, key in zip(np.ndindex(*dcn), sorted(groups), strict=True):
+            block = tuple(slice(g * i, (g + 1) * i) for g, i in zip(at, ici, strict=True))
+            grid[block] = np.asarray(groups[key], dtype=object).reshape(ici)
+        return grid
+
+
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """A Mesh with Auto axes (GSPMD style) over all devices of all processes."""
+    """A Mesh with Auto axes (GSPMD style) over all devices of all processes.
+
+    With mesh.dcn_* > 1, or on devices of several TPU slices, the devices are laid out by
+    `hybrid_devices` so that each slice or node is one block of the grid.
+    """
     devices = list(jax.devices()) if devices is None else list(devices)
     sizes = mesh_shape(cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
+    dcn = dcn_shape(cfg)
+    if math.prod(dcn) > 1 or granules(devices)[0] == "slices":
+        grid = hybrid_devices(sizes, dcn, devices)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     try:
         return jax.make_mesh(
             shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
@@ -181,10 +250,14 @@ def validate_mesh(cfg: RunConfig, mesh: Mesh, process_count: int | None = None) 
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble this process's rows into global arrays sharded over the batch axes."""
-    sharding = batch_sharding(mesh)
+    """Assemble this process's rows into global arrays sharded over the batch axes (arrays
+    of any rank: their first axis is the row)."""
     n_proc = jax.process_count()
     return {
-        k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n_proc,) + v.shape[1:])
+        k: jax.make_array_from_process_local_data(
+            NamedSharding(mesh, P(BATCH_AXES, *[None] * (v.ndim - 1))),
+            v,
+            (v.shape[0] * n_proc,) + v.shape[1:],
+        )
         for k, v in batch.items()
     }
