@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import BOS, EOS
+from conftest import BOS, EOS, RecordingDocs
 from conftest import assert_same_batches as _assert_same
 from conftest import numbered_docs as _docs
 
@@ -254,20 +254,6 @@ def test_stream_states_of_two_processes_resume_on_another_count(new_count):
 # --- several processes -----------------------------------------------------------------------
 
 
-class _Recording:
-    """A document list that remembers which documents were read."""
-
-    def __init__(self, docs):
-        self.docs, self.read = docs, set()
-
-    def __len__(self):
-        return len(self.docs)
-
-    def __getitem__(self, i):
-        self.read.add(int(i))
-        return self.docs[i]
-
-
 @pytest.mark.parametrize("n_proc", [2, 4])
 def test_process_shards_union_is_the_global_batch(n_proc):
     docs = _docs(64, base=0)
@@ -275,7 +261,7 @@ def test_process_shards_union_is_the_global_batch(n_proc):
     whole = _take(make_train_iterator(docs, 12, batch, 3, streams=streams), steps)
     recorders, parts = [], []
     for p in range(n_proc):
-        rec = _Recording(docs)
+        rec = RecordingDocs(docs)
         it = make_train_iterator(
             rec, 12, batch, 3, shard_index=p, shard_count=n_proc, streams=streams
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from jaxlm.data.dataset import prepare_corpus
 from jaxlm.data.mixture import load_prepared_corpus
 from jaxlm.data.pipeline import make_train_iterator
 from jaxlm.data.prepare import prepare
+from jaxlm.data.streams import default_streams
 from jaxlm.data.tokenizer import train_tokenizer
 
 COLUMNS = (("what", "what", "s"), ("tokens/s", "tokens/s", ",.0f"), ("note", "note", "s"))
@@ -118,7 +118,7 @@ def bench_data(
         text_corpus = prepare_corpus(cfg, root / "run")
         pc = load_prepared_corpus(cfg, [(prepared, 1.0)])
         pc2 = load_prepared_corpus(cfg, [(prepared, 0.7), (str(root / "prepared-1b"), 0.3)])
-        k = math.gcd(t.batch_size, 8)
+        k = default_streams(t.batch_size, len(pc.sources[0].docs), prepared=True)  # a new run
         cases = [
             ("built-in text corpus in memory, 1 stream", text_corpus.train_docs, 1, 1),
             (f"prepared shards (mmap), {k} streams", pc.sources, k, 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -11,11 +12,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm.config import RunConfig
-from jaxlm.data import corpus, mixture, pipeline
+from jaxlm.data import corpus, mixture, pipeline, text_cache
+from jaxlm.data.streams import resolve_streams
 from jaxlm.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer
 from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.data.views import Concat
 from jaxlm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -48,7 +52,13 @@ def prepare_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
             train_works=pc.names,
             val_works=pc.names,
             sources=pc.sources,
-            streams=mixture.default_streams(cfg, prepared=True),
+            streams=resolve_streams(
+                d.streams,
+                cfg.train.batch_size,
+                min(len(s.docs) for s in pc.sources),
+                True,
+                workdir,
+            ),
         )
     works = (
         corpus.load_builtin_works() if d.corpus == "builtin" else corpus.read_text_works(d.corpus)
@@ -62,14 +72,35 @@ def prepare_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
     tok = _run_tokenizer(
         d.tokenizer, str(workdir / "tokenizer.model"), lambda: train_text, cfg.model.vocab_size
     )
+    docs = _tokenize_once({"train": train_text, "val": val_text}, tok, workdir)
     return Corpus(
         tokenizer=tok,
-        train_docs=pipeline.tokenize_documents(train_text, tok),
-        val_docs=pipeline.tokenize_documents(val_text, tok),
+        train_docs=docs["train"],
+        val_docs=docs["val"],
         train_works=[w.name for w in train_works],
         val_works=[w.name for w in val_works],
-        streams=mixture.default_streams(cfg, prepared=False),
+        streams=resolve_streams(d.streams, cfg.train.batch_size, len(train_text), False, workdir),
     )
+
+
+def _tokenize_once(
+    splits: text_cache.Splits, tok: Tokenizer, workdir: Path
+) -> dict[str, list[np.ndarray]]:
+    """Token documents of each split: tokenized by process 0 into the workdir's cache (or read
+    from it), then read there by the others once process 0 is done."""
+    directory = text_cache.cache_directory(workdir, splits, tok)
+    if jax.process_index() == 0:
+        docs = text_cache.read_cached(directory, splits)
+        if docs is None:
+            docs = text_cache.tokenize_and_write(directory, splits, tok)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlm_text_tokens")
+    if jax.process_index() != 0:
+        docs = text_cache.read_cached(directory, splits)
+        if docs is None:  # the hosts share no disk: tokenize here too
+            logger.info("No token cache from process 0 in %s; tokenizing here.", directory)
+            docs = {name: pipeline.tokenize_documents(list(t), tok) for name, t in splits.items()}
+    return docs
 
 
 def _run_tokenizer(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from jaxlm.data.shards import PreparedShards, is_prepared, open_prepared
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.data.views import Concat, Subset, hash_split
 from jaxlm.errors import ConfigError
-
-STREAMS_CAP = 8  # default streams for prepared data: gcd(batch_size, 8)
 
 
 @dataclasses.dataclass
@@ -37,15 +34,6 @@ def prepared_paths(cfg: RunConfig) -> list[tuple[str, float]] | None:
     if d.corpus != "builtin" and is_prepared(d.corpus):
         return [(d.corpus, 1.0)]
     return None
-
-
-def default_streams(cfg: RunConfig, prepared: bool) -> int:
-    """data.streams, or its default: 1 for in-memory text, gcd(batch_size, 8) for prepared data."""
-    if cfg.data.streams:
-        return cfg.data.streams
-    # In-memory text is tokenized whole on every host anyway, and one stream reproduces the
-    # batches of earlier versions; prepared data is split so each host reads only its part.
-    return math.gcd(cfg.train.batch_size, STREAMS_CAP) if prepared else 1
 
 
 def _check_matches(ds: PreparedShards, tok, vocab_size: int) -> None:

@@ -115,7 +115,7 @@ def _stream_seed(seed: int, stream: int, source: int) -> int:
 
 
 def _stream_rows(
-    sources: list[WeightedSource], k: int, streams: int, seed: int, rows: int, seq_len: int
+    sources: list[WeightedSource], k: int, streams: int, seed: int, seq_len: int
 ) -> grain.IterDataset:
     """Stream k: its 1/streams of every source's documents, shuffled per epoch, mixed, packed."""
     parts = []
@@ -147,7 +147,7 @@ def _stream_rows(
         doc_weights = [src.weight / max((src.mean_tokens or 2.0) - 1.0, 1.0) for src in sources]
         mix_seed = _stream_seed(seed, k, len(sources))
         pairs = _WeightedMix(parts, doc_weights, mix_seed).map(_to_pair)
-    return _pack(pairs, seq_len).batch(rows, drop_remainder=True)
+    return _pack(pairs, seq_len)
 
 
 def make_train_iterator(
@@ -191,12 +191,12 @@ def make_train_iterator(
     hi = lo + rows_per_shard
     per_stream = batch_size // streams
     first, last = lo // per_stream, (hi - 1) // per_stream
-    blocks = {
-        k: _stream_rows(srcs, k, streams, seed, per_stream, seq_len) for k in range(first, last + 1)
-    }
+    blocks = {k: _stream_rows(srcs, k, streams, seed, seq_len) for k in range(first, last + 1)}
     # Rows [lo, hi) of the global batch, counted from the first stream this process builds.
     a, b = lo - first * per_stream, hi - first * per_stream
-    ds = _RowBlocks(blocks).map(lambda batch: _finish_rows({k: v[a:b] for k, v in batch.items()}))
+    ds = _RowBlocks(blocks, per_stream).map(
+        lambda batch: _finish_rows({k: v[a:b] for k, v in batch.items()})
+    )
     if prefetch > 0:
         # Packing runs in Python; a background thread keeps it off the step's critical path.
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
@@ -273,33 +273,34 @@ class _JsonSafePackStateIterator(grain.DatasetIterator):
 
 
 class _RowBlocks(grain.IterDataset):
-    """Concatenates the row blocks of the streams a process builds, step by step, into one batch.
+    """Stacks `rows` rows of each stream a process builds, step by step, into one batch.
 
     Its iterator's state maps each stream's global index to that stream's state, so it does
     not depend on how many processes share the batch: a checkpoint's states, merged over the
     processes that wrote it, restore any other split of the streams (elastic resume).
     """
 
-    def __init__(self, blocks: dict[int, grain.IterDataset]) -> None:
+    def __init__(self, blocks: dict[int, grain.IterDataset], rows: int) -> None:
         super().__init__(list(blocks.values()))
-        self._indices = list(blocks)
+        self._indices, self._rows = list(blocks), rows
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _RowBlocksIterator(self._indices, [p.__iter__() for p in self._parents])
+        parents = [p.__iter__() for p in self._parents]
+        return _RowBlocksIterator(self._indices, parents, self._rows)
 
 
 class _RowBlocksIterator(grain.DatasetIterator):
     """Iterator side of _RowBlocks."""
 
-    def __init__(self, indices: list[int], parents: list[grain.DatasetIterator]) -> None:
+    def __init__(self, indices: list[int], parents: list[grain.DatasetIterator], rows: int):
         super().__init__(parents)
-        self._indices, self._streams = indices, parents
+        self._indices, self._streams, self._rows = indices, parents, rows
 
     def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(it) for it in self._streams]
-        if len(parts) == 1:
-            return parts[0]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        # One stack per step rather than a Grain batch per stream: with a stream per row the
+        # per-stream batching cost about a third of the pipeline's time.
+        rows = [next(it) for it in self._streams for _ in range(self._rows)]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def get_state(self) -> dict[str, Any]:
         return {
