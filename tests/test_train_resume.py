@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import RUNTIME_FIELDS, TINY_MODEL, cli_error, tiny_run_config
+from conftest import RUNTIME_FIELDS, TINY_TRAIN, cli_error, tiny_run_config
 
 from jaxlm import cli
 from jaxlm.config import architecture_fields, load_config, to_dict
@@ -15,16 +15,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.finetune.lm import check_same_model
 from jaxlm.train.resume import changed_settings, check_resumable, rewind_metrics
 
-TINY = [
-    *TINY_MODEL,
-    "train.batch_size=4",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.eval_batches=1",
-    "train.sample_tokens=0",
-    "optimizer.warmup_steps=1",
-    "checkpoint.every_steps=2",
-]
+TINY = TINY_TRAIN
 
 
 # --- unit checks of the rules ----------------------------------------------------------------

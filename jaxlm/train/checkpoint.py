@@ -6,9 +6,15 @@ directory that is never mistaken for a checkpoint. Restore takes an abstract tar
 the *current* shardings, so a checkpoint written on one mesh comes back onto another.
 
 A step that exists but can't be read (a truncated or missing file) is reported and skipped
-in favour of the newest readable one. Training runs move such steps, and the temporary
-directories of interrupted saves, into `checkpoints.damaged/` beside the checkpoints: out
-of the way of new saves, yet nothing the user did not ask to delete is deleted.
+in favour of the newest readable one, and so is a step whose bytes no longer match the
+checksums taken once it committed (`train.integrity`). Training runs move such steps, and the
+temporary directories of interrupted saves, into `checkpoints.damaged/` beside the
+checkpoints: out of the way of new saves, yet nothing the user did not ask to delete is deleted.
+
+Checksums are taken by process 0 alone, after the commit: the step directory is then complete
+whichever process wrote which file (on the shared storage every multi-host Orbax run needs),
+and hashing it in a background thread keeps saving asynchronous. Processes thus never have
+to agree on a per-process record, and the one verdict at restore is shared like any other.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +38,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxlm.config import CheckpointConfig
 from jaxlm.errors import ConfigError
+from jaxlm.train.integrity import DamagedCheckpoint, verify_checksums, write_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +61,10 @@ class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.damaged_dir = self.directory.with_name(self.directory.name + ".damaged")
+        self.read_only = read_only
+        self._unsealed: list[int] = []  # saved steps whose checksums are not yet written
+        self._hasher: threading.Thread | None = None
+        self._verified: set[int] = set()
         keep: list[Any] = [policies.LatestN(cfg.keep)]
         if cfg.keep_every:
             keep.append(policies.EveryNSteps(cfg.keep_every))
@@ -88,10 +100,56 @@ class Checkpointer:
         }
         if data_iter is not None:
             args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        self._seal(background=True)  # the previous save commits before this one starts anyway
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        self._unsealed.append(step)
+
+    def _seal(self, background: bool) -> None:
+        """Once the saves in flight have committed, checksum them (process 0 only)."""
+        if self._hasher is not None:
+            self._hasher.join()
+            self._hasher = None
+        if not self._unsealed:
+            return
+        self.manager.wait_until_finished()
+        steps, self._unsealed = self._unsealed, []
+        if jax.process_index() != 0:
+            return
+        if background:
+            self._hasher = threading.Thread(
+                target=self._write_checksums, args=(steps,), name="jaxlm-checksums"
+            )
+            self._hasher.start()
+        else:
+            self._write_checksums(steps)
+
+    def _write_checksums(self, steps: list[int]) -> None:
+        for step in steps:
+            step_dir = self.directory / str(step)
+            try:
+                write_checksums(step_dir)
+            except OSError as e:  # e.g. a keep policy deleted the step meanwhile
+                if step_dir.is_dir():
+                    logger.warning("No checksums for checkpoint step %d: %s", step, e)
+
+    def verify(self, step: int) -> None:
+        """Raise DamagedCheckpoint if a file of `step` differs from its saved checksum."""
+        try:
+            self._check(step)
+        except DamagedCheckpoint as e:
+            raise DamagedCheckpoint(
+                f"Checkpoint step {step} in {self.directory} is damaged ({e}); restore an "
+                f"older step, or move that step's directory away."
+            ) from None
+
+    def _check(self, step: int) -> None:
+        if step not in self._verified:
+            verify_checksums(self.directory / str(step))
+            self._verified.add(step)
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """Restore the state onto the shardings in `abstract_state`; advance `data_iter`."""
+        self.verify(step)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         state = self.manager.restore(step, args=args)["state"]
         if data_iter is not None:
@@ -127,6 +185,7 @@ class Checkpointer:
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Restore only the parameters (no optimizer state is read) onto their shardings."""
+        self.verify(step)
         item = {"params": abstract_params}
         args = ocp.args.PyTreeRestore(
             item=item,
@@ -167,6 +226,10 @@ class Checkpointer:
         for step in reversed(steps):
             config, state, error = None, None, None
             try:
+                if jax.process_index() == 0:  # one reading suffices; the verdict is shared
+                    self._check(step)
+                else:
+                    self._verified.add(step)
                 config = self.restore_config(step)
             except Exception as e:  # any failure to read it means "damaged"
                 error = e
@@ -188,7 +251,7 @@ class Checkpointer:
                 return Restored(step=step, state=state, config=config)
             damaged.append(step)
             log(
-                f"Checkpoint step {step} in {self.directory} is unreadable "
+                f"Checkpoint step {step} in {self.directory} is damaged or unreadable "
                 f"({_first_line(error)}); trying an older one."
             )
         if damaged:
@@ -227,11 +290,13 @@ class Checkpointer:
         return dest
 
     def wait(self) -> None:
-        """Block until any background save has committed."""
+        """Block until any background save has committed and been checksummed."""
+        self._seal(background=False)
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finish background saves and release the manager."""
+        """Finish background saves (and their checksums) and release the manager."""
+        self._seal(background=False)
         self.manager.wait_until_finished()
         self.manager.close()
 

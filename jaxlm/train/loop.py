@@ -44,9 +44,17 @@ from jaxlm.perf.flops import flops_per_token
 from jaxlm.perf.peak import device_peak
 from jaxlm.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxlm.train.guard import StepBoundary, skip_nonfinite, tree_all_finite
+from jaxlm.train.lock import hold_workdir
 from jaxlm.train.metrics import MetricsWriter
 from jaxlm.train.optimizer import make_optimizer
-from jaxlm.train.resume import changed_settings, check_resumable, rewind_metrics
+from jaxlm.train.resume import (
+    IDENTITY_KEY,
+    changed_settings,
+    check_resumable,
+    check_same_data,
+    data_identity,
+    rewind_metrics,
+)
 from jaxlm.train.state import TrainState, init_train_state, param_count, state_shardings
 from jaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, train_step_for
 from jaxlm.train.steplog import StepLog
@@ -73,6 +81,7 @@ class Job:
     ckpt: Checkpointer
     abstract: TrainState  # shapes and dtypes of every state leaf
     shardings: TrainState  # NamedShardings of every state leaf
+    identity: dict[str, Any] | None = None  # tokenizer and corpus fingerprints (resume.py)
 
 
 def train(
@@ -82,29 +91,33 @@ def train(
     init_params: InitParams | None = None,
     progress: bool = True,
     stop: threading.Event | None = None,
+    allow_data_change: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume) the run in `workdir`; returns a summary of what happened.
 
     Setting `stop` (the CLI does on SIGTERM/SIGINT) saves a checkpoint at the next step
-    boundary and returns early with `stopped_at` set to that step.
+    boundary and returns early with `stopped_at` set to that step. The workdir is locked
+    against other runs throughout (train.lock). `allow_data_change` resumes even when the
+    tokenizer or corpus content differs from the checkpoint's.
     """
-    job = set_up(cfg, Path(workdir))
-    state, restored_step = restore_or_init(job, init_params)
-    start_step = int(jax.device_get(state.step))
-    summary: dict[str, Any] = {
-        "params": param_count(state.params),
-        "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
-        "start_step": start_step,
-        "stopped_at": None,
-        "tokenizer": job.data.tokenizer,
-    }
-    if start_step >= cfg.train.steps:
-        job.ckpt.close()
-        logger.info(
-            "The run is complete at step %d; raise train.steps to train further.", start_step
-        )
-        return {**summary, "tokens_per_sec": None, "state": state}
-    return _Loop(job, state, restored_step, summary, progress, stop).run()
+    with hold_workdir(Path(workdir)):
+        job = set_up(cfg, Path(workdir))
+        state, restored_step = restore_or_init(job, init_params, allow_data_change)
+        start_step = int(jax.device_get(state.step))
+        summary: dict[str, Any] = {
+            "params": param_count(state.params),
+            "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
+            "start_step": start_step,
+            "stopped_at": None,
+            "tokenizer": job.data.tokenizer,
+        }
+        if start_step >= cfg.train.steps:
+            job.ckpt.close()
+            logger.info(
+                "The run is complete at step %d; raise train.steps to train further.", start_step
+            )
+            return {**summary, "tokens_per_sec": None, "state": state}
+        return _Loop(job, state, restored_step, summary, progress, stop).run()
 
 
 def set_up(cfg: RunConfig, workdir: Path) -> Job:
@@ -149,17 +162,25 @@ def set_up(cfg: RunConfig, workdir: Path) -> Job:
     )
 
 
-def restore_or_init(job: Job, init_params: InitParams | None) -> tuple[TrainState, int | None]:
+def restore_or_init(
+    job: Job, init_params: InitParams | None, allow_data_change: bool = False
+) -> tuple[TrainState, int | None]:
     """(state, step it was restored from or None): the newest readable checkpoint, else new.
 
-    The checkpoint's config is checked first and damaged newer steps are moved aside; the
-    data iterator goes back to where that checkpoint left it.
+    The checkpoint's config and data are checked first and damaged newer steps are moved
+    aside; the data iterator goes back to where that checkpoint left it.
     """
     cfg, workdir = job.cfg, job.workdir
+    job.identity = identity = data_identity(cfg, job.data.tokenizer)
+
+    def check(saved: dict[str, Any]) -> None:
+        check_resumable(saved, cfg, workdir)
+        check_same_data(saved, identity, cfg, workdir, allow_data_change)
+
     restored = job.ckpt.restore_latest(
         abstract_with_shardings(job.abstract, job.shardings),
         job.train_iter,
-        check_config=lambda saved: check_resumable(saved, cfg, workdir),
+        check_config=check,
         move_damaged=True,
         log=logger.info,
     )
@@ -231,7 +252,7 @@ class _Loop:
         self.step_fn = jit_train_step(step_fn, job.shardings, job.mesh)
         self.eval_fn = jit_eval_step(make_eval_step(job.model), job.shardings.params, job.mesh)
         self.writer = MetricsWriter(job.workdir, enabled=is_main)
-        self.config_dict = config_lib.to_dict(cfg)
+        self.config_dict = {**config_lib.to_dict(cfg), IDENTITY_KEY: job.identity}
         self.bar = None
         if progress and is_main:
             self.bar = tqdm(
@@ -244,8 +265,9 @@ class _Loop:
             )
         tokens_per_step = t.batch_size * cfg.data.seq_len
         self.log = StepLog(
-            self.writer, self.bar, self.start, tokens_per_step, fpt, t.nan_policy, peak
-        )
+            self.writer, self.bar, self.start, tokens_per_step, fpt, t.nan_policy, peak,
+            max_skipped=t.max_skipped_steps,
+        )  # fmt: skip
         self.boundary = StepBoundary(stop, cfg.checkpoint.every_minutes, cfg.checkpoint.agree_every)
         self.history: list[tuple[int, float]] = []
 

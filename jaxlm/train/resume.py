@@ -1,15 +1,32 @@
-"""Resuming a run: which config changes may resume, what changed, and rewinding the logs."""
+"""Resuming a run: which config and data changes may resume, what changed, and rewinding
+the logs."""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from jaxlm import config as config_lib
 from jaxlm.config import RunConfig
+from jaxlm.data import mixture
+from jaxlm.data.shards import MANIFEST
+from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# The key under which a checkpoint's saved config carries `data_identity` (next to the config
+# sections, which it never collides with).
+IDENTITY_KEY = "data_identity"
 
 # Keys outside the model that fix the shapes or meaning of the saved state and data position.
 # The model's own rule is its fields' marking: architecture fields must match, runtime ones
@@ -92,3 +109,86 @@ def rewind_metrics(path: Path, step: int) -> int:
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, path)
     return dropped
+
+
+def data_identity(cfg: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What a run trains on, by content: its tokenizer's SHA-256 and a corpus fingerprint.
+
+    Text corpora are fingerprinted by their file list with sizes and modification times
+    (reading every byte would cost as much as the tokenization); prepared data by its
+    manifests, which already hold every shard's hash.
+    """
+    prepared = mixture.prepared_paths(cfg)
+    h, files, size = hashlib.sha256(), 0, 0
+    if prepared:
+        for path, _ in prepared:
+            h.update(hashlib.sha256((Path(path) / MANIFEST).read_bytes()).digest())
+            files += 1
+        kind = "prepared"
+    elif cfg.data.corpus == "builtin":
+        kind = "builtin"  # package data: it changes only with jaxlm itself
+    else:
+        kind = "text"
+        for path in _text_files(cfg.data.corpus):
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+            files, size = files + 1, size + st.st_size
+    corpus = {"kind": kind, "files": files, "bytes": size, "sha256": h.hexdigest()}
+    return {"tokenizer": tokenizer.path, "tokenizer_sha256": tokenizer.sha256, "corpus": corpus}
+
+
+def _text_files(pattern: str) -> list[str]:
+    """The files `data.corpus` names, as the text reader finds them."""
+    paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    return [p for p in paths if os.path.isfile(p)]
+
+
+def data_change(saved: dict[str, Any] | None, now: dict[str, Any], cfg: RunConfig) -> str | None:
+    """What differs between the data a checkpoint was trained on and the run's now, or None.
+
+    A checkpoint written before jaxlm recorded its data (`saved` None) is taken on trust.
+    """
+    if not saved:
+        return None
+    old_tok, new_tok = saved.get("tokenizer_sha256"), now["tokenizer_sha256"]
+    if old_tok and old_tok != new_tok:
+        return (
+            f"the tokenizer {now['tokenizer']} (sha256 {new_tok[:12]}…) is not the one the "
+            f"checkpoint was trained with (sha256 {old_tok[:12]}…), so its token ids would "
+            f"stand for other text"
+        )
+    old, new = saved.get("corpus") or {}, now["corpus"]
+    if not old.get("sha256") or old["sha256"] == new["sha256"]:
+        return None
+    if new["kind"] == "text" and old.get("kind") == "text":
+        return (
+            f"the files of data.corpus={cfg.data.corpus!r} changed since the checkpoint was "
+            f"trained on them ({old.get('files')} of {old.get('bytes')} bytes then, "
+            f"{new['files']} of {new['bytes']} bytes now, or other modification times)"
+        )
+    return "the manifest of the prepared data changed since the checkpoint was trained on it"
+
+
+def check_same_data(
+    saved: dict[str, Any], now: dict[str, Any], cfg: RunConfig, workdir: Path, allow: bool
+) -> None:
+    """Refuse to resume on other data than the checkpoint's, unless `allow` (then warn).
+
+    Process 0 judges and the others follow, since each host may see its own copy of a file.
+    """
+    change = data_change(saved.get(IDENTITY_KEY), now, cfg) if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+        changed = int(multihost_utils.broadcast_one_to_all(np.int32(change is not None)))
+        if changed and change is None and not allow:
+            raise ConfigError(
+                f"Process 0 found the data changed since the checkpoint in '{workdir}' (its "
+                f"own error says how); restore it, or pass --allow-data-change to every process."
+            )
+    if change is None:
+        return
+    if not allow:
+        raise ConfigError(
+            f"In '{workdir}', {change}; restore the original, or pass --allow-data-change to "
+            f"resume on the new data anyway."
+        )
+    logger.warning("Resuming on changed data (--allow-data-change): %s.", change)

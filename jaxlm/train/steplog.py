@@ -31,6 +31,7 @@ class StepLog:
         fpt: float,
         nan_policy: str,
         peak_flops: float | None = None,
+        max_skipped: int = 0,
     ):
         self.writer, self.bar, self.fpt, self.nan_policy = writer, bar, fpt, nan_policy
         self.peak_flops = peak_flops  # per device; None: MFU is not reported
@@ -38,6 +39,7 @@ class StepLog:
         self.pending: list[tuple[int, Any]] = []
         self.last: dict[str, Any] = {}
         self.skipped = 0
+        self.max_skipped, self.skipped_in_a_row = max_skipped, 0  # 0: no limit
         self.throughput: list[float] = []
         self.window_start, self.window_tokens = time.perf_counter(), 0
         self.window_compiles = True  # the first window holds compilation: not a rate
@@ -59,7 +61,17 @@ class StepLog:
             self.writer.write(s, v, "train")
             if float(v.get("skipped", 0.0)):
                 self.skipped += 1
+                self.skipped_in_a_row += 1
                 logger.warning("step %d: non-finite loss or gradient norm; update skipped.", s)
+                if self.skipped_in_a_row == self.max_skipped:
+                    raise NonFiniteError(
+                        f"Steps {s - self.max_skipped + 1} to {s} all had a non-finite loss or "
+                        f"gradient norm and were skipped, so the run stopped (last checkpoint: "
+                        f"{last_saved}, train.max_skipped_steps={self.max_skipped}); lower "
+                        f"optimizer.lr or raise optimizer.warmup_steps."
+                    )
+            else:
+                self.skipped_in_a_row = 0
         self.last = records[-1][1]
         bad = first_nonfinite(records)
         if bad is not None and self.nan_policy == "stop":
