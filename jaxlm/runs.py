@@ -7,44 +7,86 @@ and nothing of training:
   config.yaml      the run's resolved config
   tokenizer.model  the SentencePiece model (and .vocab when present)
   export.json      source run, step and dtype
-`load_run(DIR)` reads either kind."""
+`load_run(DIR)` reads either kind.
+
+Parameters are restored straight into their shards on a mesh (`model_mesh`): no process and
+no device ever holds the whole tree, so every command that loads a model works with several
+processes and with models larger than one device."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from jaxlm.config import MeshConfig, RunConfig, load_config
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.models import build_model
-from jaxlm.parallel.sharding import make_mesh
+from jaxlm.parallel.sharding import data_parallel_size, make_mesh
 from jaxlm.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import state_shardings
 
+logger = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class Run:
-    """A run's config, its parameters (float32, on one device) and its tokenizer."""
+    """A run's config, its parameters (float32, sharded over `mesh`) and its tokenizer."""
 
     cfg: RunConfig
     params: Any
     tokenizer: Tokenizer
     step: int
+    mesh: Mesh
 
 
-def load_run(workdir: str | Path, step: int | None = None) -> Run:
-    """Restore a run directory's checkpoint (newest readable by default) or an export."""
+def model_mesh(cfg: RunConfig, devices: list | None = None) -> Mesh:
+    """The mesh a loaded model is laid out on: the run's `mesh.*` where it fits here.
+
+    Inference has no context parallelism, so the sequence axis joins fsdp. Where the run's
+    sizes don't fit the devices present (a run trained on a pod, evaluated on a laptop),
+    the parameters are sharded fsdp-style over every device instead.
+    """
+    devices = list(jax.devices()) if devices is None else list(devices)
+    m = cfg.mesh
+    if m.sequence == -1:
+        m = dataclasses.replace(m, sequence=1, fsdp=-1)
+    elif m.sequence != 1:
+        fsdp = -1 if m.fsdp == -1 else m.fsdp * m.sequence
+        m = dataclasses.replace(m, sequence=1, fsdp=fsdp)
+    n_proc = len({d.process_index for d in devices})
+    try:
+        mesh = make_mesh(m, devices)
+        if data_parallel_size(mesh) % n_proc == 0:
+            return mesh
+    except ConfigError:
+        pass
+    logger.info(
+        f"The run's mesh ({_describe(cfg.mesh)}) does not fit the {len(devices)} devices here; "
+        f"its parameters are sharded over all of them (mesh.fsdp={len(devices)})."
+    )
+    return make_mesh(MeshConfig(data=1, fsdp=-1), devices)
+
+
+def _describe(m: MeshConfig) -> str:
+    return ", ".join(f"{f.name}={getattr(m, f.name)}" for f in dataclasses.fields(m))
+
+
+def load_run(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> Run:
+    """Restore a run directory's checkpoint (newest readable by default) or an export,
+    sharded over `mesh` (default: `model_mesh` of the run's config)."""
     workdir = Path(workdir)
     cfg_path = workdir / "config.yaml"
     if not cfg_path.is_file():
@@ -58,11 +100,12 @@ def load_run(workdir: str | Path, step: int | None = None) -> Run:
     )
     use_local = local.is_file() or not cfg.data.tokenizer
     tokenizer = load_tokenizer(str(local) if use_local else cfg.data.tokenizer)
+    mesh = model_mesh(cfg) if mesh is None else mesh
     if (workdir / EXPORT_INFO).is_file():
-        params, saved_step = load_exported(workdir, cfg)
+        params, saved_step = load_exported(workdir, cfg, mesh)
     else:
-        params, saved_step = restore_params(workdir, cfg, step)
-    return Run(cfg=cfg, params=params, tokenizer=tokenizer, step=saved_step)
+        params, saved_step = restore_params(workdir, cfg, step, mesh)
+    return Run(cfg=cfg, params=params, tokenizer=tokenizer, step=saved_step, mesh=mesh)
 
 
 def checkpoint_dir(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
@@ -77,12 +120,12 @@ def checkpoint_dir(path: str | Path, step: int | None = None) -> tuple[Path, int
     return path, step
 
 
-def open_checkpoint(path: str | Path, step: int | None = None) -> Run:
+def open_checkpoint(path: str | Path, step: int | None = None, mesh: Mesh | None = None) -> Run:
     """`load_run` for any --checkpoint: a run, an export, a converted model or RUN/checkpoints/N.
 
     Refuses a tokenizer whose ids would not all fit the model's embedding table.
     """
-    run = load_run(*checkpoint_dir(path, step))
+    run = load_run(*checkpoint_dir(path, step), mesh=mesh)
     check_vocab(run)
     return run
 
@@ -103,21 +146,26 @@ EXPORT_INFO = "export.json"
 EXPORT_DTYPES = ("float32", "bfloat16")
 
 
-def abstract_params(cfg: RunConfig) -> tuple[Any, Any]:
-    """(abstract train state, abstract params) placed on this process's first device."""
-    mesh = make_mesh(MeshConfig(data=-1), jax.local_devices()[:1])
+def abstract_params(cfg: RunConfig, mesh: Mesh | None = None) -> tuple[Any, Any]:
+    """(abstract train state, abstract params) carrying their shardings on `mesh`
+    (default: this process's first device)."""
+    if mesh is None:
+        mesh = make_mesh(MeshConfig(data=-1), jax.local_devices()[:1])
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     abstract, shardings = state_shardings(build_model(cfg.model), tx, cfg.data.seq_len, mesh)
     abstract = abstract_with_shardings(abstract, shardings)
     return abstract, abstract.params
 
 
-def restore_params(workdir: Path, cfg: RunConfig, step: int | None = None) -> tuple[Any, int]:
-    """(params, step) of a run's checkpoint, skipping optimizer state; newest readable by default."""
+def restore_params(
+    workdir: Path, cfg: RunConfig, step: int | None = None, mesh: Mesh | None = None
+) -> tuple[Any, int]:
+    """(params, step) of a run's checkpoint, skipping optimizer state; newest readable by
+    default; sharded over `mesh`."""
     ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.is_dir():
         raise ConfigError(f"'{workdir}' has no checkpoint yet; train it first (jaxlm train).")
-    _, abstract = abstract_params(cfg)
+    _, abstract = abstract_params(cfg, mesh)
     ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, read_only=True)
     try:
         steps = ckpt.all_steps()
@@ -152,39 +200,54 @@ def export_params(
     tok_path = Path(cfg.data.tokenizer or workdir / "tokenizer.model")
     if not tok_path.is_file():
         raise ConfigError(f"The run's tokenizer '{tok_path}' is missing; it can't be exported.")
-    params, step = restore_params(workdir, cfg, step)
+    params, step = restore_params(workdir, cfg, step, model_mesh(cfg))
     params = jax.tree.map(lambda x: x.astype(dtype), params)
 
-    # Build the export beside its destination and rename it at the end: a crash leaves no
+    # Every process writes its own shards through Orbax; process 0 alone builds the directory
+    # around them beside its destination and renames it at the end, so a crash leaves no
     # half-written export under the requested name.
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    primary = jax.process_index() == 0
+    tmp = output.parent / f".{output.name}.partial"
+    if primary:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an interrupted export
+        tmp.mkdir()
+    _sync("jaxlm-export-start")
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp.absolute() / "params", params)
             checkpointer.wait_until_finished()
-        shutil.copyfile(cfg_path, tmp / "config.yaml")
-        for suffix in (".model", ".vocab"):
-            src = tok_path.with_suffix(suffix)
-            if src.is_file():
-                shutil.copyfile(src, tmp / f"tokenizer{suffix}")
         n_params = sum(int(x.size) for x in jax.tree.leaves(params))
         info = {"source": str(workdir.absolute()), "step": step, "dtype": dtype}
         info["params"] = n_params
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if output.exists():
-            output.rmdir()  # empty, checked above
-        tmp.rename(output)
+        if primary:
+            shutil.copyfile(cfg_path, tmp / "config.yaml")
+            for suffix in (".model", ".vocab"):
+                src = tok_path.with_suffix(suffix)
+                if src.is_file():
+                    shutil.copyfile(src, tmp / f"tokenizer{suffix}")
+            (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            if output.exists():
+                output.rmdir()  # empty, checked above
+            tmp.rename(output)
+        _sync("jaxlm-export-done")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**info, "output": str(output)}
 
 
-def load_exported(path: Path, cfg: RunConfig) -> tuple[Any, int]:
-    """(float32 params, step) of an export directory."""
+def _sync(name: str) -> None:
+    """Wait until every process of the run gets here."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def load_exported(path: Path, cfg: RunConfig, mesh: Mesh | None = None) -> tuple[Any, int]:
+    """(float32 params, step) of an export directory, sharded over `mesh`."""
     info = json.loads((path / EXPORT_INFO).read_text(encoding="utf-8"))
-    _, abstract = abstract_params(cfg)
+    _, abstract = abstract_params(cfg, mesh)
     stored = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(info["dtype"]), sharding=a.sharding),
         abstract,

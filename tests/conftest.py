@@ -174,6 +174,36 @@ TINY_MODEL = [
     "data.seq_len=32",
 ]
 
+# A 3-step one-block Llama for runs launched as several processes: the work is start-up.
+TINY_HOSTS = [
+    "model.family=llama",
+    "model.vocab_size=384",
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=4",
+    "model.max_seq_len=32",
+    "data.seq_len=32",
+    "optimizer.warmup_steps=1",
+    "train.steps=3",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+]
+
+# A few-step run of the tiny model, checkpointed every 2 steps: the resume, lock and
+# integrity tests train it, kill it and resume it.
+TINY_TRAIN = [
+    *TINY_MODEL,
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_tokens=0",
+    "optimizer.warmup_steps=1",
+    "checkpoint.every_steps=2",
+]
+
 # The run the fine-tuning tests start from (`pretrained`) and build their models from.
 TINY_LM = [
     *TINY_MODEL,
@@ -339,3 +369,17 @@ def assert_same_batches(a, b) -> None:
     for x, y in zip(a, b, strict=True):
         for k in BATCH_KEYS:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+class RecordingDocs:
+    """A document list that remembers which documents were read."""
+
+    def __init__(self, docs):
+        self.docs, self.read = docs, set()
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, i):
+        self.read.add(int(i))
+        return self.docs[i]

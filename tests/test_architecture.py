@@ -8,11 +8,13 @@ functions).
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from importlinter import cli as importlinter_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "jaxlm"
@@ -44,12 +46,19 @@ def _function_imports(path: Path) -> list[str]:
     return found
 
 
-def test_layers_import_downward_only(monkeypatch):
-    monkeypatch.chdir(ROOT)
-    assert importlinter_cli.lint_imports(config_filename=str(ROOT / "pyproject.toml")) == 0
+def lint_imports(config: Path, cwd: Path, path: Path | None = None) -> int:
+    """import-linter's exit code for `config`, run in a child process: its logging set-up
+    (dictConfig) would otherwise disable every logger already made in the test process."""
+    code = "import sys; from importlinter import cli; sys.exit(cli.lint_imports(config_filename=sys.argv[1]))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(path or ""), str(ROOT)]))}
+    return subprocess.run([sys.executable, "-c", code, str(config)], cwd=cwd, env=env).returncode
 
 
-def test_the_contract_catches_a_wrong_way_import(tmp_path, monkeypatch):
+def test_layers_import_downward_only():
+    assert lint_imports(ROOT / "pyproject.toml", ROOT) == 0
+
+
+def test_the_contract_catches_a_wrong_way_import(tmp_path):
     # A copy of the contract over a two-layer package whose lower layer imports the upper
     # one: the same check must fail, so a passing run above means something.
     pkg = tmp_path / "toy"
@@ -71,9 +80,7 @@ def test_the_contract_catches_a_wrong_way_import(tmp_path, monkeypatch):
             """
         )
     )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert importlinter_cli.lint_imports(config_filename=str(tmp_path / "contract.toml")) == 1
+    assert lint_imports(tmp_path / "contract.toml", tmp_path, path=tmp_path) == 1
 
 
 def test_no_imports_inside_library_functions():

@@ -25,7 +25,8 @@ from jaxlm.errors import ConfigError
 from jaxlm.inference.evaluate import Evaluator, evaluate_choices, evaluate_text
 from jaxlm.inference.scoring import choice_accuracy
 from jaxlm.models import build_model
-from jaxlm.runs import Run
+from jaxlm.parallel.sharding import logical_sharding
+from jaxlm.runs import Run, model_mesh
 
 # Non-ASCII letters make bytes differ from characters, so a wrong byte count shows.
 EVAL_TEXT = "Ça va? The café owner smiles.\n\nThe fox sleeps by the fire — naïve bird.\n\nÜber."
@@ -46,7 +47,9 @@ def random_run(tmp_path_factory) -> Run:
         dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=64, doc_chars=40))
     )
     boxed = build_model(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
-    return Run(cfg=cfg, params=nn.unbox(boxed["params"]), tokenizer=tok, step=0)
+    mesh = model_mesh(cfg)
+    params = jax.device_put(nn.unbox(boxed["params"]), logical_sharding(boxed["params"], mesh))
+    return Run(cfg=cfg, params=params, tokenizer=tok, step=0, mesh=mesh)
 
 
 @functools.cache
@@ -113,7 +116,7 @@ def test_a_tokenizer_larger_than_the_model_is_refused(random_run):
         random_run.cfg, model=dataclasses.replace(random_run.cfg.model, vocab_size=100)
     )
     with pytest.raises(ConfigError, match="300 tokens but the model only 100"):
-        Evaluator(Run(small, random_run.params, random_run.tokenizer, 0), progress=False)
+        Evaluator(dataclasses.replace(random_run, cfg=small), progress=False)
 
 
 # --- the command on a run that memorised TEXT ------------------------------------------------

@@ -18,27 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_XLA
+from conftest import FAST_XLA, TINY_HOSTS
 
 from jaxlm.errors import ConfigError
 from jaxlm.parallel.distributed import jax_cluster, resolve_layout
 
 # A one-block model, 3 steps, one eval batch, 8 sampled tokens: the work is start-up.
 OVERRIDES = [
-    "model.family=llama",
-    "model.vocab_size=384",
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=4",
+    *TINY_HOSTS,
     "model.n_kv_heads=2",
-    "model.max_seq_len=32",
-    "data.seq_len=32",
-    "optimizer.warmup_steps=1",
-    "train.steps=3",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.eval_batches=1",
     "train.sample_tokens=8",  # the samples decode on parameters sharded over both hosts
     "checkpoint.every_steps=2",
     # 2 x 2 devices: fsdp across the two processes, tensor inside each.

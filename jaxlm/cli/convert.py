@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jaxlm.cli.common import formatter
+from jaxlm.cli.common import add_distributed_args, formatter, quiet_other_processes
 
 DTYPE_HELP = "parameter dtype written: float32 | bfloat16"
 
@@ -41,6 +41,14 @@ def register(sub) -> None:
     q.add_argument("source", metavar="RUN_OR_EXPORT", help="a jaxlm run or export directory")
     q.add_argument("--output", "-o", required=True, metavar="DIR", help="new HF model directory")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=DTYPE_HELP)
+    q.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=2.0,
+        metavar="GB",
+        help="split model.safetensors into files of at most this size (default 2)",
+    )
+    add_distributed_args(q)
     q.set_defaults(run=cmd_to_hf)
 
 
@@ -52,7 +60,14 @@ def cmd_from_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_to_hf(args: argparse.Namespace) -> int:
-    from jaxlm.hf.convert import to_hf
+    import jax
 
-    print(json.dumps(to_hf(args.source, args.output, args.dtype)))
+    from jaxlm.hf.convert import to_hf
+    from jaxlm.parallel.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
+    quiet_other_processes(jax.process_index())
+    info = to_hf(args.source, args.output, args.dtype, int(args.max_shard_gb * 1024**3))
+    if jax.process_index() == 0:
+        print(json.dumps(info))
     return 0

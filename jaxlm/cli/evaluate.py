@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from jaxlm.cli.common import add_distributed_args, quiet_other_processes
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -31,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, metavar="B", help="rows per step (default: train's)")
     p.add_argument("--output", "-o", metavar="FILE", help="write the JSON here, not to stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_distributed_args(p)
     p.set_defaults(run=cmd_eval)
 
 
@@ -53,6 +56,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
     items = read_choice_items(args.multiple_choice) if args.multiple_choice else None
     workdir, step = runs.checkpoint_dir(args.checkpoint, args.step)
+    import jax
+
+    from jaxlm.parallel.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
+    quiet_other_processes(jax.process_index())
     run = runs.open_checkpoint(workdir, step)
     ev = evaluate.Evaluator(run, args.batch_size, progress=not args.no_progress)
     report = {
@@ -61,6 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "tokenizer_sha256": run.tokenizer.sha256,
         "seq_len": ev.seq_len,
         "devices": ev.mesh.size,
+        "processes": jax.process_count(),
+        "mesh": dict(ev.mesh.shape),
         "results": [],
     }
     if args.data:
@@ -70,6 +81,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.multiple_choice:
         report["multiple_choice"] = evaluate.evaluate_choices(ev, args.multiple_choice, items)
     text = json.dumps(report, indent=2) + "\n"
+    if jax.process_index() != 0:
+        return 0  # every process computed the same report; one writes it
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)

@@ -6,7 +6,12 @@ import argparse
 import json
 import sys
 
-from jaxlm.cli.common import add_config_args, formatter
+from jaxlm.cli.common import (
+    add_config_args,
+    add_distributed_args,
+    formatter,
+    quiet_other_processes,
+)
 
 
 def register(sub) -> None:
@@ -30,6 +35,7 @@ def register(sub) -> None:
     lm.add_argument("--workdir", "-w", required=True, metavar="DIR", help="the new run directory")
     lm.add_argument("--no-progress", action="store_true", help="log lines, no progress bar")
     add_config_args(lm)
+    add_distributed_args(lm)
     lm.set_defaults(run=cmd_finetune_lm)
 
     c = kinds.add_parser(
@@ -72,6 +78,7 @@ def register(sub) -> None:
         help="lstm/gru: a bidirectional encoder (embedding + first layer from the checkpoint)",
     )
     c.add_argument("--seed", type=int, default=0, metavar="S", help="init, shuffle and split")
+    add_distributed_args(c)
     c.set_defaults(run=cmd_finetune_classify)
 
     pr = kinds.add_parser(
@@ -95,6 +102,9 @@ def cmd_finetune_lm(args: argparse.Namespace) -> int:
 
     cfg = lm_finetune_config(args.checkpoint, args.config, args.overrides)
     from jaxlm.cli.train import run_training
+    from jaxlm.parallel.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
 
     return run_training(cfg, args.workdir, progress=not args.no_progress, command="finetune")
 
@@ -119,8 +129,15 @@ def cmd_finetune_classify(args: argparse.Namespace) -> int:
         bidirectional=args.bidirectional,
         seed=args.seed,
     )
+    import jax
+
+    from jaxlm.parallel.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
+    quiet_other_processes(jax.process_index())
     metrics = finetune_classifier(opts)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
     return 0
 
 

@@ -8,8 +8,11 @@ one left-padded batch and print when done; --output also writes them as JSON lin
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
+
+from jaxlm.cli.common import add_distributed_args, quiet_other_processes
 
 STREAM_CHUNK = 4  # tokens per streamed chunk: small enough to look live, large enough to be cheap
 BATCH_CHUNK = 32  # tokens per chunk otherwise: lets decoding stop early at EOS / stop strings
@@ -54,6 +57,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="rows decoded at once")
     p.add_argument("--output", "-o", metavar="FILE", help="also write JSON lines here")
     p.add_argument("--no-stream", action="store_true", help="print a single prompt when done")
+    add_distributed_args(p)
     p.set_defaults(run=cmd_generate)
 
 
@@ -161,10 +165,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--stop '' would cut every text; give a non-empty stop string.")
     prompts = read_prompts(args)
 
+    import jax
+
     from jaxlm.inference.generate import decode
+    from jaxlm.parallel.distributed import initialize
     from jaxlm.runs import checkpoint_dir, open_checkpoint
 
-    run = open_checkpoint(*checkpoint_dir(args.checkpoint, args.step))
+    where = checkpoint_dir(args.checkpoint, args.step)
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
+    quiet_other_processes(jax.process_index())
+    # Every process decodes the same rows (sharded over all of them); process 0 prints.
+    out = sys.stdout if jax.process_index() == 0 else io.StringIO()
+    run = open_checkpoint(*where)
     tok, k = run.tokenizer, args.num_return_sequences
     finisher = Finisher(tok, args.stop)
     encoded = tok.encode_batch(prompts, bos=True)
@@ -173,9 +185,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     records = []
     for lo in range(0, len(rows), args.batch_size):
         batch = rows[lo : lo + args.batch_size]
-        streamer = Streamer(finisher, sys.stdout) if stream else None
+        streamer = Streamer(finisher, out) if stream else None
         if stream:
-            sys.stdout.write(prompts[0])
+            out.write(prompts[0])
 
         def all_ended(tokens_BxN, streamer=streamer) -> bool:
             if streamer is not None:
@@ -192,6 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             row_ids=[i * k + j for i, j in batch],
             chunk_size=STREAM_CHUNK if stream else BATCH_CHUNK,
             on_chunk=all_ended,
+            mesh=run.mesh,
         )
         if streamer is not None:
             streamer.finish()
@@ -199,10 +212,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             text = finisher.text(row)[0]
             records.append({"prompt_index": i, "sample": j, "prompt": prompts[i], "text": text})
             if len(rows) == 1 and not stream:
-                print(prompts[i] + text, flush=True)
+                print(prompts[i] + text, file=out, flush=True)
             elif not stream:
-                print(f"--- prompt {i}, sample {j} ---\n{prompts[i]}{text}\n", flush=True)
-    if args.output:
+                print(f"--- prompt {i}, sample {j} ---\n{prompts[i]}{text}\n", file=out, flush=True)
+    if args.output and jax.process_index() == 0:
         with open(args.output, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
     return 0

@@ -37,6 +37,11 @@ def register(sub) -> None:
         action="store_true",
         help="plain log lines instead of a progress bar",
     )
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="resume even if the tokenizer or corpus differs from the checkpoint's (logged)",
+    )
     add_distributed_args(p)
     p.set_defaults(run=cmd_train)
 
@@ -65,6 +70,7 @@ def register(sub) -> None:
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype"
     )
+    add_distributed_args(p)
     p.set_defaults(run=cmd_export)
 
 
@@ -114,10 +120,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jaxlm.parallel.distributed import initialize
 
     initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
-    return run_training(cfg, args.workdir, progress=not args.no_progress, command="train")
+    return run_training(
+        cfg,
+        args.workdir,
+        progress=not args.no_progress,
+        command="train",
+        allow_data_change=args.allow_data_change,
+    )
 
 
-def run_training(cfg, workdir: str, progress: bool, command: str) -> int:
+def run_training(
+    cfg, workdir: str, progress: bool, command: str, allow_data_change: bool = False
+) -> int:
     """Train `cfg` into `workdir` under the preemption signal handlers; print samples and
     the summary.
 
@@ -137,7 +151,14 @@ def run_training(cfg, workdir: str, progress: bool, command: str) -> int:
     stop = threading.Event()
     try:
         with _stop_on_signals(stop):
-            summary = train(cfg, workdir, init_params=init_params, progress=progress, stop=stop)
+            summary = train(
+                cfg,
+                workdir,
+                init_params=init_params,
+                progress=progress,
+                stop=stop,
+                allow_data_change=allow_data_change,
+            )
     except NonFiniteError as e:
         print(f"jaxlm {command}: error: {e}", file=sys.stderr)
         return 1
@@ -167,8 +188,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxlm.parallel.distributed import initialize
     from jaxlm.runs import export_params
 
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
+    quiet_other_processes(jax.process_index())
     info = export_params(args.workdir, args.output, step=args.step, dtype=args.dtype)
-    print(json.dumps(info), file=sys.stderr)
+    if jax.process_index() == 0:
+        print(json.dumps(info), file=sys.stderr)
     return 0

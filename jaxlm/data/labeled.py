@@ -153,17 +153,20 @@ def batches(
     batch_size: int,
     order: np.ndarray | None = None,
     pad_id: int = 0,
+    rows: int | None = None,
 ):
     """Fixed-shape batches (right-padded to the longest row overall, last batch filled with
-    weight-0 rows) of tokens_BxS, lengths_B, labels_B and weights_B."""
+    weight-0 rows) of tokens_BxS, lengths_B, labels_B and weights_B: `batch_size` examples
+    in each, in `rows` rows (default: batch_size; more adds weight-0 rows)."""
     seq = max(len(r) for r in tokens)
     order = np.arange(len(tokens)) if order is None else order
+    rows = batch_size if rows is None else rows
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        tok_BxS = np.full((batch_size, seq), pad_id, np.int32)
-        len_B = np.ones(batch_size, np.int32)
-        lab_B = np.zeros(batch_size, np.int32)
-        w_B = np.zeros(batch_size, np.float32)
+        tok_BxS = np.full((rows, seq), pad_id, np.int32)
+        len_B = np.ones(rows, np.int32)
+        lab_B = np.zeros(rows, np.int32)
+        w_B = np.zeros(rows, np.float32)
         for j, i in enumerate(idx):
             tok_BxS[j, : len(tokens[i])] = tokens[i]
             len_B[j], lab_B[j], w_B[j] = len(tokens[i]), labels[i], 1.0

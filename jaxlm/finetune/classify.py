@@ -3,8 +3,9 @@
 Trains `models.classifier.SequenceClassifier` (the LM body plus a dense head) on labelled
 text; see `jaxlm.data.labeled` for the file formats. Training is train/'s: its AdamW (the
 backbone in its own parameter group at a lower learning rate, or frozen), its step builder
-and its `TrainState`. It runs on one device (the default one): classification sets are
-small, and the models that fit one accelerator cover what this is for. The workdir receives:
+and its `TrainState`. It runs on the checkpoint's mesh (`runs.model_mesh`) like every other
+command: the backbone restored straight into its shards, each process feeding its block of
+every batch's rows, the same numbers on one process or several. The workdir receives:
   classifier/       Orbax checkpoint of the classifier parameters
   classifier.json   model config, labels (class id -> name), max_len, pooling, source
   metrics.json      validation loss/accuracy history and the final numbers
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from jaxlm.config import ModelConfig, OptimizerConfig
 from jaxlm.data import labeled as fd
@@ -32,9 +35,10 @@ from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.finetune.lm import source_config, source_tokenizer_path
 from jaxlm.models.classifier import SequenceClassifier, init_params, transfer_backbone
-from jaxlm.runs import load_run
+from jaxlm.parallel.sharding import data_parallel_size, logical_sharding, put_batch, replicated
+from jaxlm.runs import load_run, model_mesh
 from jaxlm.train.optimizer import lr_schedule, make_optimizer
-from jaxlm.train.state import new_train_state
+from jaxlm.train.state import TrainState, new_train_state
 from jaxlm.train.step import StepFn, make_step
 
 logger = logging.getLogger(__name__)
@@ -202,11 +206,30 @@ def make_classifier_steps(
     return make_step(loss_fn, tx, dropout=dropout), eval_step
 
 
-def evaluate(eval_step, params, tokens, labels, batch_size: int, pad_id: int) -> dict[str, float]:
+def evaluate(eval_step, params, tokens, labels, rows: int, mesh: Mesh, pad_id: int) -> dict:
     """Mean loss and accuracy over a whole labelled set."""
-    outs = [eval_step(params, b) for b in fd.batches(tokens, labels, batch_size, pad_id=pad_id)]
+    batches = fd.batches(tokens, labels, rows, pad_id=pad_id)
+    outs = [eval_step(params, _local_rows(b, mesh)) for b in batches]
     tot = {k: float(sum(jax.device_get(o[k]) for o in outs)) for k in ("loss_sum", "correct", "n")}
     return {"loss": tot["loss_sum"] / tot["n"], "accuracy": tot["correct"] / tot["n"]}
+
+
+def _local_rows(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
+    """The global batch as arrays split over the data-parallel axes; each process supplies
+    its own block of rows."""
+    n = len(batch["weights"]) // jax.process_count()
+    lo = jax.process_index() * n
+    return put_batch({k: v[lo : lo + n] for k, v in batch.items()}, mesh)
+
+
+def _state_shardings(model: SequenceClassifier, tx, max_len: int, mesh: Mesh) -> TrainState:
+    """NamedShardings of the classifier's train state on `mesh`, from its logical axes."""
+
+    def init(rng):
+        tokens, lengths = jnp.zeros((1, max_len), jnp.int32), jnp.ones((1,), jnp.int32)
+        return new_train_state(model.init(rng, tokens, lengths)["params"], tx, rng)
+
+    return logical_sharding(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
 
 
 def train_classifier(
@@ -217,29 +240,46 @@ def train_classifier(
     val: tuple[list[list[int]], np.ndarray],
     max_len: int,
 ) -> dict[str, Any]:
-    """Initialise from the checkpoint, train for o.epochs, evaluate; returns params + metrics."""
-    run = load_run(o.checkpoint)
+    """Initialise from the checkpoint, train for o.epochs, evaluate; returns params + metrics.
+
+    A batch of o.batch_size examples is padded with weight-0 rows to a multiple of the
+    data-parallel devices, which changes no number: losses and gradients are weighted sums.
+    """
+    mesh = model_mesh(source_config(o.checkpoint))
+    run = load_run(o.checkpoint, mesh=mesh)
     pad = run.tokenizer.pad_id  # only fills masked positions; some tokenizers have none
     pad_id = pad if isinstance(pad, int) and pad >= 0 else 0
     model = SequenceClassifier(m, len(labels), o.bidirectional)
-    params = init_params(model, max_len, o.seed)
+    train_x, train_y = train
+    steps_per_epoch = -(-len(train_x) // o.batch_size)
+    total = steps_per_epoch * o.epochs
+    tx = make_classifier_optimizer(o, total)
+    shardings = _state_shardings(model, tx, max_len, mesh)
+    params = jax.jit(lambda: init_params(model, max_len, o.seed), out_shardings=shardings.params)()
     params, copied, fresh = transfer_backbone(params, run.params, o.bidirectional, o.checkpoint)
     logger.info(
         f"Backbone from '{o.checkpoint}' (its step {run.step}): {copied} tensors copied"
         + (f", {fresh} freshly initialised" if fresh else "")
     )
     del run
-
-    train_x, train_y = train
-    steps_per_epoch = -(-len(train_x) // o.batch_size)
-    total = steps_per_epoch * o.epochs
-    tx = make_classifier_optimizer(o, total)
+    params = jax.device_put(params, shardings.params)  # where the copied backbone differs
     # Dropout keys are fold_in(PRNGKey(seed), step), as in the LM's step.
-    state = new_train_state(params, tx, jax.random.PRNGKey(o.seed))
+    make_state = lambda p: new_train_state(p, tx, jax.random.PRNGKey(o.seed))  # noqa: E731
+    state = jax.jit(make_state, out_shardings=shardings)(params)
     del params
     step_fn, eval_fn = make_classifier_steps(model, tx, o.frozen, m.dropout > 0 and not o.frozen)
-    train_step = jax.jit(step_fn, donate_argnums=(0,))
-    eval_step = jax.jit(eval_fn)
+    rows = data_parallel_size(mesh) * -(-o.batch_size // data_parallel_size(mesh))
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(shardings, None),  # the batch: as put_batch placed it
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+        eval_fn,
+        in_shardings=(shardings.params, None),
+        out_shardings=replicated(mesh),
+    )
     shuffle = np.random.default_rng(o.seed)
     eval_every = o.eval_every or steps_per_epoch
     history: list[dict[str, float]] = []
@@ -247,7 +287,7 @@ def train_classifier(
     step, t0 = 0, time.perf_counter()
 
     def run_eval() -> None:
-        ev = evaluate(eval_step, state.params, *val, o.batch_size, pad_id)
+        ev = evaluate(eval_step, state.params, *val, rows, mesh, pad_id)
         recent = [float(x) for x in jax.device_get(losses[-eval_every:])]
         rec = {"step": step, **ev, "train_loss": float(np.mean(recent)) if recent else None}
         history.append(rec)
@@ -259,8 +299,8 @@ def train_classifier(
     run_eval()
     for _ in range(o.epochs):
         order = shuffle.permutation(len(train_x))
-        for batch in fd.batches(train_x, train_y, o.batch_size, order, pad_id):
-            state, metrics = train_step(state, batch)
+        for batch in fd.batches(train_x, train_y, o.batch_size, order, pad_id, rows=rows):
+            state, metrics = train_step(state, _local_rows(batch, mesh))
             losses.append(metrics["loss"])
             step += 1
             if step % eval_every == 0 and step != total:
@@ -282,10 +322,8 @@ def train_classifier(
 
 # --- the saved classifier ---------------------------------------------------------------------
 
-# The parameters are one plain Orbax tree in `classifier/` (the format of an export's
-# `params/`), not a `train.checkpoint.Checkpointer`: that manager keeps numbered steps of
-# train state, data position and config (`classifier/<step>/state/...`), which would change
-# this directory's layout and leave classifiers saved before unreadable.
+# One plain Orbax tree in `classifier/` (an export's `params/` format), not a Checkpointer's
+# numbered steps: that would change the layout and strand classifiers saved before.
 
 
 def _save_params(path: Path, params: Any) -> None:
@@ -302,12 +340,21 @@ def _restore_params(path: Path, abstract: Any) -> Any:
 def save_classifier(
     workdir: Path, params: Any, info: dict[str, Any], metrics: dict[str, Any], tok_path: str
 ) -> None:
-    """Write params (Orbax), classifier.json, metrics.json and the tokenizer into `workdir`."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Write params (Orbax), classifier.json, metrics.json and the tokenizer into `workdir`.
+
+    Every process writes its shards of the parameters; process 0 writes everything else.
+    """
+    primary = jax.process_index() == 0
     tmp = workdir / "classifier.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover from an interrupted save
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # our own leftover from an interrupted save
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlm-classifier-save")
     _save_params(tmp, params)
+    if not primary:
+        return
     if (workdir / "classifier").exists():
         shutil.rmtree(workdir / "classifier")  # params without classifier.json: never complete
     tmp.rename(workdir / "classifier")

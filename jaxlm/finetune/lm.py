@@ -84,19 +84,20 @@ def resolve_init_from(cfg: RunConfig) -> RunConfig:
 
 
 def load_init_params(cfg: RunConfig, shardings: Any) -> Any:
-    """The parameters of `train.init_from`, placed into the run's parameter shardings."""
-    run = load_run(cfg.train.init_from)
-    host = jax.device_get(restack(run.params, run.cfg.model, cfg.model))
-    if jax.tree.structure(host) != jax.tree.structure(shardings):
+    """The parameters of `train.init_from`, restored straight into the run's shardings.
+
+    Each process reads only the shards it holds; nothing is gathered onto one device or host.
+    """
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    run = load_run(cfg.train.init_from, mesh=mesh)
+    params = restack(run.params, run.cfg.model, cfg.model)
+    if jax.tree.structure(params) != jax.tree.structure(shardings):
         raise ConfigError(
             f"The parameters in '{cfg.train.init_from}' are laid out differently from this "
             f"model's; start from a checkpoint of the same model config."
         )
     logger.info(f"Initialised from '{cfg.train.init_from}' (its step {run.step}); fresh optimizer.")
-    # Every process supplies the shards it holds, so this also works across hosts.
-    return jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), host, shardings
-    )
+    return jax.device_put(params, shardings)  # only moves what restacking laid out otherwise
 
 
 def lm_finetune_config(checkpoint: str, config_path: str | None, overrides: list[str]) -> RunConfig:

@@ -2,8 +2,14 @@
 
 from-hf writes the layout of `jaxlm export` (params/, config.yaml, export.json and the
 tokenizer), so `runs.load_run`, eval, generate and finetune read it like any export.
-to-hf writes `config.json`, `model.safetensors` and the tokenizer files, which
+to-hf writes `config.json`, `model.safetensors` (or, above `max_shard_bytes`, numbered
+shards with `model.safetensors.index.json`) and the tokenizer files, which
 `GPT2LMHeadModel` / `LlamaForCausalLM.from_pretrained` load. Only local files are read.
+
+to-hf restores the model sharded like every other command and streams it out one tensor
+at a time: each is gathered from its shards (over every host of a multi-process job),
+converted and added to the current shard file, so host memory holds at most one file's
+worth of tensors. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ from jaxlm.config import DataConfig, RunConfig, resolve, to_yaml, validate
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.hf.config import hf_config_from_model, hf_model_type, model_config_from_hf
-from jaxlm.hf.weights import params_from_hf, params_to_hf
+from jaxlm.hf.weights import iter_params_to_hf, params_from_hf
 from jaxlm.models.scan import unstack_blocks
+from jaxlm.parallel.distributed import to_host
 from jaxlm.runs import EXPORT_INFO, abstract_params, load_run
 
 DTYPES = ("float32", "bfloat16")
 # Tokenizer files, in order of preference: transformers itself prefers tokenizer.json.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 ROLES = ("bos", "eos", "pad", "unk")
+MAX_SHARD_BYTES = 2 * 1024**3  # to-hf's default safetensors file size before it splits
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -56,10 +64,15 @@ def _check_dtype(dtype: str) -> None:
         raise ConfigError(f"--dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}.")
 
 
-def _new_output(output: Path) -> Path:
-    """A temporary directory beside `output`, which must not exist or be empty."""
+def _check_new(output: Path) -> None:
+    """Refuse an `output` that exists and is not an empty directory."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"--output '{output}' already exists and is not empty; name a new one.")
+
+
+def _new_output(output: Path) -> Path:
+    """A temporary directory beside `output`, which must not exist or be empty."""
+    _check_new(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
 
@@ -234,23 +247,96 @@ def from_hf(
 # ------------------------------------------------------------------------------ to-hf
 
 
-def to_hf(path: str | Path, output: str | Path, dtype: str = "float32") -> dict[str, Any]:
-    """Write a run's or export's model as a transformers directory `output`."""
+class _Gathered:
+    """A sharded parameter that becomes numpy (gathered from every host) when read."""
+
+    def __init__(self, x: jax.Array) -> None:
+        self.x = x
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = to_host(self.x)
+        return out if dtype is None else out.astype(dtype)
+
+
+class _ShardWriter:
+    """Safetensors files of at most `max_bytes` each (one tensor may exceed it alone),
+    named like transformers' own: model.safetensors, or model-0000i-of-0000n.safetensors
+    with model.safetensors.index.json."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.dir, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, np.ndarray] = {}
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: np.ndarray) -> None:
+        if self.pending and sum(t.nbytes for t in self.pending.values()) + tensor.nbytes > (
+            self.max_bytes
+        ):
+            self._flush()
+        self.pending[name] = tensor
+        self.total += tensor.nbytes
+
+    def _flush(self) -> None:
+        part = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.dir / part), metadata={"format": "pt"})
+        self.files.append((part, list(self.pending)))
+        self.pending = {}
+
+    def close(self) -> int:
+        """Write what is pending and give the files their final names; returns their number."""
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        if n == 1:
+            (self.dir / self.files[0][0]).rename(self.dir / "model.safetensors")
+            return 1
+        weight_map = {}
+        for i, (part, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.dir / part).rename(self.dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        text = json.dumps(index, indent=2) + "\n"
+        (self.dir / "model.safetensors.index.json").write_text(text, encoding="utf-8")
+        return n
+
+
+def to_hf(
+    path: str | Path,
+    output: str | Path,
+    dtype: str = "float32",
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> dict[str, Any]:
+    """Write a run's or export's model as a transformers directory `output`.
+
+    With several processes every one must call this (the tensors are gathered from all of
+    them); process 0 writes the files.
+    """
 
     output = Path(output)
     _check_dtype(dtype)
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"--max-shard-gb must be positive, not {max_shard_bytes / 1024**3:g}.")
+    _check_new(output)
     run = load_run(path)
     model = run.cfg.model
     kind = hf_model_type(model)  # refuses models HF has no class for, before writing
-    tmp = _new_output(output)
+    primary = jax.process_index() == 0
+    files = 0
 
-    def fill(tmp: Path) -> None:
-        params = jax.device_get(run.params)
+    def fill(tmp: Path | None) -> None:
+        nonlocal files
+        params = run.params
         if getattr(model, "scan_layers", False):  # stacked blocks -> block_0 .. block_{L-1}
             params = unstack_blocks(params, model.n_layers)
-        tensors = params_to_hf(kind, model, params)
-        tensors = {k: v.astype(_np_dtype(dtype)) for k, v in tensors.items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        writer = _ShardWriter(tmp, max_shard_bytes) if tmp is not None else None
+        for name, tensor in iter_params_to_hf(kind, model, jax.tree.map(_Gathered, params)):
+            if writer is not None:
+                writer.add(name, tensor.astype(_np_dtype(dtype)))
+        if tmp is None:
+            return
+        files = writer.close()
         ids = {role: getattr(run.tokenizer, f"{role}_id") for role in ("bos", "eos", "pad")}
         hf = hf_config_from_model(model, ids) | {"dtype": dtype}
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
@@ -263,5 +349,8 @@ def to_hf(path: str | Path, output: str | Path, dtype: str = "float32") -> dict[
         if (tok.parent / "special_tokens_map.json").is_file():
             shutil.copyfile(tok.parent / "special_tokens_map.json", tmp / "special_tokens_map.json")
 
-    _publish(tmp, output, fill)
-    return {"output": str(output), "model_type": kind, "dtype": dtype}
+    if primary:
+        _publish(_new_output(output), output, fill)
+    else:
+        fill(None)  # takes part in every gather; writes nothing
+    return {"output": str(output), "model_type": kind, "dtype": dtype, "safetensors_files": files}

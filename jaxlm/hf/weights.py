@@ -182,9 +182,9 @@ def params_from_hf(
     return params
 
 
-def params_to_hf(kind: str, cfg: ModelConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
-    """HF tensors (full names, contiguous numpy) from jaxlm's parameter tree."""
-    out = {}
+def iter_params_to_hf(kind: str, cfg: ModelConfig, params: dict[str, Any]):
+    """(full HF name, contiguous numpy tensor) pairs from jaxlm's parameter tree, one at a
+    time: a tensor's leaves are read (np.asarray) only when it is built."""
     for t in tensor_table(kind, cfg):
         leaves = [np.asarray(_get(params, p)) for p in t.leaves]
         flat = [
@@ -193,5 +193,4 @@ def params_to_hf(kind: str, cfg: ModelConfig, params: dict[str, Any]) -> dict[st
         w = np.concatenate(flat, axis=-1) if len(flat) > 1 else flat[0]
         w = w.T if t.transpose else w
         name = t.name if t.name.startswith("lm_head") else _PREFIX[kind] + t.name
-        out[name] = np.ascontiguousarray(w)
-    return out
+        yield name, np.ascontiguousarray(w)

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxlm.config import MeshConfig
 from jaxlm.data.dataset import prepare_corpus
 from jaxlm.data.pipeline import tokenize_documents
 from jaxlm.data.shards import open_prepared
@@ -28,31 +27,32 @@ from jaxlm.inference.scoring import (
     summarize,
 )
 from jaxlm.models import build_model
-from jaxlm.parallel.sharding import logical_sharding, make_mesh, put_batch
+from jaxlm.parallel.sharding import data_parallel_size, put_batch
 from jaxlm.runs import Run, check_vocab
 from jaxlm.train.step import jit_eval_step, make_eval_step
 
 
 class Evaluator:
-    """A run's parameters laid out on the current devices, with compiled scoring steps."""
+    """A run's parameters where `load_run` sharded them, with compiled scoring steps.
+
+    Batches are split over the data-parallel axes of the run's mesh (data*fsdp); heads and
+    the vocabulary over its tensor axis.
+    """
 
     def __init__(self, run: Run, batch_size: int | None = None, progress: bool = True) -> None:
         check_vocab(run)
         self.run, self.progress = run, progress
         cfg = run.cfg
-        self.mesh = make_mesh(MeshConfig(data=-1))  # pure data parallel over every device
-        dp = self.mesh.shape["data"]
+        self.mesh = run.mesh
+        dp = data_parallel_size(self.mesh)
         wanted = batch_size or cfg.train.batch_size
         self.batch_size = dp * -(-wanted // dp)  # rows split evenly over the devices
         self.seq_len = cfg.data.seq_len
         if not cfg.model.recurrent:
             self.seq_len = min(self.seq_len, cfg.model.max_seq_len)
         model = build_model(cfg.model)
-        boxed = jax.eval_shape(
-            lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 8), "int32"))
-        )["params"]
-        shardings = logical_sharding(boxed, self.mesh)
-        self.params = jax.device_put(run.params, shardings)
+        self.params = run.params
+        shardings = jax.tree.map(lambda x: x.sharding, run.params)
         self._loss_fn = jit_eval_step(make_eval_step(model), shardings, self.mesh)
         self._loglik_fn = jit_eval_step(_make_loglik_step(model), shardings, self.mesh)
 

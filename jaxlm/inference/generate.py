@@ -13,23 +13,32 @@ from its own first real token. A row thus decodes exactly as it would alone.
 
 Decoding runs in chunks of `chunk_size` steps, each one jit-compiled `lax.scan`; between
 chunks the host may print the new tokens (streaming) or stop early (EOS, stop strings).
+
+The parameters stay where they are (sharded, maybe over several hosts). Given the mesh they
+live on, the batch is laid over its data-parallel axes and the heads over its tensor axis
+by the models' logical constraints, the batch padded to a multiple of data*fsdp rows. Every
+process passes the same prompts and gets every row's tokens back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.models import build_model
+from jaxlm.parallel.distributed import to_host
+from jaxlm.parallel.sharding import LOGICAL_RULES, data_parallel_size, mesh_context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +141,25 @@ def _full_logits(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, start_B: 
     return build_model(cfg).apply({"params": params}, tokens_BxT, pos_BxT, seg_BxT)
 
 
-@partial(jax.jit, static_argnames=("cfg", "total", "use_cache"))
-def _prefill(cfg, params, prompt_BxP, start_B, seed, rows_B, total: int, use_cache: bool):
+@contextlib.contextmanager
+def _layout(mesh: Mesh | None):
+    """Inside a trace: apply the models' logical constraints on `mesh` (None: no constraints,
+    the layout follows the parameters)."""
+    if mesh is None:
+        yield
+        return
+    with mesh_context(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield
+
+
+@partial(jax.jit, static_argnames=("cfg", "total", "use_cache", "mesh"))
+def _prefill(cfg, params, prompt_BxP, start_B, seed, rows_B, total: int, use_cache: bool, mesh):
     """Run the prompts once; the state holds the logits for the first new token."""
+    with _layout(mesh):
+        return _prefill_body(cfg, params, prompt_BxP, start_B, seed, rows_B, total, use_cache)
+
+
+def _prefill_body(cfg, params, prompt_BxP, start_B, seed, rows_B, total: int, use_cache: bool):
     b, p = prompt_BxP.shape
     keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), rows_B)
     tokens_BxT = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt_BxP)
@@ -153,9 +178,14 @@ def _prefill(cfg, params, prompt_BxP, start_B, seed, rows_B, total: int, use_cac
     return DecodeState(vars_["cache"], tokens_BxT, start_B, cur, logits_BxV, keys_B)
 
 
-@partial(jax.jit, static_argnames=("cfg", "sampling", "steps"))
-def _decode_chunk(cfg, params, state: DecodeState, sampling: Sampling, steps: int):
+@partial(jax.jit, static_argnames=("cfg", "sampling", "steps", "mesh"))
+def _decode_chunk(cfg, params, state: DecodeState, sampling: Sampling, steps: int, mesh):
     """`steps` new tokens per row: choose from the logits, write, run the model on it."""
+    with _layout(mesh):
+        return _decode_chunk_body(cfg, params, state, sampling, steps)
+
+
+def _decode_chunk_body(cfg, params, state: DecodeState, sampling: Sampling, steps: int):
     model = build_model(cfg, decode=True)
 
     def step(state: DecodeState, _):
@@ -235,39 +265,45 @@ def decode(
     use_cache: bool = True,
     chunk_size: int | None = None,
     on_chunk: Callable[[np.ndarray], bool] | None = None,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """New tokens_BxN for a batch of prompts (trimmed by `fit_prompt`), uncut at EOS.
 
     Row b samples with key fold_in(PRNGKey(seed), row_ids[b]) (default: b), so a row's
     tokens depend on its prompt and id only, not on what else shares the batch.
     `on_chunk(tokens_BxN_so_far)` runs after each chunk; returning True stops decoding
-    early (the result then holds only the tokens decoded so far).
+    early (the result then holds only the tokens decoded so far). With several processes,
+    every one must call this with the same arguments.
+
+    `mesh`, the mesh the parameters live on, lays the batch over its data-parallel axes; a
+    mesh with a sequence axis is not used (the decode step is one token long).
     """
     sampling.check()
     prompts = [fit_prompt(cfg, p, max_new_tokens) for p in prompts]
+    b = len(prompts)
     if max_new_tokens <= 0:
-        return np.zeros((len(prompts), 0), np.int32)
+        return np.zeros((b, 0), np.int32)
     chunk = max(1, min(chunk_size or max_new_tokens, max_new_tokens))
     n_chunks = -(-max_new_tokens // chunk)
+    rows_B = np.arange(b) if row_ids is None else np.asarray(row_ids)
+    if mesh is not None and mesh.shape.get("sequence", 1) != 1:
+        mesh = None
+    if mesh is not None:  # repeat the first row until the batch splits evenly; dropped below
+        extra = -b % data_parallel_size(mesh)
+        prompts = prompts + [prompts[0]] * extra
+        rows_B = np.concatenate([rows_B, np.repeat(rows_B[:1], extra)])
     prompt_BxP, start_B = _left_pad(prompts)
-    rows_B = np.arange(len(prompts)) if row_ids is None else np.asarray(row_ids)
     total = prompt_BxP.shape[1] + n_chunks * chunk
-    state = _prefill(cfg, params, prompt_BxP, start_B, np.int32(seed), rows_B, total, use_cache)
+    seed = np.int32(seed)
+    state = _prefill(cfg, params, prompt_BxP, start_B, seed, rows_B, total, use_cache, mesh)
     pieces: list[np.ndarray] = []
     for _ in range(n_chunks):
-        state, new_BxC = _decode_chunk(cfg, params, state, sampling, chunk)
-        pieces.append(_to_host(new_BxC))
+        state, new_BxC = _decode_chunk(cfg, params, state, sampling, chunk, mesh)
+        pieces.append(to_host(new_BxC)[:b])
         so_far = np.concatenate(pieces, axis=1)[:, :max_new_tokens]
         if on_chunk is not None and on_chunk(so_far):
             return so_far
     return np.concatenate(pieces, axis=1)[:, :max_new_tokens]
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    """A (small) device array as numpy on every process, also when it spans several hosts."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def cut_at_eos(row: Sequence[int], eos_id: int | None) -> list[int]:
@@ -287,6 +323,7 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
     num_samples: int = 1,
+    mesh: Mesh | None = None,
 ) -> list[list[int]]:
     """Continue one prompt `num_samples` times; each continuation stops before EOS."""
     if max_new_tokens <= 0:
@@ -298,5 +335,6 @@ def generate(
         max_new_tokens,
         Sampling(temperature=float(temperature), top_k=int(top_k)),
         seed=seed,
+        mesh=mesh,
     )
     return [cut_at_eos(row, eos_id) for row in out]

@@ -18,6 +18,7 @@ def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> str:
     prompt_ids = tok.encode(t.sample_prompt, bos=True)
     # Decoding takes the parameters where they are (sharded, maybe over several hosts): no
     # process ever holds the whole tree. The prompt goes in as numpy, the same on every process.
+    mesh = getattr(jax.tree.leaves(params)[0].sharding, "mesh", None)
     out = {}
     for name, temp, top_k in (("greedy", 0.0, 0), ("sampled", t.temperature, t.top_k)):
         ids = generate(
@@ -29,6 +30,7 @@ def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> str:
             top_k=top_k,
             seed=t.seed,
             eos_id=tok.eos_id,
+            mesh=mesh,
         )[0]
         out[name] = t.sample_prompt + tok.decode(ids)
     text = "".join(

@@ -16,6 +16,8 @@ import warnings
 from collections.abc import Mapping
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlm.errors import ConfigError
 
@@ -125,3 +127,14 @@ def initialize(
         heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
     )
     return layout
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """An array as numpy on every process, also when its shards live on several hosts.
+
+    Every process must call this for the same arrays in the same order (it is a collective
+    when the array is not fully addressable here).
+    """
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
