@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,17 +119,49 @@ ELASTIC = [o for o in OVERRIDES if not o.startswith(("mesh.", "train.steps", "ch
 ELASTIC += ["checkpoint.every_steps=2", "train.sample_tokens=0", "optimizer.min_lr_ratio=1.0"]
 
 
-def _train(workdir: Path, processes: int, steps: int) -> None:
+def _train_argv(workdir: Path, processes: int, steps: int) -> list[str]:
     """`jaxlm train` to `steps` on `processes` local processes of one CPU device each."""
     argv = [sys.executable, "-m", "jaxlm.cli"]
     over = [*ELASTIC, f"train.steps={steps}"]
     if processes == 1:
-        argv += ["train", "--workdir", str(workdir), "--no-progress", *over]
-    else:
-        argv += ["launch", "local", "--workdir", str(workdir), "--nodes", str(processes)]
-        argv += ["--cpu-devices", "1", "--port", str(free_port()), *over]
-    done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
+        return argv + ["train", "--workdir", str(workdir), "--no-progress", *over]
+    argv += ["launch", "local", "--workdir", str(workdir), "--nodes", str(processes)]
+    return argv + ["--cpu-devices", "1", "--port", str(free_port()), *over]
+
+
+def _train(workdir: Path, processes: int, steps: int) -> None:
+    done = subprocess.run(
+        _train_argv(workdir, processes, steps), env=_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def _data_positions(workdir: Path) -> dict[int, dict]:
+    """Every checkpoint's data position: each stream's iterator state, merged over the files
+    of the processes that wrote it. Equal positions mean the same documents were consumed."""
+    out = {}
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            streams = {}
+            for f in sorted((step_dir / "data_iter").glob("process_*-of-*.json")):
+                streams.update(json.loads(f.read_text())["streams"])
+            out[int(step_dir.name)] = streams
+    return out
+
+
+def _assert_same_run(elastic: Path, straight: Path, steps: int) -> None:
+    got, _ = _train_losses(elastic)
+    want, _ = _train_losses(straight)
+    assert len(want) == steps
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # The data order, directly: at every step both runs saved, each stream stood at the
+    # same place, so the same documents had been read in the same order.
+    got_pos, want_pos = _data_positions(elastic), _data_positions(straight)
+    common = sorted(set(got_pos) & set(want_pos))
+    assert len(common) >= 2 and all(want_pos[step] for step in common)
+    for step in common:
+        assert got_pos[step] == want_pos[step], step
 
 
 def test_resume_on_another_process_count_continues_the_same_run(tmp_path):
@@ -139,10 +173,34 @@ def test_resume_on_another_process_count_continues_the_same_run(tmp_path):
     for processes, steps in ((2, 2), (1, 4), (4, 6)):
         _train(elastic, processes, steps)
     _train(straight, 1, 6)
-    got, _ = _train_losses(elastic)
-    want, _ = _train_losses(straight)
-    assert len(want) == 6
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    _assert_same_run(elastic, straight, 6)
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_job_resumes_on_one_then_four_processes(tmp_path):
+    # A pod loses its hosts: both processes are killed (SIGKILL) mid-run, after some
+    # checkpoint k. The job comes back on 1 process for 2 steps, then on 4 for 2 more.
+    elastic, straight = tmp_path / "elastic", tmp_path / "straight"
+    job = subprocess.Popen(
+        _train_argv(elastic, 2, 10_000), env=_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not _committed(elastic) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL  # it was still training when the hosts went
+    k = max(_committed(elastic))
+    _train(elastic, 1, k + 2)
+    _train(elastic, 4, k + 4)
+    _train(straight, 1, k + 4)
+    _assert_same_run(elastic, straight, k + 4)
+
+
+def _committed(workdir: Path) -> list[int]:
+    """Committed checkpoint steps (Orbax renames a step into place once it is complete)."""
+    ckpt = workdir / "checkpoints"
+    return [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
 
 
 def _probe(env_for_rank, n: int = 2) -> list[list]:
