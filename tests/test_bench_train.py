@@ -23,7 +23,9 @@ def test_bench_train_writes_json_and_table(tmp_path, capsys):
 
     out, table = tmp_path / "r.json", tmp_path / "t.md"
     argv = ["bench", "train", *TINY, "--steps", "2", "--warmup", "1", "--json", str(out)]
-    assert main(argv + ["--table", str(table)]) == 0
+    profile = tmp_path / "trace"
+    assert main(argv + ["--table", str(table), "--profile", str(profile)]) == 0
+    assert list(profile.rglob("*.xplane.pb"))  # a trace of the timed steps
     r = json.loads(out.read_text())
     assert set(JSON_KEYS) <= set(r)
     assert len(r["step_s"]) == 2 and r["tokens_per_step"] == 32

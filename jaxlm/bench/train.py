@@ -70,9 +70,17 @@ def _peak(dtype: str) -> tuple[float, str]:
 
 
 def bench_train(
-    cfg: RunConfig, *, steps: int = 10, warmup: int = 2, name: str = "", seed: int = 0
+    cfg: RunConfig,
+    *,
+    steps: int = 10,
+    warmup: int = 2,
+    name: str = "",
+    seed: int = 0,
+    profile_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Compile, warm up and time the train step of `cfg`; the result as a JSON-ready dict."""
+    """Compile, warm up and time the train step of `cfg`; the result as a JSON-ready dict.
+
+    `profile_dir`: also take a `jax.profiler` trace of the timed steps there."""
     m, t = cfg.model, cfg.train
     mesh = make_mesh(cfg.mesh)
     validate_mesh(cfg, mesh)
@@ -95,11 +103,17 @@ def bench_train(
     jax.block_until_ready(state)
     peak, peak_source = _peak(m.dtype)
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
+    if profile_dir is not None:
+        jax.profiler.start_trace(profile_dir)
+    try:
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - start)
+    finally:
+        if profile_dir is not None:
+            jax.profiler.stop_trace()
     peak_after = _peak(m.dtype)[0]
     loss = float(jax.device_get(metrics["loss"]))
 

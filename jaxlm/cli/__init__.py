@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from jaxlm.cli.common import configure_logging, formatter
+from jaxlm.config.version import version_string
 from jaxlm.errors import ConfigError
 
 COMMAND_MODULES = [
@@ -27,6 +28,7 @@ COMMAND_MODULES = [
     "jaxlm.cli.tokenizer",
     "jaxlm.cli.data",
     "jaxlm.cli.convert",  # convert from-hf, to-hf
+    "jaxlm.cli.status",
 ]
 
 
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_top_formatter,
         description="Train, evaluate and sample JAX/Flax language models, from a laptop CPU "
         "to a multi-host pod.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=version_string(), help="jaxlm's version and commit"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -26,6 +26,9 @@ def register_bench(what) -> None:
     p.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps first")
     p.add_argument("--json", metavar="FILE", help="write the result(s) as JSON")
+    p.add_argument(
+        "--profile", metavar="DIR", help="jax.profiler trace of the timed steps into DIR"
+    )
     p.add_argument("--table", metavar="FILE", help="append a row per result to this markdown table")
     p.add_argument("--sweep", action="store_true", help="run every combination of the lists below")
     p.add_argument(
@@ -52,7 +55,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     results = []
     for cfg, ov in zip(configs, variants, strict=True):
         label = " ".join([name, *ov]) if ov else name
-        r = bench_train.bench_train(cfg, steps=args.steps, warmup=args.warmup, name=label)
+        r = bench_train.bench_train(
+            cfg, steps=args.steps, warmup=args.warmup, name=label, profile_dir=args.profile
+        )
         print(bench_train.summary_line(r), file=sys.stderr, flush=True)
         results.append(r)
     out = results if sweeping else results[0]

@@ -279,6 +279,12 @@ class TrainConfig:
     init_from: str | None = _f(
         None, "fine-tune: start from this run/export/converted dir's params (fresh optimizer)"
     )
+    profile_steps: list[Any] | None = _f(
+        None,
+        "take a jax.profiler trace of steps [first, last] (or a list of such windows) into "
+        "WORKDIR/profile/, for TensorBoard's profile view or Perfetto (null: off)",
+    )
+    profile_all_processes: bool = _f(False, "every process writes a trace, not only process 0")
 
 
 @dataclass(frozen=True)

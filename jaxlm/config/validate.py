@@ -166,6 +166,7 @@ def validate(cfg: RunConfig) -> None:
     )
     _positive(c, "checkpoint", ("keep", "agree_every"))
     _positive(t, "train", ("max_skipped_steps",))
+    _check_profile_steps(t.profile_steps)
 
     _positive(t, "train", ("steps", "batch_size", "microbatches", "log_every"))
     _require(
@@ -182,3 +183,17 @@ def validate(cfg: RunConfig) -> None:
         t.init_from is None or bool(t.init_from.strip()),
         "train.init_from is empty; give a run, export or converted directory, or null.",
     )
+
+
+def _check_profile_steps(steps: list | None) -> None:
+    """train.profile_steps: [first, last] or a list of such pairs, 1 <= first <= last."""
+    if not steps:
+        return
+    windows = [steps] if all(isinstance(s, int) for s in steps) else steps
+    for w in windows:
+        ok = isinstance(w, list) and len(w) == 2 and all(type(s) is int for s in w)
+        if not ok or not 1 <= w[0] <= w[1]:
+            raise ConfigError(
+                f"train.profile_steps={steps!r} must be [first, last] steps with "
+                f"1 <= first <= last, or a list of such pairs, e.g. [20, 25]."
+            )

@@ -15,6 +15,7 @@ from jaxlm.errors import NonFiniteError
 from jaxlm.perf.flops import mfu
 from jaxlm.train.guard import first_nonfinite
 from jaxlm.train.metrics import MetricsWriter
+from jaxlm.train.timing import Breakdown
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class StepLog:
         nan_policy: str,
         peak_flops: float | None = None,
         max_skipped: int = 0,
+        timing: Breakdown | None = None,
     ):
         self.writer, self.bar, self.fpt, self.nan_policy = writer, bar, fpt, nan_policy
         self.peak_flops = peak_flops  # per device; None: MFU is not reported
@@ -44,6 +46,8 @@ class StepLog:
         self.window_start, self.window_tokens = time.perf_counter(), 0
         self.window_compiles = True  # the first window holds compilation: not a rate
         self.shown = start_step
+        self.timing = Breakdown() if timing is None else timing
+        self.windows: list[tuple[float, int, bool]] = []  # (seconds, steps, held compilation)
 
     def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
         """Queue one step's (still on-device) metrics."""
@@ -54,7 +58,8 @@ class StepLog:
         """Fetch the queued metrics, write them, and act on non-finite values."""
         if not self.pending:
             return
-        values = jax.device_get([mt for _, mt in self.pending])
+        with self.timing.timed("device"):  # waits for the device to finish those steps
+            values = jax.device_get([mt for _, mt in self.pending])
         records = [(s, v) for (s, _), v in zip(self.pending, values, strict=True)]
         self.pending = []
         for s, v in records:
@@ -88,9 +93,11 @@ class StepLog:
         tok_s = self.window_tokens / max(elapsed, 1e-9)
         if not self.window_compiles:
             self.throughput.append(tok_s)
+        self.windows.append((elapsed, step - self.shown, self.window_compiles))
         n_dev = len(jax.devices())
         tflops = tok_s * self.fpt / 1e12 / n_dev
         perf = {"tokens_per_sec": tok_s, "tflops_per_sec_per_device": tflops}
+        perf.update(self.timing.take(elapsed))
         if self.peak_flops:
             perf["mfu"] = mfu(tok_s, self.fpt, self.peak_flops, n_dev)
         self.writer.write(step, perf, "perf")
@@ -102,6 +109,7 @@ class StepLog:
                 tok_s=f"{tok_s:,.0f}",
                 tflops=f"{tflops:.3g}",
                 mfu=mfu_text,
+                data=f"{perf['data_wait_fraction']:.0%}",
                 refresh=False,
             )
             self.bar.update(step - self.shown)
@@ -126,6 +134,17 @@ class StepLog:
             yield
         finally:
             self.window_start += time.perf_counter() - start
+
+    def seconds(self) -> dict[str, float]:
+        """(compile_s, train_s) of the session: the logged windows' time, the first one's
+        excess over the typical step time counted as compilation."""
+        steady = [sec / n for sec, n, compiles in self.windows if n and not compiles]
+        total = sum(sec for sec, _, _ in self.windows)
+        compile_s = 0.0
+        if self.windows and self.windows[0][2] and steady:
+            first_sec, first_n, _ = self.windows[0]
+            compile_s = max(0.0, first_sec - first_n * float(np.median(steady)))
+        return {"compile_s": compile_s, "train_s": total - compile_s}
 
     def median_tokens_per_sec(self) -> float | None:
         """Median throughput over the windows that held no compilation."""
