@@ -11,3 +11,8 @@ class ConfigError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient norm or state; the message is one sentence."""
+
+
+class UnwritablePathError(ConfigError):
+    """A path the command must write can't be written (permissions, a read-only disk): the
+    machine, not the input, is at fault, so the CLI exits with 1 rather than 2."""

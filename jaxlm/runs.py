@@ -191,7 +191,7 @@ def export_params(
     workdir, output = Path(workdir), Path(output)
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported; use {' or '.join(EXPORT_DTYPES)}.")
-    if output.exists() and any(output.iterdir()):
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"--output '{output}' already exists and is not empty; name a new one.")
     cfg_path = workdir / "config.yaml"
     if not cfg_path.is_file():

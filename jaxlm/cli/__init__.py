@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from jaxlm.cli.common import configure_logging, formatter
 from jaxlm.config.version import version_string
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, UnwritablePathError
 
 COMMAND_MODULES = [
     "jaxlm.cli.train",  # train, config, export
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_top_formatter,
         description="Train, evaluate and sample JAX/Flax language models, from a laptop CPU "
         "to a multi-host pod.",
+        epilog="Errors are one line; exit code 2 means a bad input, 1 a problem of the machine "
+        "(an unwritable path, a full disk). Set JAXLM_DEBUG=1 to see the full traceback.",
     )
     parser.add_argument(
         "--version", action="version", version=version_string(), help="jaxlm's version and commit"
@@ -84,9 +87,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, OSError) as e:
+        if os.environ.get("JAXLM_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"jaxlm {args.command}: error: {_sentence(e)}", file=sys.stderr)
+        return exit_code(e)
     except KeyboardInterrupt:
         print(f"jaxlm {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def exit_code(error: Exception) -> int:
+    """2 for a bad input (config, arguments, a missing file); 1 for a problem of the machine,
+    such as a path it can't write or a full disk."""
+    if isinstance(error, UnwritablePathError):
+        return 1
+    return 2 if isinstance(error, (ConfigError, FileNotFoundError)) else 1
+
+
+def _sentence(error: Exception) -> str:
+    if isinstance(error, ConfigError) or not isinstance(error, OSError) or not error.strerror:
+        return str(error)
+    where = f"'{error.filename}'" if error.filename else "a file"
+    return f"{error.strerror} at {where}; check the path, its permissions and the free space."

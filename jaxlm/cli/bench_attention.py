@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from jaxlm.cli.common import csv, formatter
+from jaxlm.cli.common import check_outputs, csv, formatter
 from jaxlm.errors import ConfigError
 
 
@@ -79,6 +79,9 @@ def register_bench(what) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.iters < 1:
+        raise ConfigError(f"--iters {args.iters} must be at least 1.")
+    check_outputs(args, "json", "markdown", "plot")
     from jaxlm.bench import attention as bench  # imports JAX: keep `--help` fast
     from jaxlm.bench import report
 

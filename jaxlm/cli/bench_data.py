@@ -7,8 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from jaxlm.cli.common import add_config_args, formatter
+from jaxlm.cli.common import add_config_args, check_outputs, formatter
 from jaxlm.config import load_config
+from jaxlm.errors import ConfigError
 
 
 def register_bench(what) -> None:
@@ -41,6 +42,11 @@ def register_bench(what) -> None:
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
+    least_values = {"batches": 1, "warmup": 0, "train_steps": 0, "workers": 1, "copies": 1}
+    for name, least in least_values.items():
+        if (value := getattr(args, name)) < least:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} must be at least {least}.")
+    check_outputs(args, "markdown")
     from jaxlm.bench import data as data_bench  # imports JAX: keep `--help` fast
     from jaxlm.bench import report
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from jaxlm.cli.common import add_config_args, csv, formatter
+from jaxlm.cli.common import add_config_args, check_outputs, csv, formatter
 from jaxlm.config import load_config
 from jaxlm.errors import ConfigError
 
@@ -42,6 +42,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         raise ConfigError(f"--iters {args.iters} must be at least 1.")
     if args.checkpoint and (args.config or args.overrides):
         raise ConfigError("Give --checkpoint or --config/overrides, not both.")
+    check_outputs(args, "json", "markdown")
     from jaxlm.bench import decode as decode_bench  # imports JAX: keep `--help` fast
     from jaxlm.bench import report
 

@@ -8,6 +8,8 @@ import sys
 
 from tqdm import tqdm
 
+from jaxlm.config.files import check_output_file
+
 OVERRIDE_HELP = "config overrides, e.g. model.n_layers=4 train.steps=200"
 
 
@@ -39,6 +41,13 @@ def csv(kind):
             raise argparse.ArgumentTypeError(f"{text!r} is not a list of {kind.__name__}") from None
 
     return parse
+
+
+def check_outputs(args: argparse.Namespace, *names: str) -> None:
+    """Probe the output files named by these options before a benchmark runs for minutes."""
+    for name in names:
+        if getattr(args, name, None):
+            check_output_file(getattr(args, name), "--" + name.replace("_", "-"))
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:

@@ -52,7 +52,15 @@ def register(sub) -> None:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from jaxlm.config.files import check_output_dir
     from jaxlm.data.prepare import prepare
+    from jaxlm.errors import ConfigError
+
+    if not args.shard_mb > 0:
+        raise ConfigError(f"--shard-mb {args.shard_mb:g} must be positive, e.g. 64.")
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} must be at least 1.")
+    check_output_dir(args.output, "--output")
 
     prepare(
         args.input,

@@ -45,6 +45,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1.")
     from jaxlm import runs
+    from jaxlm.config.files import check_output_file
     from jaxlm.inference import evaluate
     from jaxlm.inference.scoring import read_choice_items
 
@@ -55,6 +56,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"--data '{path}' does not exist; give a text file or a prepared dir."
             )
     items = read_choice_items(args.multiple_choice) if args.multiple_choice else None
+    if args.output:  # now, not after an evaluation that would then be lost
+        check_output_file(args.output, "--output")
     workdir, step = runs.checkpoint_dir(args.checkpoint, args.step)
     import jax
 

@@ -110,7 +110,10 @@ def cmd_finetune_lm(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune_classify(args: argparse.Namespace) -> int:
+    from jaxlm.config.files import check_output_dir
     from jaxlm.finetune.classify import ClassifyOptions, finetune_classifier
+
+    check_output_dir(args.workdir, "--workdir")
 
     opts = ClassifyOptions(
         checkpoint=args.checkpoint,

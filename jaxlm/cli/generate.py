@@ -63,6 +63,7 @@ def register(sub) -> None:
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """The prompts of --prompt / --prompts-file (the default prompt when neither is given)."""
+    from jaxlm.config.files import read_utf8
     from jaxlm.errors import ConfigError
 
     if args.prompt is not None and args.prompts_file:
@@ -70,8 +71,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if not args.prompts_file:
         return ["ROMEO.\n" if args.prompt is None else args.prompt]
     try:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_utf8(args.prompts_file).splitlines()
     except OSError as e:
         raise ConfigError(
             f"Cannot read --prompts-file '{args.prompts_file}' ({e.strerror})."
@@ -149,6 +149,7 @@ class Streamer:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from jaxlm.config.files import check_output_file
     from jaxlm.errors import ConfigError
     from jaxlm.inference.generate import Sampling
 
@@ -164,6 +165,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if any(not s for s in args.stop):
         raise ConfigError("--stop '' would cut every text; give a non-empty stop string.")
     prompts = read_prompts(args)
+    if args.output:
+        check_output_file(args.output, "--output")  # before minutes of decoding
 
     import jax
 

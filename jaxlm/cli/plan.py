@@ -7,6 +7,7 @@ import json
 
 from jaxlm.cli.common import add_config_args
 from jaxlm.config import load_config
+from jaxlm.errors import ConfigError
 
 
 def register(sub) -> None:
@@ -35,6 +36,11 @@ def register(sub) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    for flag, value in (("--devices", args.devices), ("--slices", args.slices)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} must be at least 1.")
+    if args.device_memory_gb is not None and not args.device_memory_gb > 0:
+        raise ConfigError(f"--device-memory-gb {args.device_memory_gb:g} must be positive.")
     cfg = load_config(args.config, args.overrides)
     from jaxlm.bench import plan  # imports JAX: keep `--help` fast
 

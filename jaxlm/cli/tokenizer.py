@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -58,12 +59,14 @@ def register(sub) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from jaxlm.config.files import check_output_file
     from jaxlm.data.sources import SkipCounts, expand_inputs, iter_documents
     from jaxlm.data.tokenizer import train_tokenizer
     from jaxlm.errors import ConfigError
 
     prefix = args.output.removesuffix(".model")
     model_path = prefix + ".model"
+    check_output_file(model_path, "--output")
     if os.path.exists(model_path) and not args.force:
         raise ConfigError(
             f"{model_path} already exists (data prepared with it would no longer match); "
@@ -74,7 +77,9 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
             f"--vocab-size={args.vocab_size} is too small: byte fallback alone needs 256 + 4 "
             "special pieces + newline; use at least 300."
         )
-    if 0 < args.max_sentences <= 100:
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads} must be at least 1 (or left out: all).")
+    if args.max_sentences < 0 or 0 < args.max_sentences <= 100:
         raise ConfigError(
             f"--max-sentences={args.max_sentences} is too small for SentencePiece; use 0 (all "
             "lines) or more than 100."
@@ -86,8 +91,16 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         for path in paths:
             yield from iter_documents(path, args.split, args.text_field, skips)
 
+    docs = texts()
+    first = next(docs, None)
+    if first is None:  # every file skipped: say why, not that the vocabulary is too large
+        why = skips.summary().replace("\n", "; ") or "no text"
+        raise ConfigError(
+            f"--input {' '.join(args.input)} holds no usable text ({why}); give UTF-8 text, "
+            f"JSONL or gzip files."
+        )
     tok = train_tokenizer(
-        texts(),
+        itertools.chain([first], docs),
         model_path,
         args.vocab_size,
         model_type=args.model_type,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from jaxlm.cli.common import add_config_args, add_distributed_args, quiet_other_processes
 from jaxlm.config import describe, load_config
+from jaxlm.config.files import check_output_dir
 from jaxlm.errors import NonFiniteError
 
 
@@ -137,6 +138,7 @@ def run_training(
 
     Exit codes: 0 done or stopped cleanly, 1 non-finite loss, 3 a peer process died.
     """
+    check_output_dir(workdir, "--workdir")  # before JAX starts, let alone compiles
     import jax  # imports JAX: keep `--help` fast
 
     from jaxlm.finetune.lm import load_init_params, resolve_init_from
@@ -162,6 +164,13 @@ def run_training(
     except NonFiniteError as e:
         print(f"jaxlm {command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # The second Ctrl-C: leave at once. A normal exit would tear the interpreter down
+        # under the checkpointer's writer threads, which can crash it; an unfinished save
+        # is never committed and the workdir lock of a dead process is taken over.
+        print(f"jaxlm {command}: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
@@ -188,6 +197,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_output_dir(args.output, "--output")
     import jax
 
     from jaxlm.parallel.distributed import initialize

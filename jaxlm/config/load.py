@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from jaxlm.config.files import read_utf8
 from jaxlm.config.schema import (
     _SECTION_CLASSES,
     FAMILY_DEFAULTS,
@@ -22,6 +23,35 @@ from jaxlm.config.schema import (
 )
 from jaxlm.config.validate import validate
 from jaxlm.errors import ConfigError
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error
+    rather than the last value silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # `<<: *anchor` merges may be overridden; complex keys fail later
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"'{key}' appears twice in one mapping (line {key_node.start_mark.line + 1}"
+                    f" of {self.name}); keep one of them."
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The plain YAML data of a file, refusing duplicate keys, Python tags and non-UTF-8."""
+    loader = _UniqueKeyLoader(read_utf8(path))
+    loader.name = f"'{path}'"
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -143,12 +173,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(
+                f"Config file '{path}' is a directory; pass --config a YAML file inside it."
+            )
         if not p.is_file():
             raise ConfigError(
                 f"Config file '{path}' does not exist; pass --config with a YAML file."
             )
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = read_yaml(p) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

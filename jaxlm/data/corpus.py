@@ -12,6 +12,7 @@ import random
 import re
 from collections.abc import Sequence
 
+from jaxlm.config.files import read_utf8
 from jaxlm.errors import ConfigError
 
 _BUILTIN_PACKAGE = "jaxlm.data"
@@ -51,8 +52,7 @@ def read_text_works(pattern: str) -> list[Work]:
         )
     works = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_utf8(path)
         stem = os.path.splitext(os.path.basename(path))[0]
         works.append(Work(name=stem, title=stem, text=text))
     return works

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxlm.config.files import read_utf8
 from jaxlm.errors import ConfigError
 
 
@@ -44,24 +45,23 @@ def read_labeled(path: str | Path) -> list[Example]:
         raise ConfigError(f"The labelled data file '{path}' does not exist.")
     jsonl = path.suffix.lower() in (".jsonl", ".json")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            if jsonl:
-                out.append(_json_example(line, where, n))
-                continue
-            cols = line.split("\t")
-            if n == 1 and [c.strip().lower() for c in cols] == ["text", "label"]:
-                continue  # header
-            if len(cols) != 2:
-                raise ConfigError(
-                    f"{where}: expected 2 tab-separated columns (text, label) but found "
-                    f"{len(cols)}; fix that line."
-                )
-            out.append(Example(cols[0], _label(cols[1], where), n))
+    for n, raw in enumerate(read_utf8(path).split("\n"), start=1):
+        line = raw.rstrip("\r")
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        if jsonl:
+            out.append(_json_example(line, where, n))
+            continue
+        cols = line.split("\t")
+        if n == 1 and [c.strip().lower() for c in cols] == ["text", "label"]:
+            continue  # header
+        if len(cols) != 2:
+            raise ConfigError(
+                f"{where}: expected 2 tab-separated columns (text, label) but found "
+                f"{len(cols)}; fix that line."
+            )
+        out.append(Example(cols[0], _label(cols[1], where), n))
     if not out:
         raise ConfigError(f"The labelled data file '{path}' holds no examples.")
     return out
@@ -181,7 +181,7 @@ def read_texts(path: str | Path) -> list[str]:
         raise ConfigError(f"The input file '{path}' does not exist.")
     if path.suffix.lower() in (".jsonl", ".json"):
         out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(read_utf8(path).splitlines(), start=1):
             if line.strip():
                 try:
                     obj = json.loads(line)
@@ -191,7 +191,7 @@ def read_texts(path: str | Path) -> list[str]:
                     raise ConfigError(f'{path} line {n}: expected an object with a "text" string.')
                 out.append(obj["text"])
         return out
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln for ln in read_utf8(path).splitlines() if ln.strip()]
     if lines and [c.strip().lower() for c in lines[0].split("\t")] == ["text", "label"]:
         lines = lines[1:]
     return [ln.split("\t")[0] for ln in lines]

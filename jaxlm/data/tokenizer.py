@@ -4,7 +4,7 @@ which opens either kind of tokenizer file behind the one `Tokenizer` interface."
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
@@ -113,9 +113,10 @@ def train_tokenizer(
     final_prefix = model_path[: -len(".model")]
     # A temporary prefix in the same directory keeps os.replace a same-filesystem rename, so a
     # crash mid-training leaves at worst stray temp files, never a truncated .model.
-    fd, temp_model = tempfile.mkstemp(prefix=".spm-", suffix=".model", dir=directory)
-    os.close(fd)
-    temp_prefix = temp_model[: -len(".model")]
+    # A fresh name rather than mkstemp, whose file would keep mode 0600: SentencePiece
+    # creates the files itself, with the user's umask.
+    temp_prefix = os.path.join(directory, f".spm-{uuid.uuid4().hex}")
+    temp_model = temp_prefix + ".model"
     try:
         spm.SentencePieceTrainer.Train(
             sentence_iterator=_lines(texts),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxlm.config import DataConfig, RunConfig, resolve, to_yaml, validate
+from jaxlm.config.files import check_output_dir
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.hf.config import hf_config_from_model, hf_model_type, model_config_from_hf
@@ -68,13 +69,17 @@ def _check_new(output: Path) -> None:
     """Refuse an `output` that exists and is not an empty directory."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"--output '{output}' already exists and is not empty; name a new one.")
+    check_output_dir(output, "--output")
 
 
 def _new_output(output: Path) -> Path:
     """A temporary directory beside `output`, which must not exist or be empty."""
     _check_new(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    # Not mkdtemp, whose directory is 0700: the output keeps the user's umask.
+    tmp = output.parent / f".{output.name}.{uuid.uuid4().hex}"
+    tmp.mkdir()
+    return tmp
 
 
 def _publish(tmp: Path, output: Path, fill: Callable[[Path], None]) -> None:
@@ -116,7 +121,13 @@ class SafetensorsWeights(Mapping[str, np.ndarray]):
         for path in files:
             if not path.is_file():
                 raise ConfigError(f"The shard '{path}' named in {index.name} is missing; fetch it.")
-            handle = safe_open(str(path), framework="numpy")
+            try:
+                handle = safe_open(str(path), framework="numpy")
+            except Exception as e:  # safetensors raises its own error type for a bad header
+                raise ConfigError(
+                    f"'{path}' is not a readable safetensors file ({str(e).splitlines()[0]}); "
+                    f"download or save it again."
+                ) from None
             self._where.update(dict.fromkeys(handle.keys(), handle))
 
     def __getitem__(self, key: str) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlm.config.files import read_utf8
 from jaxlm.data import corpus
 from jaxlm.errors import ConfigError
 
@@ -29,7 +30,7 @@ def read_documents(path: str | Path, doc_chars: int) -> list[str]:
         raise ConfigError(
             f"--data '{path}' is not a file; give a .txt/.jsonl file or a prepared dir."
         )
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix != ".jsonl":
         return corpus.split_documents(text, doc_chars)
     docs = []
@@ -124,7 +125,7 @@ def read_choice_items(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"--multiple-choice '{path}' is not a file; give a JSONL file of items.")
     items = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(path).splitlines()
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
