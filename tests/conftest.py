@@ -50,6 +50,7 @@ RECURRENT = ("lstm", "gru", "hawk")
 FAMILIES = TRANSFORMERS + RECURRENT
 # The model fields that may change between a checkpoint and the run that reads it.
 RUNTIME_FIELDS = {"attention", "dtype", "remat", "scan_layers", "matmul_precision", "dropout"}
+RUNTIME_FIELDS |= {"moe_aux_loss_weight", "moe_z_loss_weight", "moe_capacity_factor"}
 
 # Lower LLVM effort for subprocesses that mostly compile: the codegen level does not change HLO.
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

@@ -62,15 +62,15 @@ def test_dcn_data_is_the_outer_factor_of_the_data_axis():
     devices = _devices(8, 4)
     random.Random(0).shuffle(devices)  # the grid follows the granules, not the list order
     owner = _owner(_grid(MeshConfig(data=-1, fsdp=2, dcn_data=2), devices))
-    assert owner.shape == (4, 2, 1, 1)
+    assert owner.shape == (4, 2, 1, 1, 1)
     # data rows 0-1 live on process 0, rows 2-3 on process 1: every fsdp group in one process
-    assert owner[:, :, 0, 0].tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    assert owner[:, :, 0, 0, 0].tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
 
 
 def test_dcn_fsdp_splits_the_fsdp_axis_and_keeps_tensor_inside_a_granule():
     owner = _owner(_grid(MeshConfig(data=1, fsdp=4, tensor=2, dcn_fsdp=2), _devices(8, 4)))
-    assert owner.shape == (1, 4, 2, 1)
-    assert owner[0, :, :, 0].tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    assert owner.shape == (1, 4, 2, 1, 1)
+    assert owner[0, :, :, 0, 0].tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
 
 
 def test_slices_are_the_granules_where_devices_know_them():
@@ -78,7 +78,7 @@ def test_slices_are_the_granules_where_devices_know_them():
     assert granules(devices) == ("slices", 4)
     assert granules(_devices(16, 4)) == ("processes", 4)
     grid = _grid(MeshConfig(data=4, fsdp=4, dcn_data=2, dcn_fsdp=2), devices)
-    blocks = _owner(grid, "slice_index")[:, :, 0, 0]
+    blocks = _owner(grid, "slice_index")[:, :, 0, 0, 0]
     assert blocks.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
 
 
@@ -124,9 +124,9 @@ def test_bad_dcn_sizes_are_refused_before_any_jax_work(overrides, key):
 
 
 def test_no_dcn_keeps_the_plain_mesh(monkeypatch):
-    assert dcn_shape(RunConfig().mesh) == (1, 1, 1, 1)
+    assert dcn_shape(RunConfig().mesh) == (1, 1, 1, 1, 1)
     monkeypatch.setattr(sharding, "hybrid_devices", None)  # not called without dcn or slices
-    assert sharding.make_mesh(MeshConfig(data=-1)).devices.shape == (1, 1, 1, 1)
+    assert sharding.make_mesh(MeshConfig(data=-1)).devices.shape == (1, 1, 1, 1, 1)
 
 
 # ----------------------------------------------------------- two real processes (CPU)
@@ -148,7 +148,7 @@ def probe(port: int, process_id: int) -> dict:
         x_Bx3 = sharding.put_batch({"x": rows_Bx3}, mesh)["x"]
         total = jax.jit(lambda x: jnp.sum(x, axis=1), out_shardings=sharding.replicated(mesh))
         out[dcn] = {
-            "owner": _owner(mesh.devices)[:, :, 0, 0].tolist(),
+            "owner": _owner(mesh.devices)[:, :, 0, 0, 0].tolist(),
             "row_sums": np.asarray(total(x_Bx3)).tolist(),
             "batch_owner": _owner(mesh.devices).reshape(-1).tolist(),  # row order = grid order
         }

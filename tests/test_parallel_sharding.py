@@ -38,6 +38,15 @@ MESHES = {
 }
 # One extra mesh per family: sequence sharding (gpt2), kv heads replicated over tensor (llama).
 EXTRA = {"gpt2": {"d2f2s2": (2, 2, 1, 2)}, "llama": {"d2t4": (2, 1, 4, 1)}}
+# A mixture-of-experts Llama (4 experts, top-2) on expert-parallel meshes; the fifth size is
+# mesh.expert, which also splits the batch outside the experts.
+MOE_MESHES = {
+    "single": (1, 1, 1, 1),
+    "fsdp8": (1, 8, 1, 1),
+    "d2e4": (2, 1, 1, 1, 4),
+    "f2t2e2": (1, 2, 2, 1, 2),
+}
+MOE = dict(moe_experts=4, moe_top_k=2, moe_d_ff=16, moe_shared_experts=1)
 FSDP_THRESHOLD = 4096  # parameters with more elements than this must be split by fsdp=8
 
 
@@ -59,7 +68,8 @@ def _fixed_batch() -> dict[str, np.ndarray]:
 
 
 def _mesh_cfg(sizes: tuple[int, ...]) -> MeshConfig:
-    return MeshConfig(**dict(zip(MESH_AXES, sizes, strict=True)))
+    """(data, fsdp, tensor, sequence[, expert]) sizes; expert, last in MESH_AXES, defaults to 1."""
+    return MeshConfig(**dict(zip(MESH_AXES, sizes, strict=False)))
 
 
 def _fsdp_report(family: str) -> dict:
@@ -100,10 +110,13 @@ def worker(family: str) -> dict:
     from jaxlm.train.step import jit_train_step, make_train_step
 
     assert len(jax.devices()) == 8, jax.devices()
-    cfg = RunConfig(model=tiny_model(family), train=TrainConfig(batch_size=B))
+    moe = family == "moe"
+    model_cfg = tiny_model("llama", **MOE) if moe else tiny_model(family)
+    cfg = RunConfig(model=model_cfg, train=TrainConfig(batch_size=B))
     model, tx = build_model(cfg.model), make_optimizer(OptimizerConfig(warmup_steps=1), 10)
     batch, out, reference = _fixed_batch(), {}, None
-    for name, sizes in {**MESHES, **EXTRA.get(family, {})}.items():
+    meshes = MOE_MESHES if moe else {**MESHES, **EXTRA.get(family, {})}
+    for name, sizes in meshes.items():
         devices = jax.devices()[:1] if name == "single" else None
         mesh = make_mesh(_mesh_cfg(sizes), devices)
         validate_mesh(cfg, mesh)
@@ -123,7 +136,7 @@ def worker(family: str) -> dict:
         if family == "llama":
             kv_spec = str(shardings.params["block_0"]["attn"]["key"]["kernel"].spec)
         out[name] = {"losses": losses, "init_diff": init_diff, "kv_spec": kv_spec}
-    if family in RECURRENT:
+    if family in RECURRENT or moe:
         return {"meshes": out}
     return {"meshes": out, "fsdp": _fsdp_report(family)}
 
@@ -154,8 +167,8 @@ def _run_workers(families: tuple[str, ...]) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict]:
-    """The Transformer families on every mesh."""
-    return _run_workers(("gpt2", "llama"))
+    """The Transformer families on every mesh, and a MoE Llama on the expert meshes."""
+    return _run_workers(("gpt2", "llama", "moe"))
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +199,15 @@ def test_every_mesh_matches_single_device(runs, family):
         np.testing.assert_allclose(r["losses"], ref, rtol=0, atol=1e-5, err_msg=name)
 
 
+def test_expert_parallel_moe_matches_single_device(runs):
+    meshes = runs["moe"]["meshes"]
+    ref = meshes["single"]["losses"]
+    assert set(meshes) == set(MOE_MESHES) and ref[0] > ref[-1]
+    for name, r in meshes.items():
+        assert r["init_diff"] == 0.0, f"{name}: initial params differ by {r['init_diff']}"
+        np.testing.assert_allclose(r["losses"], ref, rtol=0, atol=1e-5, err_msg=name)
+
+
 def test_kv_heads_fewer_than_tensor_are_replicated(runs):
     meshes = runs["llama"]["meshes"]
     assert "tensor" in meshes["d2f2t2"]["kv_spec"]  # 2 kv heads split over tensor=2
@@ -204,12 +226,11 @@ def test_fsdp8_shards_params_and_optimizer_state(runs, family):
 # ------------------------------------------------------------- refusals (no devices needed)
 
 
-def _abstract_mesh(data=1, fsdp=1, tensor=1, sequence=1):
+def _abstract_mesh(data=1, fsdp=1, tensor=1, sequence=1, expert=1):
     from jax.sharding import AbstractMesh, AxisType
 
-    return AbstractMesh(
-        (data, fsdp, tensor, sequence), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
-    )
+    sizes = (data, fsdp, tensor, sequence, expert)
+    return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def _cfg(family="llama", batch_size=8, microbatches=1, seq_len=16, **model) -> RunConfig:
@@ -232,10 +253,14 @@ def _cfg(family="llama", batch_size=8, microbatches=1, seq_len=16, **model) -> R
         (dict(vocab_size=60), dict(tensor=8), r"model.vocab_size=60 .*tensor=8"),
         (dict(d_model=24, n_heads=4, batch_size=16), dict(fsdp=16), r"model.d_model=24 .*fsdp=16"),
         (dict(seq_len=12), dict(sequence=8), r"data.seq_len=12 .*sequence=8"),
+        (dict(moe_experts=6), dict(expert=4, data=2), r"model.moe_experts=6 .*expert=4"),
+        (dict(moe_experts=4, moe_d_ff=12), dict(tensor=8), r"model.moe_d_ff=12 .*tensor=8"),
+        (dict(batch_size=12), dict(data=2, expert=4), r"batch_size=12 .* multiple of 8"),
     ],
 )
 def test_bad_mesh_is_refused_in_one_sentence(cfg_kw, mesh_kw, expected):
-    model_keys = {"n_heads", "n_kv_heads", "d_ff", "vocab_size", "d_model"}
+    model_keys = {"n_heads", "n_kv_heads", "d_ff", "vocab_size", "d_model", "moe_experts"}
+    model_keys |= {"moe_d_ff"}
     model = {k: v for k, v in cfg_kw.items() if k in model_keys}
     rest = {k: v for k, v in cfg_kw.items() if k not in model_keys}
     with pytest.raises(ConfigError, match=expected) as err:
@@ -273,6 +298,7 @@ def test_minus_one_takes_the_remaining_devices():
         "fsdp": 2,
         "tensor": 2,
         "sequence": 1,
+        "expert": 1,
     }
 
 

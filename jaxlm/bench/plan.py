@@ -23,7 +23,7 @@ from jaxlm.data.pipeline import BATCH_KEYS
 from jaxlm.errors import ConfigError
 from jaxlm.models import build_model
 from jaxlm.parallel.sharding import batch_sharding, granules, make_mesh, mesh_shape, validate_mesh
-from jaxlm.perf.flops import flops_per_token
+from jaxlm.perf.flops import flops_per_token, inactive_params
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import state_shardings
 from jaxlm.train.step import jit_train_step, train_step_for
@@ -52,6 +52,7 @@ class Plan:
     code_bytes: int  # XLA: generated code
     device_memory_bytes: int | None
     slices: int = 1  # TPU slices the devices span (joined by the data-centre network)
+    active_params: int | None = None  # a mixture of experts: parameters each token uses
 
     @property
     def peak_bytes(self) -> int:
@@ -121,8 +122,9 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
             f"XLA gives no memory analysis for {devices[0].platform} devices; plan for CPU "
             "devices (--devices N) or a TPU topology (--topology) instead."
         )
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
     return Plan(
-        params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
+        params=total,
         flops_per_token=flops_per_token(m, seq),
         platform=devices[0].platform,
         devices=len(devices),
@@ -137,12 +139,13 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
         code_bytes=mem["generated_code"],
         device_memory_bytes=device_memory_bytes,
         slices=n if kind == "slices" else 1,
+        active_params=total - inactive_params(m) if m.moe_experts else None,
     )
 
 
 def cpu_device_count(cfg: RunConfig, devices: int | None) -> int:
     """How many fake CPU devices to make: --devices, or the product of fixed mesh sizes."""
-    sizes = [getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence")]
+    sizes = [getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "sequence", "expert")]
     if devices is not None:
         mesh_shape(cfg.mesh, devices)  # refuse a count the mesh can't use, in one sentence
         return devices
@@ -188,6 +191,11 @@ def format_plan(p: Plan) -> str:
     slices = f" in {p.slices} slices" if p.slices > 1 else ""
     lines = [
         f"parameters          {p.params:,} ({p.params / 1e6:.2f}M)",
+        *(
+            [f"  active per token  {p.active_params:,} ({p.active_params / 1e6:.2f}M)"]
+            if p.active_params is not None
+            else []
+        ),
         f"FLOPs per token     {p.flops_per_token:.4g} (training)",
         f"devices             {p.devices} x {p.platform}{slices}, mesh {mesh}",
         "per device:",

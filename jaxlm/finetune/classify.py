@@ -35,7 +35,13 @@ from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.finetune.lm import source_config, source_tokenizer_path
 from jaxlm.models.classifier import SequenceClassifier, init_params, transfer_backbone
-from jaxlm.parallel.sharding import data_parallel_size, logical_sharding, put_batch, replicated
+from jaxlm.parallel.sharding import (
+    data_parallel_size,
+    logical_sharding,
+    process_rows,
+    put_batch,
+    replicated,
+)
 from jaxlm.runs import load_run, model_mesh
 from jaxlm.train.optimizer import lr_schedule, make_optimizer
 from jaxlm.train.state import TrainState, new_train_state
@@ -217,9 +223,7 @@ def evaluate(eval_step, params, tokens, labels, rows: int, mesh: Mesh, pad_id: i
 def _local_rows(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
     """The global batch as arrays split over the data-parallel axes; each process supplies
     its own block of rows."""
-    n = len(batch["weights"]) // jax.process_count()
-    lo = jax.process_index() * n
-    return put_batch({k: v[lo : lo + n] for k, v in batch.items()}, mesh)
+    return put_batch(process_rows(batch), mesh)
 
 
 def _state_shardings(model: SequenceClassifier, tx, max_len: int, mesh: Mesh) -> TrainState:

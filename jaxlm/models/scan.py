@@ -47,7 +47,7 @@ def scan_blocks(block_cls: type[nn.Module], n_layers: int) -> type:
     """`block_cls` repeated n_layers times by `nn.scan`; params and caches gain a layers axis."""
     return nn.scan(
         block_cls,
-        variable_axes={"params": 0, "cache": 0},
+        variable_axes={"params": 0, "cache": 0, "moe": 0},  # moe: MoE statistics, per layer
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=n_layers,

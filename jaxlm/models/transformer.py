@@ -13,15 +13,17 @@ import jax
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import Attention
 from jaxlm.models.lm import ACT_BxSxD, LanguageModel, mlp, norm
+from jaxlm.models.moe import MoeMlp
 from jaxlm.models.scan import SCANNED, remat_block, scan_blocks
 
 
 class Block(nn.Module):
-    """x + attention(norm(x)), then x + mlp(norm(x))."""
+    """x + attention(norm(x)), then x + mlp(norm(x)); the mlp may be a mixture of experts."""
 
     cfg: ModelConfig
     decode: bool = False
     scanned: bool = False  # under nn.scan: return (carry, None)
+    moe: bool = False  # a MoeMlp (named "moe") in place of the dense "mlp"
 
     @nn.compact
     def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, deterministic: bool = True):
@@ -31,7 +33,8 @@ class Block(nn.Module):
             h_BxSxD, positions_BxS, segment_ids_BxS, deterministic
         )
         h_BxSxD = norm(cfg, "mlp_norm")(x_BxSxD)
-        x_BxSxD = x_BxSxD + mlp(cfg)(h_BxSxD, deterministic)
+        ffn = MoeMlp(cfg, name="moe") if self.moe else mlp(cfg)
+        x_BxSxD = x_BxSxD + ffn(h_BxSxD, deterministic)
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ACT_BxSxD)
         return (x_BxSxD, None) if self.scanned else x_BxSxD
 
@@ -50,13 +53,15 @@ class TransformerLM(LanguageModel):
         cfg = self.cfg
         if cfg.scan_layers:
             stack = scan_blocks(remat_block(Block, cfg.remat, scanned=True), cfg.n_layers)
-            x_BxSxD, _ = stack(cfg, self.decode, scanned=True, name=SCANNED)(
+            moe = cfg.is_moe_layer(0)  # validation allows scan only with identical blocks
+            x_BxSxD, _ = stack(cfg, self.decode, scanned=True, moe=moe, name=SCANNED)(
                 x_BxSxD, positions_BxS, segment_ids_BxS, deterministic
             )
             return x_BxSxD
         block = remat_block(Block, cfg.remat)
         for i in range(cfg.n_layers):
-            x_BxSxD = block(cfg, self.decode, name=f"block_{i}")(
+            moe = cfg.is_moe_layer(i)
+            x_BxSxD = block(cfg, self.decode, moe=moe, name=f"block_{i}")(
                 x_BxSxD, positions_BxS, segment_ids_BxS, deterministic
             )
         return x_BxSxD

@@ -20,8 +20,11 @@ from jax.sharding import PartitionSpec as P
 from jaxlm.config import MeshConfig, RunConfig
 from jaxlm.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
-BATCH_AXES = ("data", "fsdp")
+# `expert` is last, so an expert group is the innermost (nearest) devices. Outside the MoE
+# layers it splits the batch like data: an expert-parallel mesh wastes no device on the
+# dense layers, and at size 1 it changes nothing.
+MESH_AXES = ("data", "fsdp", "tensor", "sequence", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")
 # The mesh axes that may span slices/nodes, and the mesh.* key of their slow (DCN) factor.
 DCN_KEYS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}
 
@@ -36,6 +39,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("rnn", "tensor"),  # recurrent state width (LSTM/GRU/RG-LRU channels)
+    ("expert", "expert"),  # the experts of a MoE layer (jaxlm.models.moe)
     ("batch", BATCH_AXES),
     ("length", "sequence"),
     ("act_embed", None),
@@ -43,6 +47,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("act_rnn", "tensor"),
+    ("act_expert", "expert"),
 )
 
 
@@ -217,8 +222,8 @@ def check_divisibility(mesh: Mesh, global_batch: int, microbatches: int) -> None
     if per_micro % dp:
         raise ConfigError(
             f"train.batch_size={global_batch} split into {microbatches} microbatches gives "
-            f"{per_micro} rows, which the {dp} data-parallel devices (mesh data*fsdp) can't "
-            f"divide; use a batch size that is a multiple of {dp * microbatches}."
+            f"{per_micro} rows, which the {dp} data-parallel devices (mesh data*fsdp*expert) "
+            f"can't divide; use a batch size that is a multiple of {dp * microbatches}."
         )
 
 
@@ -230,8 +235,8 @@ def validate_mesh(cfg: RunConfig, mesh: Mesh, process_count: int | None = None) 
     n_proc = jax.process_count() if process_count is None else process_count
     if dp % n_proc:
         raise ConfigError(
-            f"The batch is split {dp} ways (mesh data*fsdp) but {n_proc} processes each load "
-            f"their own rows; make data*fsdp a multiple of {n_proc}."
+            f"The batch is split {dp} ways (mesh data*fsdp*expert) but {n_proc} processes each "
+            f"load their own rows; make data*fsdp*expert a multiple of {n_proc}."
         )
     checks = [
         ("model.vocab_size", m.vocab_size, "tensor"),
@@ -240,6 +245,9 @@ def validate_mesh(cfg: RunConfig, mesh: Mesh, process_count: int | None = None) 
     ]
     if not getattr(m, "recurrent", False):  # recurrent layers have no heads to split
         checks += [("model.n_heads", m.n_heads, "tensor"), ("model.d_ff", m.ff_dim, "tensor")]
+    if getattr(m, "moe_experts", 0):
+        checks += [("model.moe_experts", m.moe_experts, "expert")]
+        checks += [("model.moe_d_ff", m.moe_ff_dim, "tensor")]
     for name, value, axis in checks:
         if value % sizes[axis]:
             raise ConfigError(
@@ -261,3 +269,12 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
         )
         for k, v in batch.items()
     }
+
+
+def process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's contiguous block of rows of a global batch (what put_batch takes)."""
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return batch
+    n = next(iter(batch.values())).shape[0] // count
+    return {k: v[index * n : (index + 1) * n] for k, v in batch.items()}

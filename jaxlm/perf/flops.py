@@ -21,8 +21,27 @@ def matmul_params(cfg: ModelConfig) -> int:
         return _recurrent_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
     d, e = cfg.d_model, cfg.head_dim
     attn = d * cfg.n_heads * e * 2 + d * cfg.kv_heads * e * 2  # q, out; k, v
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.ff_dim
-    return cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
+    mlp = _mlp_weights(cfg, cfg.ff_dim)
+    n_moe = cfg.moe_layers
+    # A MoE layer's token meets its router, its top-k experts and the shared experts only.
+    moe = d * cfg.moe_experts + (cfg.moe_top_k + cfg.moe_shared_experts) * _mlp_weights(
+        cfg, cfg.moe_ff_dim
+    )
+    return cfg.n_layers * attn + (cfg.n_layers - n_moe) * mlp + n_moe * moe + d * cfg.vocab_size
+
+
+def _mlp_weights(cfg: ModelConfig, width: int) -> int:
+    return (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * width
+
+
+def inactive_params(cfg: ModelConfig) -> int:
+    """Parameters a token never touches: the experts it is not routed to (0 when dense)."""
+    if not cfg.moe_experts:
+        return 0
+    per_expert = _mlp_weights(cfg, cfg.moe_ff_dim)
+    if cfg.bias:
+        per_expert += cfg.moe_ff_dim + cfg.d_model
+    return cfg.moe_layers * (cfg.moe_experts - cfg.moe_top_k) * per_expert
 
 
 def _recurrent_matmul_params(cfg: ModelConfig) -> int:
@@ -59,8 +78,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     """Model FLOPs per token: 6*N_matmul for training (2*N forward) plus causal attention.
 
     N_matmul counts every weight that takes part in a matmul (embedding lookups excluded,
-    the output head included); recurrent families count their own input, recurrent, gate
-    and convolution weights. Elementwise work (norms, activations, softmax, the optimizer,
+    the output head included); in a mixture of experts only the router, the top-k experts
+    and the shared experts a token passes through; recurrent families count their own
+    input, recurrent, gate and convolution weights. Elementwise work (norms, activations, softmax, the optimizer,
     the recurrences' gating) is not model FLOPs, as in every MFU convention.
     """
     mult = 6 if training else 2
@@ -73,6 +93,11 @@ def param_count(cfg: ModelConfig) -> int:
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     shapes = jax.eval_shape(lambda t: build_model(cfg).init(jax.random.PRNGKey(0), t), tokens)
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.get("params", {})))
+
+
+def active_param_count(cfg: ModelConfig) -> int:
+    """Parameters each token uses: `param_count` less the experts it is not routed to."""
+    return param_count(cfg) - inactive_params(cfg)
 
 
 def mfu(tokens_per_sec: float, fpt: float, peak_per_device: float, n_devices: int) -> float:

@@ -17,6 +17,8 @@ import optax
 from jax.sharding import Mesh
 
 from jaxlm.config import RunConfig
+from jaxlm.models.moe import METRICS as MOE_METRICS
+from jaxlm.models.moe import MOE, moe_metrics
 from jaxlm.parallel.sharding import LOGICAL_RULES, batch_sharding, mesh_context, replicated
 from jaxlm.train.loss import cross_entropy_sums
 from jaxlm.train.optimizer import lr_schedule
@@ -25,18 +27,27 @@ from jaxlm.train.state import TrainState
 Batch = dict[str, jax.Array]
 
 
-def _loss_sums(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None):
-    """Forward one (micro)batch; returns (ce_sum, z_sum, n_tokens)."""
+def _loss_sums(
+    model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, moe_stats: bool = False
+):
+    """Forward one (micro)batch; returns (ce_sum, z_sum, n_tokens, moe), where `moe` holds
+    the MoE layers' statistics if `moe_stats` and the model has experts ({} otherwise)."""
+    # Only a MoE model collects what its layers sow: a dense model's trace stays exactly
+    # what it was before MoE existed.
+    collect = moe_stats and getattr(getattr(model, "cfg", None), "moe_experts", 0) > 0
     with _matmul_precision(model):
-        logits_BxSxV = model.apply(
+        out = model.apply(
             {"params": params},
             batch["inputs"],
             batch["positions"],
             batch["segment_ids"],
             deterministic=rng is None,
             rngs=None if rng is None else {"dropout": rng},
+            mutable=[MOE] if collect else False,
         )
-    return cross_entropy_sums(logits_BxSxV, batch["targets"], batch["weights"])
+    logits_BxSxV, moe = (out[0], moe_metrics(out[1][MOE])) if collect else (out, {})
+    with jax.named_scope("loss"):  # names the cross-entropy's ops in profiler traces
+        return (*cross_entropy_sums(logits_BxSxV, batch["targets"], batch["weights"]), moe)
 
 
 def _matmul_precision(model: nn.Module):
@@ -72,12 +83,14 @@ def make_step(
     microbatches: int = 1,
     dropout: bool = False,
     schedule: optax.Schedule | None = None,
+    token_means: tuple[str, ...] = (),
 ) -> StepFn:
     """Build a pure step from `loss_fn(params, batch, rng) -> (objective_sum, sums)`.
 
     The objective and `sums["loss"]` are sums over the batch's `weights` (tokens, examples);
     the step minimises their mean over the whole (accumulated) batch and reports it as
-    "loss", beside "grad_norm", the other entries of `sums` (summed) and the "lr" of
+    "loss", beside "grad_norm", the other entries of `sums` (summed; those named in
+    `token_means` are weighted sums too, reported as means like the loss) and the "lr" of
     `schedule`. `rng` is None unless `dropout`.
     """
 
@@ -118,9 +131,11 @@ def make_step(
             xs = (_split_microbatches(batch, microbatches), jnp.arange(microbatches))
             (grads, sums), _ = jax.lax.scan(body, init, xs)
             grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):  # names the update's ops in profiler traces
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         metrics = {**sums, "loss": sums["loss"] / denom, "grad_norm": optax.tree.norm(grads)}
+        metrics.update({k: sums[k] / denom for k in token_means})
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -138,13 +153,32 @@ def make_train_step(
     dropout: bool = False,
     schedule: optax.Schedule | None = None,
 ) -> StepFn:
-    """The LM step: token-weighted mean cross-entropy (+ z-loss in the gradient only)."""
+    """The LM step: token-weighted mean cross-entropy (+ z-loss in the gradient only).
+
+    A mixture-of-experts model adds its load-balancing and router z-losses (each a mean
+    over its MoE layers, weighted by the model config) to the objective, counted once per
+    token so that they average over microbatches like the loss; their values, the dropped
+    share and the busiest expert's load are logged as moe_* means.
+    """
+    m = getattr(model, "cfg", None)
+    aux_w, z_w = getattr(m, "moe_aux_loss_weight", 0.0), getattr(m, "moe_z_loss_weight", 0.0)
 
     def loss_fn(params, batch, rng):
-        ce_sum, z_sum, n = _loss_sums(model, params, batch, rng)
-        return ce_sum + z_loss * z_sum, {"loss": ce_sum, "tokens": n}
+        ce_sum, z_sum, n, moe = _loss_sums(model, params, batch, rng, moe_stats=True)
+        total = ce_sum + z_loss * z_sum
+        if moe:
+            total = total + n * (aux_w * moe["moe_aux_loss"] + z_w * moe["moe_z_loss"])
+        return total, {"loss": ce_sum, "tokens": n, **{k: v * n for k, v in moe.items()}}
 
-    return make_step(loss_fn, tx, microbatches=microbatches, dropout=dropout, schedule=schedule)
+    means = MOE_METRICS if getattr(m, "moe_experts", 0) else ()
+    return make_step(
+        loss_fn,
+        tx,
+        microbatches=microbatches,
+        dropout=dropout,
+        schedule=schedule,
+        token_means=means,
+    )
 
 
 def train_step_for(
@@ -167,7 +201,7 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], dict[str, jax.Arr
     """Summed loss and token count of one batch (the loop divides after summing batches)."""
 
     def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        ce_sum, _, n = _loss_sums(model, params, batch, None)
+        ce_sum, _, n, _ = _loss_sums(model, params, batch, None)
         return {"loss_sum": ce_sum, "tokens": n}
 
     return eval_step
