@@ -1,4 +1,5 @@
-"""Loss curves of one or several runs from their metrics.jsonl, as one PNG (matplotlib)."""
+"""Loss curves of one or several runs from their metrics.jsonl, as one PNG (matplotlib); and
+one run's step-time breakdown and goodput."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import yaml
 
 from jaxlm.bench.report import pyplot, save_figure
 from jaxlm.errors import ConfigError
+from jaxlm.train.status import read_records, run_status
+from jaxlm.train.timing import PHASES
 
 
 @dataclass
@@ -96,4 +99,47 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path, x: str = "steps") 
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return save_figure(fig, output)
+
+
+LOST = ("setup_s", "compile_s", "eval_s", "checkpoint_s", "recomputed_s", "down_s")
+
+
+def plot_breakdown(run_dir: str | Path, output: str | Path) -> Path:
+    """Left: seconds per step in each phase, per logging window. Right: where the run's
+    wall-clock time went (goodput and what was lost), over all its sessions."""
+    status = run_status(run_dir)  # refuses a directory that is no run
+    perf = [r for r in read_records(Path(run_dir) / "metrics.jsonl") if r.get("split") == "perf"]
+    if not perf or "goodput" not in status:
+        raise ConfigError(
+            f"'{run_dir}' has no step-time records (written by jaxlm train from this version "
+            f"on); train it further, then plot again."
+        )
+    plt = pyplot()
+    if plt is None:
+        raise ConfigError(
+            "jaxlm plot needs matplotlib; install it with pip install 'jaxlm[bench]'."
+        )
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    steps = [r["step"] for r in perf]
+    widths = [max(b - a, 1) for a, b in zip([0, *steps[:-1]], steps, strict=True)]
+    bottom = [0.0] * len(perf)
+    for i, phase in enumerate(PHASES):
+        per_step = [r.get(f"{phase}_s", 0.0) / w for r, w in zip(perf, widths, strict=True)]
+        left.bar(range(len(perf)), per_step, bottom=bottom, color=f"C{i}", label=phase)
+        bottom = [b + v for b, v in zip(bottom, per_step, strict=True)]
+    left.set_xticks(range(len(perf)), [str(s) for s in steps], fontsize=7, rotation=90)
+    left.set_xlabel("logged step")
+    left.set_ylabel("seconds per step")
+    left.set_title("host time per step, by phase")
+    left.legend(fontsize=8)
+    parts = {"productive": status["productive_s"]} | {k[:-2]: status[k] for k in LOST}
+    right.barh(list(parts), list(parts.values()), color=["C2"] + ["C7"] * len(LOST))
+    right.invert_yaxis()
+    right.set_xlabel("seconds (all sessions)")
+    right.set_title(
+        f"goodput {status['goodput']:.1%} of {status['wall_s']:.0f} s, "
+        f"{status['sessions']} session(s)"
+    )
+    fig.tight_layout()
     return save_figure(fig, output)

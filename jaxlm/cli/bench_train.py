@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxlm.cli.common import add_config_args, csv, formatter
+from jaxlm.cli.common import add_config_args, check_outputs, csv, formatter
 from jaxlm.config import load_config
 from jaxlm.errors import ConfigError
 
@@ -45,6 +45,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--steps {args.steps} / --warmup {args.warmup}: use steps >= 1, warmup >= 0."
         )
+    check_outputs(args, "json", "table", "plot")
     from jaxlm.bench import report  # imports JAX: keep `--help` fast
     from jaxlm.bench import train as bench_train
 

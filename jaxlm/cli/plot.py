@@ -21,12 +21,28 @@ def register(sub) -> None:
     p.add_argument(
         "--x", choices=("steps", "tokens"), default="steps", metavar="AXIS", help="steps|tokens"
     )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="one run's step-time breakdown and goodput instead of loss curves",
+    )
     p.set_defaults(run=cmd_plot)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from jaxlm.bench.plot import plot_runs
+    from jaxlm.config.files import check_output_file
 
-    out = plot_runs(args.runs, args.output, args.x)
+    check_output_file(args.output, "--output")
+
+    if args.breakdown:
+        from jaxlm.bench.plot import plot_breakdown
+        from jaxlm.errors import ConfigError
+
+        if len(args.runs) != 1:
+            raise ConfigError(f"--breakdown draws one run, not {len(args.runs)}; give one RUN_DIR.")
+        out = plot_breakdown(args.runs[0], args.output)
+    else:
+        out = plot_runs(args.runs, args.output, args.x)
     print(f"jaxlm plot: wrote {out}", file=sys.stderr)
     return 0

@@ -55,6 +55,9 @@ REMAT_POLICIES = (
 MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
+MOE_ROUTERS = ("softmax", "sigmoid")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The language model (a Transformer or RNN); [runtime] keys may differ from a checkpoint's."""
@@ -111,6 +114,27 @@ class ModelConfig:
         "matmul precision: default | high | highest (f32 passes on TPU/GPU)",
         runtime=True,
     )
+    # Mixture of experts (jaxlm.models.moe): Transformer families only; 0 experts = dense.
+    moe_experts: int = _f(0, "experts per MoE layer (0: dense MLPs everywhere)")
+    moe_top_k: int = _f(2, "experts each token is routed to")
+    moe_d_ff: int | None = _f(None, "hidden width of each expert's MLP (null: d_ff)")
+    moe_shared_experts: int = _f(
+        0, "always-active shared experts per MoE layer, as one dense MLP of this many widths"
+    )
+    moe_every: int = _f(1, "every N-th block is MoE (blocks N-1, 2N-1, ...), the rest dense")
+    moe_router: str = _f("softmax", "gate scores: softmax | sigmoid (top-k renormalised if k>1)")
+    moe_aux_loss_weight: float = _f(
+        0.01, "weight of the load-balancing loss (mean over MoE layers)", runtime=True
+    )
+    moe_z_loss_weight: float = _f(
+        0.001, "weight of the router z-loss, mean log(Z)^2 of the router logits", runtime=True
+    )
+    moe_capacity_factor: float = _f(
+        0.0,
+        "0: dropless (grouped matmuls); c > 0: each expert takes at most c*tokens*top_k/experts "
+        "tokens, the rest are dropped (counted in moe_dropped)",
+        runtime=True,
+    )
 
     @property
     def recurrent(self) -> bool:
@@ -130,6 +154,18 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def moe_ff_dim(self) -> int:
+        return self.moe_d_ff or self.ff_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block i (from 0) has a mixture-of-experts MLP."""
+        return self.moe_experts > 0 and (i + 1) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     @property
     def ff_dim(self) -> int:
@@ -226,6 +262,11 @@ class MeshConfig:
     fsdp: int = _f(1, "fully-sharded data-parallel axis size (params/optimizer sharded), in total")
     tensor: int = _f(1, "tensor-parallel axis size (heads and MLP sharded)")
     sequence: int = _f(1, "sequence-parallel axis size (activation length sharded)")
+    expert: int = _f(
+        1,
+        "expert-parallel axis size: MoE experts' weights split over it; elsewhere it splits "
+        "the batch like mesh.data (it must divide model.moe_experts)",
+    )
     dcn_data: int = _f(
         1,
         "how many slices/nodes (granules: TPU slices, else processes) the data axis spans "
@@ -287,6 +328,20 @@ class TrainConfig:
     profile_all_processes: bool = _f(False, "every process writes a trace, not only process 0")
 
 
+WANDB_MODES = ("online", "offline")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where a run's metrics go besides WORKDIR/metrics.jsonl (always written)."""
+
+    tensorboard: bool = _f(True, "write TensorBoard event files into WORKDIR/tensorboard/")
+    wandb_project: str | None = _f(
+        None, "also log to this Weights & Biases project (pip install 'jaxlm[wandb]'; null: off)"
+    )
+    wandb_mode: str = _f("online", "online | offline (no network; upload later with wandb sync)")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs."""
@@ -297,6 +352,7 @@ class RunConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 _SECTION_CLASSES = {
@@ -306,4 +362,5 @@ _SECTION_CLASSES = {
     "mesh": MeshConfig,
     "checkpoint": CheckpointConfig,
     "train": TrainConfig,
+    "logging": LoggingConfig,
 }

@@ -3,14 +3,17 @@ work, each problem reported as one ConfigError sentence naming the key and the f
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from jaxlm.config.schema import (
     ATTENTION_IMPLS,
     DTYPES,
     MATMUL_PRECISIONS,
+    MOE_ROUTERS,
     NAN_POLICIES,
     REMAT_POLICIES,
+    WANDB_MODES,
     RunConfig,
 )
 from jaxlm.errors import ConfigError
@@ -45,6 +48,41 @@ def _validate_sources(sources: list[dict[str, Any]] | None) -> None:
         )
 
 
+def _validate_moe(m: Any) -> None:
+    """The mixture-of-experts keys (jaxlm.models.moe)."""
+    _require(m.moe_experts >= 0, f"model.moe_experts={m.moe_experts} must be >= 0 (0: dense).")
+    if not m.moe_experts:
+        return
+    _require(
+        not m.recurrent,
+        f"model.moe_experts={m.moe_experts} applies to Transformer families only, not "
+        f"model.family={m.family!r}; set model.moe_experts=0.",
+    )
+    _positive(m, "model", ("moe_d_ff", "moe_every"))
+    _require(
+        1 <= m.moe_top_k <= m.moe_experts,
+        f"model.moe_top_k={m.moe_top_k} must be between 1 and model.moe_experts="
+        f"{m.moe_experts}; route each token to fewer experts or add experts.",
+    )
+    _require(
+        m.moe_shared_experts >= 0,
+        f"model.moe_shared_experts={m.moe_shared_experts} must be >= 0.",
+    )
+    _require(
+        m.moe_every <= m.n_layers,
+        f"model.moe_every={m.moe_every} exceeds model.n_layers={m.n_layers}, so no block "
+        f"would be MoE; use a value <= n_layers or set model.moe_experts=0.",
+    )
+    _require(
+        not m.scan_layers or m.moe_every == 1,
+        f"model.scan_layers needs identical blocks but model.moe_every={m.moe_every} mixes "
+        f"dense and MoE blocks; set model.moe_every=1 or model.scan_layers=false.",
+    )
+    for k in ("moe_aux_loss_weight", "moe_z_loss_weight", "moe_capacity_factor"):
+        v = getattr(m, k)
+        _require(v >= 0.0, f"model.{k}={v} must be >= 0.")
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every value and every cross-field constraint; raise ConfigError on the first."""
     m, d, o, t, c, mesh = cfg.model, cfg.data, cfg.optimizer, cfg.train, cfg.checkpoint, cfg.mesh
@@ -74,6 +112,7 @@ def validate(cfg: RunConfig) -> None:
         ("dtype", DTYPES),
         ("remat", REMAT_POLICIES),
         ("matmul_precision", MATMUL_PRECISIONS),
+        ("moe_router", MOE_ROUTERS),
     ):
         v = getattr(m, key)
         if v is None and m.recurrent:  # an option this family does not use
@@ -92,6 +131,7 @@ def validate(cfg: RunConfig) -> None:
         f"model.scan_layers and model.remat apply to Transformer families only, not "
         f"model.family={m.family!r}; set model.scan_layers=false and model.remat=none.",
     )
+    _validate_moe(m)
     _require(
         m.vocab_size >= 300 or d.tokenizer is not None,
         f"model.vocab_size={m.vocab_size} is too small for a byte-fallback tokenizer; "
@@ -118,6 +158,7 @@ def validate(cfg: RunConfig) -> None:
     _require(d.prefetch >= 0, f"data.prefetch={d.prefetch} must be >= 0.")
 
     _positive(o, "optimizer", ("lr",))
+    _positive(t, "train", ("steps",))  # before the warmup check, which compares with it
     _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0.")
     _require(
         o.warmup_steps <= t.steps,
@@ -135,13 +176,19 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(o, k)
         _require(v >= 0.0, f"optimizer.{k}={v} must be >= 0.")
 
-    for k in ("data", "fsdp", "tensor", "sequence"):
+    for k in ("data", "fsdp", "tensor", "sequence", "expert"):
         v = getattr(mesh, k)
         _require(v == -1 or v >= 1, f"mesh.{k}={v} must be a positive size or -1 (the rest).")
-    auto = [k for k in ("data", "fsdp", "tensor", "sequence") if getattr(mesh, k) == -1]
+    mesh_axes = ("data", "fsdp", "tensor", "sequence", "expert")
+    auto = [k for k in mesh_axes if getattr(mesh, k) == -1]
     _require(
         len(auto) <= 1,
         f"Only one mesh axis may be -1, but {', '.join('mesh.' + a for a in auto)} are; fix all but one.",
+    )
+    _require(
+        not m.moe_experts or mesh.expert == -1 or m.moe_experts % mesh.expert == 0,
+        f"model.moe_experts={m.moe_experts} can't be split evenly over mesh.expert="
+        f"{mesh.expert}; make the expert count a multiple of mesh.expert or change mesh.expert.",
     )
     for k, axis in (("dcn_data", "data"), ("dcn_fsdp", "fsdp")):
         v, size = getattr(mesh, k), getattr(mesh, axis)
@@ -167,6 +214,7 @@ def validate(cfg: RunConfig) -> None:
     _positive(c, "checkpoint", ("keep", "agree_every"))
     _positive(t, "train", ("max_skipped_steps",))
     _check_profile_steps(t.profile_steps)
+    _check_logging(cfg)
 
     _positive(t, "train", ("steps", "batch_size", "microbatches", "log_every"))
     _require(
@@ -197,3 +245,20 @@ def _check_profile_steps(steps: list | None) -> None:
                 f"train.profile_steps={steps!r} must be [first, last] steps with "
                 f"1 <= first <= last, or a list of such pairs, e.g. [20, 25]."
             )
+
+
+def _check_logging(cfg: RunConfig) -> None:
+    """The tracker settings, and the optional library a tracker needs."""
+    lg = cfg.logging
+    if lg.wandb_mode not in WANDB_MODES:
+        raise ConfigError(
+            f"logging.wandb_mode={lg.wandb_mode!r} is not supported; use one of "
+            f"{', '.join(WANDB_MODES)}."
+        )
+    if lg.wandb_project is not None and not lg.wandb_project.strip():
+        raise ConfigError("logging.wandb_project is empty; name a project, or null for no W&B.")
+    if lg.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"logging.wandb_project={lg.wandb_project!r} needs Weights & Biases; install it "
+            f"with pip install 'jaxlm[wandb]', or set logging.wandb_project=null."
+        )

@@ -1,10 +1,9 @@
 """The training loop: config -> data + model -> compiled step -> metrics and checkpoints.
 
-Everything a run writes lives in its workdir:
-  config.yaml       the resolved config          tokenizer.model/.vocab  (when trained here)
-  metrics.jsonl     one JSON record per log/eval  tensorboard/            event files
-  checkpoints/      Orbax steps
-  checkpoints.damaged/  unreadable steps and interrupted saves, moved aside (never deleted)
+Everything a run writes lives in its workdir: config.yaml (resolved, with jaxlm's version),
+metrics.jsonl, tensorboard/, checkpoints/ (Orbax steps), checkpoints.damaged/ (unreadable
+steps and interrupted saves, moved aside, never deleted), tokens/ and tokenizer.model (when
+made here), profile/ (traces), train.lock while it runs.
 
 Started again on the same workdir, a run resumes from its newest readable checkpoint and
 continues bitwise as if it had never stopped; metrics logged after that checkpoint are
@@ -22,6 +21,7 @@ import logging
 import math
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,12 +35,13 @@ from tqdm import tqdm
 
 from jaxlm import config as config_lib
 from jaxlm.config import RunConfig
+from jaxlm.config.version import version_header
 from jaxlm.data import pipeline
 from jaxlm.data.dataset import Corpus, prepare_corpus
 from jaxlm.errors import ConfigError, NonFiniteError
 from jaxlm.models import build_model
-from jaxlm.parallel.sharding import make_mesh, put_batch, validate_mesh
-from jaxlm.perf.flops import flops_per_token
+from jaxlm.parallel.sharding import make_mesh, process_rows, put_batch, validate_mesh
+from jaxlm.perf.flops import flops_per_token, inactive_params
 from jaxlm.perf.peak import device_peak
 from jaxlm.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxlm.train.guard import StepBoundary, skip_nonfinite, tree_all_finite
@@ -56,8 +57,10 @@ from jaxlm.train.resume import (
     rewind_metrics,
 )
 from jaxlm.train.state import TrainState, init_train_state, param_count, state_shardings
+from jaxlm.train.status import last_train_step, run_status
 from jaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, train_step_for
 from jaxlm.train.steplog import StepLog
+from jaxlm.train.timing import Breakdown, Profiler, profile_windows
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ class Job:
     abstract: TrainState  # shapes and dtypes of every state leaf
     shardings: TrainState  # NamedShardings of every state leaf
     identity: dict[str, Any] | None = None  # tokenizer and corpus fingerprints (resume.py)
+    started: float = 0.0  # time.time() when `train` was called
+    recomputed: int = 0  # steps logged before a crash that this session must do again
 
 
 def train(
@@ -100,12 +105,15 @@ def train(
     against other runs throughout (train.lock). `allow_data_change` resumes even when the
     tokenizer or corpus content differs from the checkpoint's.
     """
+    started = time.time()
     with hold_workdir(Path(workdir)):
         job = set_up(cfg, Path(workdir))
+        job.started = started
         state, restored_step = restore_or_init(job, init_params, allow_data_change)
         start_step = int(jax.device_get(state.step))
         summary: dict[str, Any] = {
             "params": param_count(state.params),
+            "active_params": param_count(state.params) - inactive_params(cfg.model),
             "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
             "start_step": start_step,
             "stopped_at": None,
@@ -153,7 +161,7 @@ def set_up(cfg: RunConfig, workdir: Path) -> Job:
         mesh=mesh,
         data=data,
         train_iter=train_iter,
-        eval_batches=[_process_rows(b, proc, n_proc) for b in eval_batches],
+        eval_batches=[process_rows(b) for b in eval_batches],
         model=model,
         tx=tx,
         ckpt=Checkpointer(workdir / "checkpoints", cfg.checkpoint),
@@ -185,8 +193,9 @@ def restore_or_init(
         log=logger.info,
     )
     if jax.process_index() == 0:  # only now, after every check: a refused command must not
-        (workdir / "config.yaml").write_text(config_lib.to_yaml(cfg), encoding="utf-8")
+        (workdir / "config.yaml").write_text(version_header() + config_lib.to_yaml(cfg), "utf-8")
         resumed_at = -1 if restored is None else restored.step
+        job.recomputed = max(0, last_train_step(workdir / "metrics.jsonl") - max(resumed_at, 0))
         dropped = rewind_metrics(workdir / "metrics.jsonl", resumed_at)
         if dropped:
             logger.info(
@@ -245,14 +254,17 @@ class _Loop:
             len(job.data.val_docs),
         )
         logger.info("peak %.3g TFLOP/s per device (%s)", peak / 1e12, peak_source)
+        if cfg.model.moe_experts:
+            logger.info("mixture of experts: %.2fM parameters active per token (of %.2fM)",
+                        summary["active_params"] / 1e6, summary["params"] / 1e6)  # fmt: skip
 
         step_fn = train_step_for(cfg, job.model, job.tx)
         if t.nan_policy == "skip":
             step_fn = skip_nonfinite(step_fn)
         self.step_fn = jit_train_step(step_fn, job.shardings, job.mesh)
         self.eval_fn = jit_eval_step(make_eval_step(job.model), job.shardings.params, job.mesh)
-        self.writer = MetricsWriter(job.workdir, enabled=is_main)
         self.config_dict = {**config_lib.to_dict(cfg), IDENTITY_KEY: job.identity}
+        self.writer = MetricsWriter.for_run(job.workdir, cfg.logging, self.config_dict, is_main)
         self.bar = None
         if progress and is_main:
             self.bar = tqdm(
@@ -264,10 +276,17 @@ class _Loop:
                 file=sys.stderr,
             )
         tokens_per_step = t.batch_size * cfg.data.seq_len
+        self.timing = Breakdown()
         self.log = StepLog(
             self.writer, self.bar, self.start, tokens_per_step, fpt, t.nan_policy, peak,
-            max_skipped=t.max_skipped_steps,
+            max_skipped=t.max_skipped_steps, timing=self.timing,
         )  # fmt: skip
+        windows = profile_windows(t.profile_steps or [])
+        self.profiler = Profiler(windows, job.workdir / "profile", t.profile_all_processes)
+        setup_s = time.time() - job.started  # each start of the run: goodput's sessions
+        session = {"start_step": self.start, "recomputed_steps": job.recomputed}
+        self.writer.write(self.start, {**session, "setup_s": setup_s}, "session")
+        self.done = self.start
         self.boundary = StepBoundary(stop, cfg.checkpoint.every_minutes, cfg.checkpoint.agree_every)
         self.history: list[tuple[int, float]] = []
 
@@ -297,11 +316,16 @@ class _Loop:
         wait_for_saves = True
         try:
             if self.start == 0 and job.eval_batches:
-                first_eval = self.evaluate(0)
+                with self.timing.timed("eval"):
+                    first_eval = self.evaluate(0)
             for step in range(self.start, t.steps):
-                self.state, metrics = self.step_fn(
-                    self.state, put_batch(next(job.train_iter), job.mesh)
-                )
+                self.profiler.before_step(step + 1)
+                with self.timing.timed("data"):
+                    batch = put_batch(next(job.train_iter), job.mesh)
+                with self.timing.timed("dispatch"):
+                    self.state, metrics = self.step_fn(self.state, batch)
+                self.done = step + 1
+                self.profiler.after_step(step + 1, self.state)
                 if self._after_step(step + 1, metrics):
                     logger.info("Stopped by a signal at step %d; checkpoint saved.", step + 1)
                     summary["stopped_at"] = step + 1
@@ -309,10 +333,11 @@ class _Loop:
             else:
                 if self.bar is not None:
                     self.bar.close()
-                if job.eval_batches:
-                    final_eval = self.evaluate(t.steps)
+                with self.timing.timed("eval"):
+                    final_eval = self.evaluate(t.steps) if job.eval_batches else None
                 if self.last_saved != t.steps:
-                    self.save(t.steps)
+                    with self.timing.timed("checkpoint"):
+                        self.save(t.steps)
         except NonFiniteError:
             raise  # every process saw the same metrics and stops here: saves can finish
         except BaseException:
@@ -321,10 +346,15 @@ class _Loop:
             wait_for_saves = jax.process_count() == 1
             raise
         finally:
+            self.profiler.close()
             if self.bar is not None:
                 self.bar.close()
             if wait_for_saves:
-                job.ckpt.close()
+                with self.timing.timed("checkpoint"):
+                    job.ckpt.close()
+            end = {f"{k}_s": v for k, v in self.timing.session.items()} | self.log.seconds()
+            end |= {"steps": self.done - self.start, "wall_s": time.time() - job.started}
+            self.writer.write(self.done, end, "session_end")
             self.writer.close()
         return {
             **summary,
@@ -333,6 +363,7 @@ class _Loop:
             "first_eval_loss": None if first_eval is None else first_eval["loss"],
             "final_eval_loss": None if final_eval is None else final_eval["loss"],
             "eval_history": self.history,
+            "goodput": run_status(job.workdir).get("goodput") if jax.process_index() == 0 else None,
             "state": self.state,
         }
 
@@ -354,15 +385,9 @@ class _Loop:
             self.log.perf(done)
         with self.log.paused():  # evaluating and starting a save are not training time
             if do_eval:
-                self.evaluate(done)
+                with self.timing.timed("eval"):
+                    self.evaluate(done)
             if do_save:
-                self.save(done)
+                with self.timing.timed("checkpoint"):
+                    self.save(done)
         return stop_now
-
-
-def _process_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
-    """This process's contiguous block of rows of a global batch."""
-    if count == 1:
-        return batch
-    n = next(iter(batch.values())).shape[0] // count
-    return {k: v[index * n : (index + 1) * n] for k, v in batch.items()}
