@@ -1,4 +1,4 @@
-"""`jaxlm convert from-hf | to-hf`: Hugging Face GPT-2/Llama directories <-> jaxlm."""
+"""`jaxlm convert from-hf | to-hf`: Hugging Face GPT-2/Llama/Mixtral directories <-> jaxlm."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ DTYPE_HELP = "parameter dtype written: float32 | bfloat16"
 def register(sub) -> None:
     p = sub.add_parser(
         "convert",
-        help="import or export Hugging Face GPT-2/Llama weights (local files only)",
+        help="import or export Hugging Face GPT-2/Llama/Mixtral weights (local files only)",
         description="Convert between a local Hugging Face model directory and a jaxlm export.",
     )
     what = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
@@ -22,7 +22,7 @@ def register(sub) -> None:
         formatter_class=formatter,
         help="HF directory (config.json + safetensors) -> jaxlm export",
         description="Write a jaxlm export (params, config.yaml, tokenizer) from a local HF "
-        "GPT-2 or Llama directory; eval, generate and finetune take it via --checkpoint.",
+        "GPT-2, Llama or Mixtral directory; eval, generate and finetune take it via --checkpoint.",
     )
     q.add_argument("source", metavar="HF_DIR", help="directory with config.json and safetensors")
     q.add_argument("--output", "-o", required=True, metavar="DIR", help="new jaxlm directory")
@@ -36,7 +36,7 @@ def register(sub) -> None:
         formatter_class=formatter,
         help="jaxlm run or export -> HF directory (config.json + model.safetensors)",
         description="Write config.json, model.safetensors and the tokenizer, which "
-        "GPT2LMHeadModel / LlamaForCausalLM.from_pretrained load.",
+        "GPT2LMHeadModel / LlamaForCausalLM / MixtralForCausalLM.from_pretrained load.",
     )
     q.add_argument("source", metavar="RUN_OR_EXPORT", help="a jaxlm run or export directory")
     q.add_argument("--output", "-o", required=True, metavar="DIR", help="new HF model directory")

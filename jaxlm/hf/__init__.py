@@ -1,1 +1,1 @@
-"""Hugging Face interop: GPT-2 and Llama checkpoints to and from jaxlm (local files only)."""
+"""Hugging Face interop: GPT-2, Llama and Mixtral checkpoints to and from jaxlm (local files)."""

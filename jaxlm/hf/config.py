@@ -1,20 +1,36 @@
-"""Hugging Face `config.json` <-> jaxlm ModelConfig for GPT-2 and Llama.
+"""Hugging Face `config.json` <-> jaxlm ModelConfig for GPT-2, Llama and Mixtral.
 
 Only architectures jaxlm computes exactly are accepted: anything else (another model type,
 rope scaling, exact-erf GELU, per-layer attention scaling, ...) is refused with one sentence
 naming the field, before any weight is read.
+
+Mixtral is a Llama whose every MLP is a mixture of experts: softmax over all experts, the
+top k kept and renormalised to sum to 1, no shared expert. jaxlm's `moe_router=softmax`
+renormalises the same way when k > 1 but keeps the raw probability when k = 1 (Mixtral's
+single gate is always 1), so only k >= 2 converts, in either direction.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 
-SUPPORTED_TYPES = ("gpt2", "llama")
+SUPPORTED_TYPES = ("gpt2", "llama", "mixtral")
+# MoE layouts jaxlm does not compute, with the reason given when one is refused.
+UNSUPPORTED_MOE = {
+    "qwen2_moe": "its shared expert is scaled by a learned sigmoid gate and its top-k weights "
+    "are not renormalised, while jaxlm's shared experts are ungated",
+    "qwen3_moe": "it normalises queries and keys per head (qk-norm), which jaxlm's attention "
+    "does not do",
+}
 # GPT-2's "gelu_new" and torch's tanh GELU are the tanh approximation flax's nn.gelu computes.
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+logger = logging.getLogger(__name__)
 
 
 def _need(hf: dict[str, Any], key: str, model_type: str) -> Any:
@@ -72,11 +88,11 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def _llama_config(hf: dict[str, Any]) -> ModelConfig:
+def _llama_config(hf: dict[str, Any], kind: str = "llama") -> ModelConfig:
     act = hf.get("hidden_act", "silu")
     _refuse(act == "silu", "hidden_act", act, "only silu (SwiGLU)")
-    d_model = _need(hf, "hidden_size", "llama")
-    n_heads = _need(hf, "num_attention_heads", "llama")
+    d_model = _need(hf, "hidden_size", kind)
+    n_heads = _need(hf, "num_attention_heads", kind)
     head_dim = hf.get("head_dim") or d_model // n_heads
     _refuse(
         head_dim * n_heads == d_model, "head_dim", head_dim, "only hidden_size/num_attention_heads"
@@ -88,13 +104,13 @@ def _llama_config(hf: dict[str, Any]) -> ModelConfig:
     n_kv = hf.get("num_key_value_heads") or n_heads
     return ModelConfig(
         family="llama",
-        vocab_size=_need(hf, "vocab_size", "llama"),
+        vocab_size=_need(hf, "vocab_size", kind),
         d_model=d_model,
-        n_layers=_need(hf, "num_hidden_layers", "llama"),
+        n_layers=_need(hf, "num_hidden_layers", kind),
         n_heads=n_heads,
         n_kv_heads=None if n_kv == n_heads else n_kv,
-        d_ff=_need(hf, "intermediate_size", "llama"),
-        max_seq_len=_need(hf, "max_position_embeddings", "llama"),
+        d_ff=_need(hf, "intermediate_size", kind),
+        max_seq_len=_need(hf, "max_position_embeddings", kind),
         norm="rmsnorm",
         position="rope",
         mlp="swiglu",
@@ -106,15 +122,65 @@ def _llama_config(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _mixtral_config(hf: dict[str, Any]) -> ModelConfig:
+    """A Llama ModelConfig with every MLP a softmax top-k mixture of experts."""
+    n_experts = _need(hf, "num_local_experts", "mixtral")
+    top_k = _need(hf, "num_experts_per_tok", "mixtral")
+    _refuse(
+        top_k >= 2,
+        "num_experts_per_tok",
+        top_k,
+        "only >= 2 (Mixtral sets one expert's gate to 1, jaxlm keeps its router probability)",
+    )
+    jitter = hf.get("router_jitter_noise") or 0.0
+    _refuse(jitter == 0, "router_jitter_noise", jitter, "only 0 (jaxlm has no router jitter)")
+    window, positions = hf.get("sliding_window"), _need(hf, "max_position_embeddings", "mixtral")
+    _refuse(
+        window is None or window >= positions,
+        "sliding_window",
+        window,
+        f"only null or >= max_position_embeddings={positions} (full causal attention)",
+    )
+    # Mixtral's projections never have biases, whatever attention_bias/mlp_bias say.
+    llama = _llama_config({k: v for k, v in hf.items() if not k.endswith("_bias")}, "mixtral")
+    return dataclasses.replace(
+        llama, moe_experts=n_experts, moe_top_k=top_k, moe_router="softmax", moe_every=1
+    )
+
+
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig computing exactly what a GPT-2 or Llama `config.json` describes."""
+    """The ModelConfig computing exactly what a GPT-2, Llama or Mixtral `config.json` describes."""
     kind = hf.get("model_type")
-    _refuse(kind in SUPPORTED_TYPES, "model_type", kind, " and ".join(SUPPORTED_TYPES))
-    return _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
+    if kind in UNSUPPORTED_MOE:
+        raise ConfigError(
+            f"config.json has model_type={kind!r}, which jaxlm can't compute because "
+            f"{UNSUPPORTED_MOE[kind]}; of mixture-of-experts models only mixtral converts."
+        )
+    _refuse(kind in SUPPORTED_TYPES, "model_type", kind, ", ".join(SUPPORTED_TYPES))
+    if kind == "gpt2":
+        return _gpt2_config(hf)
+    return _mixtral_config(hf) if kind == "mixtral" else _llama_config(hf)
+
+
+def _check_mixtral(cfg: ModelConfig) -> None:
+    """Refuse mixture-of-experts settings that Mixtral has no way to express."""
+    problems = [
+        (cfg.moe_shared_experts == 0, f"model.moe_shared_experts={cfg.moe_shared_experts}", "0"),
+        (cfg.moe_every == 1, f"model.moe_every={cfg.moe_every}", "1 (every block MoE)"),
+        (cfg.moe_router == "softmax", f"model.moe_router={cfg.moe_router}", "softmax"),
+        (cfg.moe_top_k >= 2, f"model.moe_top_k={cfg.moe_top_k}", ">= 2 (Mixtral renormalises)"),
+        (not cfg.bias, f"model.bias={cfg.bias}", "false"),
+    ]
+    for ok, setting, want in problems:
+        if not ok:
+            raise ConfigError(
+                f"Mixtral, the Hugging Face MoE model to-hf writes, can't express {setting}; "
+                f"only models with {setting.split('=')[0]}={want} convert."
+            )
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
-    """'gpt2' or 'llama': the Hugging Face architecture with exactly this model's math."""
+    """'gpt2', 'llama' or 'mixtral': the Hugging Face architecture with this model's math."""
     layout = (cfg.norm, cfg.position, cfg.mlp)
     if cfg.recurrent or layout not in (
         ("layernorm", "learned", "gelu"),
@@ -125,6 +191,14 @@ def hf_model_type(cfg: ModelConfig) -> str:
             f"has no Hugging Face counterpart; to-hf writes GPT-2 (layernorm, learned, gelu) and "
             f"Llama (rmsnorm, rope, swiglu) models."
         )
+    if cfg.moe_experts and layout[0] == "layernorm":
+        raise ConfigError(
+            f"model.moe_experts={cfg.moe_experts} on a GPT-2 layout has no Hugging Face "
+            f"counterpart; to-hf writes mixtures of experts as Mixtral (rmsnorm, rope, swiglu)."
+        )
+    if cfg.moe_experts:
+        _check_mixtral(cfg)
+        return "mixtral"
     if layout[0] == "layernorm" and not cfg.bias:
         raise ConfigError(
             "GPT-2 in Hugging Face always has biases, but this model has model.bias=false; "
@@ -139,7 +213,7 @@ def hf_model_type(cfg: ModelConfig) -> str:
 
 
 def hf_config_from_model(cfg: ModelConfig, special_ids: dict[str, int]) -> dict[str, Any]:
-    """A transformers `config.json` dict for GPT2LMHeadModel or LlamaForCausalLM."""
+    """A transformers `config.json` dict for GPT2LMHeadModel, LlamaForCausalLM or Mixtral."""
     kind = hf_model_type(cfg)
     ids = {f"{k}_token_id": v for k, v in special_ids.items() if v is not None and v >= 0}
     if kind == "gpt2":
@@ -162,7 +236,7 @@ def hf_config_from_model(cfg: ModelConfig, special_ids: dict[str, int]) -> dict[
             "dtype": "float32",
             **ids,
         }
-    return {
+    llama = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
@@ -186,4 +260,24 @@ def hf_config_from_model(cfg: ModelConfig, special_ids: dict[str, int]) -> dict[
         "tie_word_embeddings": bool(cfg.tie_embeddings),
         "dtype": "float32",
         **ids,
+    }
+    if kind == "llama":
+        return llama
+    if cfg.moe_capacity_factor > 0:
+        # A runtime key, so the weights are the same; only jaxlm's dropping of tokens differs.
+        logger.warning(
+            "model.moe_capacity_factor=%g drops tokens in jaxlm, but Mixtral is dropless: the "
+            "exported model computes what jaxlm does with moe_capacity_factor=0.",
+            cfg.moe_capacity_factor,
+        )
+    del llama["attention_bias"], llama["mlp_bias"]  # Mixtral has neither
+    return llama | {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "intermediate_size": cfg.moe_ff_dim,
+        "num_local_experts": cfg.moe_experts,
+        "num_experts_per_tok": cfg.moe_top_k,
+        "router_jitter_noise": 0.0,
+        "sliding_window": None,
+        "output_router_logits": False,
     }

@@ -1,10 +1,11 @@
-"""`jaxlm convert`: local Hugging Face GPT-2/Llama directories <-> jaxlm exports.
+"""`jaxlm convert`: local Hugging Face GPT-2/Llama/Mixtral directories <-> jaxlm exports.
 
 from-hf writes the layout of `jaxlm export` (params/, config.yaml, export.json and the
 tokenizer), so `runs.load_run`, eval, generate and finetune read it like any export.
 to-hf writes `config.json`, `model.safetensors` (or, above `max_shard_bytes`, numbered
 shards with `model.safetensors.index.json`) and the tokenizer files, which
-`GPT2LMHeadModel` / `LlamaForCausalLM.from_pretrained` load. Only local files are read.
+`GPT2LMHeadModel` / `LlamaForCausalLM` / `MixtralForCausalLM.from_pretrained` load. Only
+local files are read.
 
 to-hf restores the model sharded like every other command and streams it out one tensor
 at a time: each is gathered from its shards (over every host of a multi-process job),
@@ -29,7 +30,7 @@ import sentencepiece as spm
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxlm.config import DataConfig, RunConfig, resolve, to_yaml, validate
+from jaxlm.config import DataConfig, RunConfig, load_config, resolve, to_yaml, validate
 from jaxlm.config.files import check_output_dir
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import ConfigError
@@ -197,7 +198,7 @@ def _run_config(hf: dict[str, Any], tokenizer_path: Path | None) -> RunConfig:
 def from_hf(
     src: str | Path, output: str | Path, dtype: str = "float32", tokenizer: str | None = None
 ) -> dict[str, Any]:
-    """Convert a local HF GPT-2/Llama directory into a jaxlm export directory `output`.
+    """Convert a local HF GPT-2/Llama/Mixtral directory into a jaxlm export `output`.
 
     The tokenizer is `tokenizer` if given, else the directory's tokenizer.json or
     tokenizer.model; it is copied so the output is self-contained.
@@ -330,9 +331,13 @@ def to_hf(
     if max_shard_bytes <= 0:
         raise ConfigError(f"--max-shard-gb must be positive, not {max_shard_bytes / 1024**3:g}.")
     _check_new(output)
+    cfg_path = Path(path) / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"'{path}' holds no config.yaml; pass a jaxlm run or export directory.")
+    # Refuse a model HF has no class for before restoring (and gathering) any parameter.
+    kind = hf_model_type(load_config(cfg_path).model)
     run = load_run(path)
     model = run.cfg.model
-    kind = hf_model_type(model)  # refuses models HF has no class for, before writing
     primary = jax.process_index() == 0
     files = 0
 

@@ -1,4 +1,4 @@
-"""Hugging Face tensor names and layouts <-> jaxlm's parameter tree, for GPT-2 and Llama.
+"""Hugging Face tensor names and layouts <-> jaxlm's parameter tree: GPT-2, Llama, Mixtral.
 
 Each HF tensor maps to one or more jaxlm leaves (GPT-2 fuses q, k, v into `c_attn`). A
 tensor is brought to [inputs, outputs] (torch `Linear` stores [out, in], GPT-2's `Conv1D`
@@ -8,6 +8,12 @@ is exact bit for bit.
 
 Rotary embeddings need no permutation: jaxlm pairs feature i with i + E/2 (half split),
 which is exactly the `rotate_half` convention HF Llama checkpoints are stored in.
+
+Mixtral stores each expert as its own Linear (`experts.{e}.w1` gate, `w3` up, `w2` down),
+while jaxlm stacks a layer's experts along a leading axis ([X, D, F] / [X, F, D]). Such a
+tensor names the index `expert` it fills in its leaf: from-hf collects the X slices and
+hands the leaf on once it is whole; to-hf reads each stacked leaf once and cuts it up.
+The router (`gate.weight`, [X, D]) is an ordinary transposed Linear.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class Tensor:
     leaves: tuple[Path, ...]
     n_in: int  # leading axes of each leaf that are inputs (0 for vectors)
     transpose: bool = False  # stored [out, in] (torch Linear)
+    expert: int | None = None  # the slice of each leaf's leading (expert) axis it holds
 
 
 def _norm_leaf(cfg: ModelConfig, module: tuple[str, ...], what: str) -> Path:
@@ -70,6 +77,18 @@ def _gpt2_tensors(cfg: ModelConfig) -> list[Tensor]:
     return out
 
 
+def _mixtral_moe_tensors(cfg: ModelConfig, b: str, h: str) -> list[Tensor]:
+    """One Mixtral layer's router and experts, each stacked leaf's experts in a row."""
+    moe = f"{h}.block_sparse_moe"
+    out = [Tensor(f"{moe}.gate.weight", ((b, "moe", "router"),), 1, transpose=True)]
+    for hf_name, ours in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+        out += [
+            Tensor(f"{moe}.experts.{e}.{hf_name}.weight", ((b, "moe", ours),), 1, True, e)
+            for e in range(cfg.moe_experts)
+        ]
+    return out
+
+
 def _llama_tensors(cfg: ModelConfig) -> list[Tensor]:
     out = [
         Tensor("embed_tokens.weight", (("embed", "embedding"),), 1),
@@ -82,12 +101,17 @@ def _llama_tensors(cfg: ModelConfig) -> list[Tensor]:
         ("self_attn.k_proj", ("attn", "key"), 1),
         ("self_attn.v_proj", ("attn", "value"), 1),
         ("self_attn.o_proj", ("attn", "out"), 2),
-        ("mlp.gate_proj", ("mlp", "gate"), 1),
-        ("mlp.up_proj", ("mlp", "up"), 1),
-        ("mlp.down_proj", ("mlp", "down"), 1),
     ]
+    if not cfg.moe_experts:
+        projections += [
+            ("mlp.gate_proj", ("mlp", "gate"), 1),
+            ("mlp.up_proj", ("mlp", "up"), 1),
+            ("mlp.down_proj", ("mlp", "down"), 1),
+        ]
     for i in range(cfg.n_layers):
         b, h = f"block_{i}", f"layers.{i}"
+        if cfg.moe_experts:
+            out += _mixtral_moe_tensors(cfg, b, h)
         for hf_name, ours, n_in in projections:
             out.append(Tensor(f"{h}.{hf_name}.weight", ((b, *ours, "kernel"),), n_in, True))
             if cfg.bias:
@@ -102,11 +126,13 @@ def _llama_tensors(cfg: ModelConfig) -> list[Tensor]:
 
 # Non-parameter buffers some checkpoints carry (causal masks, rotary frequencies).
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+_PREFIX = {"gpt2": "transformer.", "llama": "model.", "mixtral": "model."}
+CLASSES = "GPT2LMHeadModel/LlamaForCausalLM/MixtralForCausalLM"
 
 
 def tensor_table(kind: str, cfg: ModelConfig) -> list[Tensor]:
-    """Every HF tensor of a `kind` ('gpt2' | 'llama') model with this config."""
+    """Every HF tensor of a `kind` ('gpt2' | 'llama' | 'mixtral') model with this config;
+    Llama and Mixtral differ only in `cfg.moe_experts`."""
     return _gpt2_tensors(cfg) if kind == "gpt2" else _llama_tensors(cfg)
 
 
@@ -123,7 +149,7 @@ def _get(tree: dict[str, Any], path: Path) -> Any:
     except (KeyError, TypeError):
         raise ConfigError(
             f"The parameters have no '{'/'.join(path)}', so they are not laid out as jaxlm's "
-            f"GPT-2/Llama Transformer; only those models convert."
+            f"GPT-2/Llama/Mixtral Transformer; only those models convert."
         ) from None
     return tree
 
@@ -160,14 +186,17 @@ def params_from_hf(
     if extra:
         raise ConfigError(
             f"The checkpoint holds tensor '{extra[0]}' that a {kind} model of this config.json "
-            f"does not have ({len(extra)} such); only plain GPT2LMHeadModel/LlamaForCausalLM "
-            f"weights convert."
+            f"does not have ({len(extra)} such); only plain {CLASSES} weights, as "
+            f"save_pretrained writes them, convert."
         )
     params: dict[str, Any] = {}
+    stacks: dict[Path, tuple[np.ndarray, list[int]]] = {}  # expert leaves being filled
     for t in table:
         if t.name not in by_name:
             raise ConfigError(f"The checkpoint has no tensor '{t.name}' that config.json implies.")
         shapes = [tuple(_get(abstract, p).shape) for p in t.leaves]
+        if t.expert is not None:
+            shapes = [s[1:] for s in shapes]
         w = tensors[by_name[t.name]]
         if tuple(w.shape) != _hf_shape(t, shapes):
             raise ConfigError(
@@ -178,15 +207,30 @@ def params_from_hf(
         pieces = np.split(w, len(t.leaves), axis=-1)
         for path, shape, piece in zip(t.leaves, shapes, pieces, strict=True):
             leaf = np.ascontiguousarray(piece).reshape(shape)
-            _put(params, path, leaf_fn(leaf, _get(abstract, path)))
+            if t.expert is None:
+                _put(params, path, leaf_fn(leaf, _get(abstract, path)))
+                continue
+            n_experts = _get(abstract, path).shape[0]
+            stack, filled = stacks.setdefault(path, (np.empty((n_experts, *shape), w.dtype), []))
+            stack[t.expert] = leaf
+            filled.append(t.expert)
+            if len(filled) == n_experts:  # every expert is in: the leaf is whole
+                _put(params, path, leaf_fn(stacks.pop(path)[0], _get(abstract, path)))
     return params
 
 
 def iter_params_to_hf(kind: str, cfg: ModelConfig, params: dict[str, Any]):
     """(full HF name, contiguous numpy tensor) pairs from jaxlm's parameter tree, one at a
     time: a tensor's leaves are read (np.asarray) only when it is built."""
+    stacked: tuple[Path, np.ndarray] | None = None  # the expert leaf being cut up
     for t in tensor_table(kind, cfg):
-        leaves = [np.asarray(_get(params, p)) for p in t.leaves]
+        if t.expert is None:
+            leaves = [np.asarray(_get(params, p)) for p in t.leaves]
+        else:
+            (path,) = t.leaves
+            if stacked is None or stacked[0] != path:
+                stacked = (path, np.asarray(_get(params, path)))
+            leaves = [stacked[1][t.expert]]
         flat = [
             x.reshape(math.prod(x.shape[: t.n_in]), -1) if t.n_in else x.reshape(-1) for x in leaves
         ]
