@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from jaxlm.bench.report import tpu_devices
 from jaxlm.config import MeshConfig, RunConfig
 from jaxlm.errors import ConfigError
 from jaxlm.parallel.sharding import make_mesh
+
+MIXTRAL = Path(__file__).resolve().parents[1] / "configs" / "mixtral-8x7b.yaml"
 
 SMALL = [
     "model.vocab_size=512",
@@ -167,4 +170,25 @@ def test_plan_for_two_v5p_slices_keeps_per_chip_state_of_one_slice():
     assert plan["batch_bytes"] == 64 * 5 * 4  # one row: 5 keys of 64 4-byte values
     analytic = plan["param_bytes"] + plan["opt_bytes"] + plan["batch_bytes"]
     assert plan["argument_bytes"] == pytest.approx(analytic, rel=0.05)
+    assert plan["fits"] is True
+
+
+@needs_libtpu
+@pytest.mark.slow  # a minute or two on 2 busy cores: two 4096-wide MoE blocks at full width
+def test_plan_for_mixtral_shaped_moe_on_v5p_splits_experts_over_the_expert_axis():
+    # configs/mixtral-8x7b.yaml at two of its 32 layers: experts split 8 ways by the expert
+    # axis and 8 ways by FSDP (their embed dimension); every other parameter only by FSDP.
+    layers, d, f, x, fsdp, expert = 2, 4096, 14336, 8, 8, 8
+    proc = run_plan(
+        "-c", str(MIXTRAL), "--topology", "v5p:4x4x4", f"model.n_layers={layers}",
+        "mesh.data=1", f"mesh.fsdp={fsdp}", f"mesh.expert={expert}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(proc.stdout)
+    assert plan["devices"] == 64 and plan["mesh"]["expert"] == expert
+    experts = layers * x * 3 * d * f  # gate, up and down kernels of every expert
+    dense = plan["params"] - experts
+    assert plan["param_bytes"] == 4 * (experts // (expert * fsdp) + dense // fsdp)
+    assert plan["active_params"] == dense + experts * 2 // x  # top-2 of 8
+    assert plan["opt_bytes"] == pytest.approx(2 * plan["param_bytes"], rel=0.01)  # Adam mu, nu
     assert plan["fits"] is True

@@ -31,3 +31,29 @@ def test_plot_writes_png_of_several_runs(tmp_path):
     assert main(argv) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path / "missing"), "-o", str(png)]) == 2
+
+
+def test_moe_load_plot_reads_each_experts_share_and_refuses_a_dense_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from jaxlm.bench.plot import read_moe_load
+    from jaxlm.cli import main
+
+    moe, dense = tmp_path / "moe", tmp_path / "dense"
+    _write_run(dense, [5.0, 4.0], [])
+    moe.mkdir()
+    shares = [[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]]
+    lines = [
+        {"step": 10 * (i + 1), "split": "train", "loss": 4.0, **{f"moe_load_{e}": v for e, v in enumerate(row)}}
+        for i, row in enumerate(shares)
+    ]  # fmt: skip
+    lines.append({"step": 20, "split": "eval", "loss": 4.1})
+    (moe / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (moe / "config.yaml").write_text("model:\n  moe_experts: 4\n")
+    assert read_moe_load(moe) == ([10, 20], shares)
+    png = tmp_path / "load.png"
+    assert main(["plot", "--moe-load", str(moe), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["plot", "--moe-load", str(dense), "-o", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert "has no moe_load_* records" in err and err.count("\n") == 1

@@ -38,6 +38,9 @@ from jaxlm.hf.convert import from_hf, to_hf  # noqa: E402
 from jaxlm.models import build_model  # noqa: E402
 from jaxlm.runs import EXPORT_INFO, load_run  # noqa: E402
 
+# About 70 s of compiles in all: the slow suite (pytest -m slow) runs it.
+pytestmark = pytest.mark.slow
+
 bpe_file = test_hf.bpe_file  # the byte-level BPE tokenizer fixture
 
 

@@ -14,12 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import (
     FAST_XLA,
     TINY_MODEL,
     assert_one_sentence,
     fake_devices_env,
+    padded_batch,
     random_tokens,
     resolved_model,
 )
@@ -28,8 +30,18 @@ from jaxlm import cli
 from jaxlm.config import load_config
 from jaxlm.errors import ConfigError
 from jaxlm.models import build_model
-from jaxlm.models.moe import MOE, ExpertWeights, MoeMlp, moe_apply, moe_metrics, route
+from jaxlm.models.moe import (
+    MOE,
+    ExpertWeights,
+    MoeMlp,
+    load_keys,
+    moe_apply,
+    moe_metrics,
+    route,
+)
 from jaxlm.perf.flops import active_param_count, flops_per_token, param_count
+from jaxlm.train.state import TrainState
+from jaxlm.train.step import make_train_step
 
 T, D, F, X = 24, 8, 12, 4
 
@@ -166,6 +178,60 @@ def test_gradients_reach_router_experts_and_shared_experts(family):
     assert float(jnp.max(jnp.abs(g_aux["up"]))) == 0.0  # ...and only the router
 
 
+def test_load_histogram_is_each_experts_share_of_the_assignments():
+    cfg = moe_cfg(moe_top_k=2)
+    layer = MoeMlp(cfg)
+    x_BxSxD = jax.random.normal(jax.random.PRNGKey(3), (2, 12, cfg.d_model))
+    params = layer.init(jax.random.PRNGKey(0), x_BxSxD)["params"]
+    _, state = layer.apply({"params": params}, x_BxSxD, mutable=[MOE])
+    stats = moe_metrics(state[MOE])
+    x_TxD = x_BxSxD.reshape(-1, cfg.d_model)
+    routing = route(x_TxD @ nn.unbox(params)["router"], 2)
+    expected = np.bincount(np.asarray(routing.expert_A), minlength=4) / (2 * x_TxD.shape[0])
+    load = np.asarray([stats[k] for k in load_keys(4)])
+    np.testing.assert_allclose(load, expected, rtol=1e-6)
+    assert float(stats["moe_max_load"]) == pytest.approx(4 * expected.max())
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_train_step_logs_the_load_histogram_averaged_over_layers_and_microbatches(scan):
+    cfg = moe_cfg(n_layers=3, scan_layers=scan, vocab_size=64, max_seq_len=16)
+    model = build_model(cfg)
+    batch = padded_batch(np.random.default_rng(0), (16,) * 4, 16, 64)  # no padding
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.asarray(batch["inputs"]))["params"])
+    tx = optax.sgd(0.1)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(1))
+    keys = load_keys(cfg.moe_experts)
+    loads = []
+    for k in (1, 2):  # microbatches of equal size: their mean share is the whole batch's
+        _, metrics = jax.jit(make_train_step(model, tx, microbatches=k))(state, batch)
+        loads.append(np.asarray([metrics[key] for key in keys]))
+    assert loads[0].sum() == pytest.approx(1.0, abs=1e-5) and (loads[0] >= 0).all()
+    np.testing.assert_allclose(loads[0], loads[1], atol=1e-6)
+    # ...and it is the mean of what each of the 3 layers sowed.
+    _, sown = model.apply({"params": params}, batch["inputs"], mutable=[MOE])
+    rows = [
+        np.asarray(leaf).reshape(-1, 4)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(sown[MOE])
+        if "['load']" in jax.tree_util.keystr(path)
+    ]
+    per_layer_LxX = np.concatenate(rows)
+    assert per_layer_LxX.shape == (3, 4)
+    np.testing.assert_allclose(per_layer_LxX.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(loads[0], per_layer_LxX.mean(axis=0), atol=1e-6)
+
+
+def test_dense_train_step_logs_no_moe_statistics():
+    cfg = resolved_model("llama", n_layers=1, d_model=16, n_heads=2, vocab_size=64, max_seq_len=8)
+    model = build_model(cfg)
+    batch = padded_batch(np.random.default_rng(0), (8, 8), 8, 64)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.asarray(batch["inputs"]))["params"])
+    tx = optax.sgd(0.1)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(1))
+    _, metrics = jax.jit(make_train_step(model, tx))(state, batch)
+    assert not [k for k in metrics if k.startswith("moe_")]
+
+
 def test_flops_count_active_experts_and_params_report_total_and_active():
     moe = moe_cfg(moe_top_k=2, moe_d_ff=16, moe_shared_experts=1)
     dense = moe_cfg(moe_experts=0, d_ff=3 * 16)  # top-2 + 1 shared = one 48-wide MLP
@@ -208,8 +274,9 @@ def test_tiny_moe_model_trains_and_logs_its_router(tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     train = [r for r in map(json.loads, lines) if r.get("split") == "train"]
     assert train[-1]["loss"] < train[0]["loss"] - 1.0
-    for key in ("moe_aux_loss", "moe_z_loss", "moe_dropped", "moe_max_load"):
+    for key in ("moe_aux_loss", "moe_z_loss", "moe_dropped", "moe_max_load", *load_keys(4)):
         assert key in train[-1], key
+    assert sum(train[-1][k] for k in load_keys(4)) == pytest.approx(1.0, abs=1e-5)
     assert 1.0 <= train[-1]["moe_aux_loss"] < 2.0 and train[-1]["moe_dropped"] == 0.0
 
 

@@ -23,6 +23,9 @@ from test_parallel_distributed import _env, free_port
 from jaxlm import cli
 from jaxlm.runs import load_run
 
+# Several JAX processes / compiles per test: the slow suite (pytest -m slow) runs it.
+pytestmark = pytest.mark.slow
+
 # Runs the CLI commands of argv[1] (JSON) one after another, each with the flags in argv[2:].
 DRIVER = (
     "import json, sys\n"

@@ -42,6 +42,7 @@ def test_bad_profile_steps_are_refused_in_one_sentence(steps, says, capsys):
     assert "train.profile_steps" in err and says in err
 
 
+@pytest.mark.slow
 def test_status_of_a_killed_and_resumed_run(tmp_path, capsys):
     # A run is SIGKILLed some steps after its checkpoint at step 20, then resumed to step
     # 30: status reports two sessions, one killed, the steps done twice, and a goodput.

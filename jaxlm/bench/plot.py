@@ -1,9 +1,10 @@
-"""Loss curves of one or several runs from their metrics.jsonl, as one PNG (matplotlib); and
-one run's step-time breakdown and goodput."""
+"""Loss curves of one or several runs from their metrics.jsonl, as one PNG (matplotlib); one
+run's step-time breakdown and goodput; and a mixture of experts' load per expert over steps."""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,4 +143,59 @@ def plot_breakdown(run_dir: str | Path, output: str | Path) -> Path:
         f"{status['sessions']} session(s)"
     )
     fig.tight_layout()
+    return save_figure(fig, output)
+
+
+def read_moe_load(run_dir: str | Path) -> tuple[list[int], list[list[float]]]:
+    """(steps, shares[step][expert]) from the moe_load_<e> keys of a run's train records."""
+    run_status(run_dir)  # refuses a directory that is no run
+    steps, shares = [], []
+    for rec in read_records(Path(run_dir) / "metrics.jsonl"):
+        n = sum(1 for k in rec if k.startswith("moe_load_"))
+        if rec.get("split") == "train" and n:
+            steps.append(int(rec["step"]))
+            shares.append([float(rec.get(f"moe_load_{e}", math.nan)) for e in range(n)])
+    if not steps:
+        raise ConfigError(
+            f"'{run_dir}' has no moe_load_* records in its train metrics; plot a run of a "
+            f"mixture-of-experts model (model.moe_experts > 0) trained with this version."
+        )
+    return steps, shares
+
+
+def plot_moe_load(run_dir: str | Path, output: str | Path) -> Path:
+    """Each expert's share of the token assignments (mean over MoE layers) at every logged
+    step, as a heatmap: top, coloured by the share relative to a uniform 1/X; bottom, the
+    shares as lines."""
+    steps, shares = read_moe_load(run_dir)
+    plt = pyplot()
+    if plt is None:
+        raise ConfigError(
+            "jaxlm plot needs matplotlib; install it with pip install 'jaxlm[bench]'."
+        )
+    n = max(len(row) for row in shares)
+    grid_XxS = [[row[e] * n if e < len(row) else math.nan for row in shares] for e in range(n)]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    peak = max((v for col in grid_XxS for v in col if math.isfinite(v)), default=1.0)
+    # White at the uniform share, blue down to an idle expert, red up to the busiest one.
+    norm = plt.matplotlib.colors.TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(peak, 1.5))
+    image = top.imshow(
+        grid_XxS,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="coolwarm",
+        norm=norm,
+        extent=(steps[0], steps[-1], n - 0.5, -0.5),
+    )
+    fig.colorbar(image, ax=top, label="share x experts (1 = uniform)")
+    top.set_ylabel("expert")
+    top.set_yticks(range(n))
+    top.set_title(f"{Path(run_dir).resolve().name}: load per expert (mean over MoE layers)")
+    for e in range(n):
+        bottom.plot(steps, [v / n for v in grid_XxS[e]], lw=1, color=f"C{e % 10}", label=str(e))
+    bottom.axhline(1.0 / n, color="k", ls="--", lw=0.8, label="uniform")
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("share of assignments")
+    bottom.grid(alpha=0.3)
+    bottom.legend(fontsize=7, ncol=min(n + 1, 10), title="expert", title_fontsize=7)
     return save_figure(fig, output)

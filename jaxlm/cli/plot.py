@@ -26,6 +26,11 @@ def register(sub) -> None:
         action="store_true",
         help="one run's step-time breakdown and goodput instead of loss curves",
     )
+    p.add_argument(
+        "--moe-load",
+        action="store_true",
+        help="one mixture-of-experts run's share of tokens per expert over steps (a heatmap)",
+    )
     p.set_defaults(run=cmd_plot)
 
 
@@ -35,7 +40,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     check_output_file(args.output, "--output")
 
-    if args.breakdown:
+    if args.moe_load:
+        from jaxlm.bench.plot import plot_moe_load
+        from jaxlm.errors import ConfigError
+
+        if len(args.runs) != 1:
+            raise ConfigError(f"--moe-load draws one run, not {len(args.runs)}; give one RUN_DIR.")
+        out = plot_moe_load(args.runs[0], args.output)
+    elif args.breakdown:
         from jaxlm.bench.plot import plot_breakdown
         from jaxlm.errors import ConfigError
 

@@ -14,7 +14,8 @@ Shared experts (DeepSeek) are one dense MLP every token passes through.
 Expert weights carry the logical axis `expert` (sharded over `mesh.expert`); XLA's SPMD
 partitioner places the grouped matmuls. In training, each call sows its statistics into
 the `moe` collection (nothing is stored when the collection is immutable, e.g. in eval or
-generation); `moe_metrics` averages them over layers for the train step.
+generation); `moe_metrics` averages them over layers for the train step. Besides the
+scalars, each layer sows its load histogram: the share of its assignments each expert got.
 
 Names: B batch, S sequence, T tokens (B*S), D d_model, F expert width, X experts,
 K top-k, A assignments (K*T), C capacity.
@@ -34,7 +35,18 @@ from jaxlm.models.layers import Mlp, dtype_of, normal_init
 
 MOE = "moe"  # the collection the MoE layers sow their statistics into
 STATS = ("aux_loss", "z_loss", "dropped", "max_load")
-METRICS = tuple(f"moe_{name}" for name in STATS)  # what `moe_metrics` returns
+METRICS = tuple(f"moe_{name}" for name in STATS)  # the scalars `moe_metrics` returns
+LOAD = "load"  # the per-expert share of assignments, sown as a vector [X]
+
+
+def load_keys(n_experts: int) -> tuple[str, ...]:
+    """The metric names of the load histogram: moe_load_0 ... moe_load_{X-1}."""
+    return tuple(f"moe_{LOAD}_{e}" for e in range(n_experts))
+
+
+def metric_names(n_experts: int) -> tuple[str, ...]:
+    """Every metric `moe_metrics` returns for a model with `n_experts` experts."""
+    return METRICS + load_keys(n_experts)
 
 
 class Routing(NamedTuple):
@@ -215,18 +227,28 @@ class MoeMlp(nn.Module):
             )  # fmt: skip
             out_BxSxD = out_BxSxD + shared(x_BxSxD, deterministic)
         if not self.is_initializing():
-            load_X = jnp.bincount(routing.expert_A, length=n) * (n / routing.expert_A.shape[0])
+            counts_X = jnp.bincount(routing.expert_A, length=n).astype(jnp.float32)
+            share_X = counts_X / routing.expert_A.shape[0]  # sums to 1; uniform is 1/X
             for name, value in zip(
-                STATS, (routing.aux_loss, routing.z_loss, dropped, jnp.max(load_X)), strict=True
+                (*STATS, LOAD),
+                (routing.aux_loss, routing.z_loss, dropped, n * jnp.max(share_X), share_X),
+                strict=True,
             ):
                 self.sow(MOE, name, value.astype(jnp.float32))
         return nn.Dropout(cfg.dropout)(out_BxSxD, deterministic=deterministic)
 
 
 def moe_metrics(collection: Any) -> dict[str, jax.Array]:
-    """{moe_<stat>: its mean over the MoE layers} from the sown `moe` collection."""
-    values: dict[str, list[jax.Array]] = {name: [] for name in STATS}
+    """{moe_<stat>: its mean over the MoE layers, moe_load_<e>: expert e's mean share of
+    assignments} from the sown `moe` collection."""
+    values: dict[str, list[jax.Array]] = {name: [] for name in (*STATS, LOAD)}
     for path, leaf in jax.tree_util.tree_leaves_with_path(collection):
         name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        values[name].append(jnp.ravel(leaf))  # a scanned stack sows one value per layer
-    return {f"moe_{name}": jnp.mean(jnp.concatenate(vs)) for name, vs in values.items() if vs}
+        # A scanned stack sows one value (or one load vector) per layer.
+        values[name].append(leaf.reshape(-1, leaf.shape[-1]) if name == LOAD else jnp.ravel(leaf))
+    loads = values.pop(LOAD)
+    out = {f"moe_{name}": jnp.mean(jnp.concatenate(vs)) for name, vs in values.items() if vs}
+    if loads:
+        load_X = jnp.mean(jnp.concatenate(loads), axis=0)
+        out.update(zip(load_keys(load_X.shape[0]), load_X, strict=True))
+    return out

@@ -17,8 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxlm.config import RunConfig
-from jaxlm.models.moe import METRICS as MOE_METRICS
-from jaxlm.models.moe import MOE, moe_metrics
+from jaxlm.models.moe import MOE, metric_names, moe_metrics
 from jaxlm.parallel.sharding import LOGICAL_RULES, batch_sharding, mesh_context, replicated
 from jaxlm.train.loss import cross_entropy_sums
 from jaxlm.train.optimizer import lr_schedule
@@ -158,7 +157,8 @@ def make_train_step(
     A mixture-of-experts model adds its load-balancing and router z-losses (each a mean
     over its MoE layers, weighted by the model config) to the objective, counted once per
     token so that they average over microbatches like the loss; their values, the dropped
-    share and the busiest expert's load are logged as moe_* means.
+    share, the busiest expert's load and every expert's share of the assignments
+    (moe_load_<e>, the load histogram) are logged as moe_* means.
     """
     m = getattr(model, "cfg", None)
     aux_w, z_w = getattr(m, "moe_aux_loss_weight", 0.0), getattr(m, "moe_z_loss_weight", 0.0)
@@ -170,7 +170,7 @@ def make_train_step(
             total = total + n * (aux_w * moe["moe_aux_loss"] + z_w * moe["moe_z_loss"])
         return total, {"loss": ce_sum, "tokens": n, **{k: v * n for k, v in moe.items()}}
 
-    means = MOE_METRICS if getattr(m, "moe_experts", 0) else ()
+    means = metric_names(m.moe_experts) if getattr(m, "moe_experts", 0) else ()
     return make_step(
         loss_fn,
         tx,
