@@ -52,14 +52,7 @@ def check_output_dir(path: str | Path, flag: str) -> None:
     p = Path(path).absolute()
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{flag} '{path}' is a file, not a directory; name a directory.")
-    existing = p
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(
-            f"{flag} '{path}' lies under the file '{existing}'; name a path in a directory."
-        )
-    _probe(existing, flag, path)
+    _probe(_nearest_directory(p, flag, path), flag, path)
 
 
 def check_output_file(path: str | Path, flag: str) -> None:
@@ -69,11 +62,16 @@ def check_output_file(path: str | Path, flag: str) -> None:
     p = Path(path).absolute()
     if p.is_dir():
         raise ConfigError(f"{flag} '{path}' is a directory; name a file to write.")
-    existing = p.parent
+    _probe(_nearest_directory(p.parent, flag, path), flag, path)
+
+
+def _nearest_directory(p: Path, flag: str, path: str | Path) -> Path:
+    """`p` or its closest existing ancestor, which must be a directory (not a file)."""
+    existing = p
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(
             f"{flag} '{path}' lies under the file '{existing}'; name a path in a directory."
         )
-    _probe(existing, flag, path)
+    return existing
