@@ -19,12 +19,10 @@ import dataclasses
 import json
 import logging
 import shutil
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -34,6 +32,8 @@ from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.models import build_model
 from jaxlm.parallel.sharding import data_parallel_size, make_mesh
+from jaxlm.paths import Path, absolute, as_path, copy_file, is_remote
+from jaxlm.train import object_store
 from jaxlm.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.state import state_shardings
@@ -87,7 +87,7 @@ def _describe(m: MeshConfig) -> str:
 def load_run(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> Run:
     """Restore a run directory's checkpoint (newest readable by default) or an export,
     sharded over `mesh` (default: `model_mesh` of the run's config)."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     cfg_path = workdir / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"'{workdir}' holds no config.yaml; pass the --workdir of a jaxlm run.")
@@ -110,7 +110,7 @@ def load_run(workdir: str | Path, step: int | None = None, mesh: Mesh | None = N
 
 def checkpoint_dir(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
     """(directory for load_run, step): RUN/checkpoints/N becomes (RUN, N)."""
-    path = Path(path)
+    path = as_path(path, "--checkpoint")
     if path.parent.name == "checkpoints" and path.name.isdigit() and path.is_dir():
         if step is not None and step != int(path.name):
             raise ConfigError(f"--step {step} contradicts the checkpoint '{path}'; drop --step.")
@@ -188,7 +188,7 @@ def export_params(
     workdir: str | Path, output: str | Path, step: int | None = None, dtype: str = "float32"
 ) -> dict[str, Any]:
     """Write a params-only export of `workdir` into the new directory `output`."""
-    workdir, output = Path(workdir), Path(output)
+    workdir, output = as_path(workdir), as_path(output, "--output")
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported; use {' or '.join(EXPORT_DTYPES)}.")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -197,7 +197,7 @@ def export_params(
     if not cfg_path.is_file():
         raise ConfigError(f"'{workdir}' holds no config.yaml; pass the --workdir of a jaxlm run.")
     cfg = load_config(cfg_path)
-    tok_path = Path(cfg.data.tokenizer or workdir / "tokenizer.model")
+    tok_path = as_path(cfg.data.tokenizer or workdir / "tokenizer.model")
     if not tok_path.is_file():
         raise ConfigError(f"The run's tokenizer '{tok_path}' is missing; it can't be exported.")
     params, step = restore_params(workdir, cfg, step, model_mesh(cfg))
@@ -205,34 +205,37 @@ def export_params(
 
     # Every process writes its own shards through Orbax; process 0 alone builds the directory
     # around them beside its destination and renames it at the end, so a crash leaves no
-    # half-written export under the requested name.
+    # half-written export under the requested name. A bucket has no rename: there the files go
+    # straight to `output` and export.json, written last, marks the export complete.
     primary = jax.process_index() == 0
-    tmp = output.parent / f".{output.name}.partial"
-    if primary:
+    remote = is_remote(output)
+    tmp = output if remote else output.parent / f".{output.name}.partial"
+    if primary and not remote:
         output.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an interrupted export
         tmp.mkdir()
     _sync("jaxlm-export-start")
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp.absolute() / "params", params)
+        with object_store.standard_checkpointer(tmp) as checkpointer:
+            checkpointer.save(absolute(tmp) / "params", params)
             checkpointer.wait_until_finished()
         n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-        info = {"source": str(workdir.absolute()), "step": step, "dtype": dtype}
+        info = {"source": str(absolute(workdir)), "step": step, "dtype": dtype}
         info["params"] = n_params
         if primary:
-            shutil.copyfile(cfg_path, tmp / "config.yaml")
+            copy_file(cfg_path, tmp / "config.yaml")
             for suffix in (".model", ".vocab"):
                 src = tok_path.with_suffix(suffix)
                 if src.is_file():
-                    shutil.copyfile(src, tmp / f"tokenizer{suffix}")
+                    copy_file(src, tmp / f"tokenizer{suffix}")
             (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-            if output.exists():
-                output.rmdir()  # empty, checked above
-            tmp.rename(output)
+            if not remote:
+                if output.exists():
+                    output.rmdir()  # empty, checked above
+                tmp.rename(output)
         _sync("jaxlm-export-done")
     except BaseException:
-        if primary:
+        if primary and not remote:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**info, "output": str(output)}
@@ -252,6 +255,6 @@ def load_exported(path: Path, cfg: RunConfig, mesh: Mesh | None = None) -> tuple
         lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(info["dtype"]), sharding=a.sharding),
         abstract,
     )
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore((path / "params").absolute(), stored)
+    with object_store.standard_checkpointer(path) as checkpointer:
+        params = checkpointer.restore(absolute(path / "params"), stored)
     return jax.tree.map(lambda x: x.astype(jnp.float32), params), int(info["step"])

@@ -384,3 +384,63 @@ class RecordingDocs:
     def __getitem__(self, i):
         self.read.add(int(i))
         return self.docs[i]
+
+
+# --- object stores ---------------------------------------------------------------------------
+
+S3_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1 for this test session.
+
+    Yields the environment a client (this process or a `jaxlm` subprocess) needs to reach it;
+    the variables are also set in this process while the session lasts. Skips only when the
+    server can't start. Make a bucket per test with `new_bucket()`.
+    """
+    import logging
+    import socket
+
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as e:
+        pytest.skip(f"moto[server] is not installed ({e})")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    try:
+        server.start()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"the S3 test server did not start ({e})")
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "jaxlm-test-key",
+        "AWS_SECRET_ACCESS_KEY": "jaxlm-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_BUCKETS = iter(range(1_000_000))
+
+
+def new_bucket(env: dict[str, str]) -> str:
+    """A fresh, empty bucket on the test server; returns 's3://NAME'."""
+    import boto3
+
+    name = f"jaxlm-test-{os.getpid()}-{next(_BUCKETS)}"
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "jaxlm"
 # Imports a library module may make inside a function: optional extras only.
 OPTIONAL_EXTRAS = ("matplotlib",)
-ROOT_MODULES = {"__init__.py", "errors.py", "runs.py"}
+ROOT_MODULES = {"__init__.py", "errors.py", "paths.py", "runs.py"}  # paths: a layer of one module
 MAX_LINES = 400
 
 

@@ -90,7 +90,11 @@ def per_token_reference(x_TxD, logits_TxX, w: ExpertWeights, kind: str, k: int, 
 
 @pytest.mark.parametrize(
     "kind, bias, k, router",
-    [("swiglu", False, 2, "softmax"), ("gelu", True, 1, "softmax"), ("gelu", False, 2, "sigmoid")],
+    [
+        pytest.param("swiglu", False, 2, "softmax", marks=pytest.mark.slow),  # ~30 s of compile
+        ("gelu", True, 1, "softmax"),
+        ("gelu", False, 2, "sigmoid"),
+    ],
 )
 def test_dropless_matches_per_token_reference_with_gradients(kind, bias, k, router):
     x_TxD = jax.random.normal(jax.random.PRNGKey(2), (T, D))
@@ -153,7 +157,7 @@ def moe_cfg(family="llama", **kw):
     return resolved_model(family, **{**base, **moe, **kw})
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", [pytest.param("llama", marks=pytest.mark.slow), "gpt2"])
 def test_gradients_reach_router_experts_and_shared_experts(family):
     cfg = moe_cfg(family, moe_shared_experts=1, moe_every=2)
     model = build_model(cfg)
@@ -193,7 +197,7 @@ def test_load_histogram_is_each_experts_share_of_the_assignments():
     assert float(stats["moe_max_load"]) == pytest.approx(4 * expected.max())
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_train_step_logs_the_load_histogram_averaged_over_layers_and_microbatches(scan):
     cfg = moe_cfg(n_layers=3, scan_layers=scan, vocab_size=64, max_seq_len=16)
     model = build_model(cfg)

@@ -29,7 +29,12 @@ def register(sub) -> None:
     d.add_argument(
         "--tokenizer", required=True, metavar="FILE", help="SentencePiece .model or tokenizer.json"
     )
-    d.add_argument("--output", required=True, metavar="DIR", help="directory of the shards")
+    d.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="directory of the shards (local, gs:// or s3://)",
+    )
     d.add_argument(
         "--split",
         default="file",

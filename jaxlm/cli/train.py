@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from jaxlm.cli.common import add_config_args, add_distributed_args, quiet_other_processes
 from jaxlm.config import describe, load_config
@@ -177,7 +176,7 @@ def run_training(
         _exit_after_peer_failure(e)
     trained_to_end = summary["stopped_at"] is None and summary["start_step"] < cfg.train.steps
     if trained_to_end and cfg.train.sample_tokens:
-        text = write_samples(cfg, summary["state"].params, summary["tokenizer"], Path(workdir))
+        text = write_samples(cfg, summary["state"].params, summary["tokenizer"], workdir)
         if jax.process_index() == 0:
             print(text, end="", flush=True)
     if jax.process_index() == 0:

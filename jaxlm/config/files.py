@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 from jaxlm.errors import ConfigError, UnwritablePathError
+from jaxlm.paths import as_path, check_reachable, is_remote
 
 
 def decode_error(path: str | Path, e: UnicodeDecodeError) -> ConfigError:
@@ -21,15 +22,13 @@ def decode_error(path: str | Path, e: UnicodeDecodeError) -> ConfigError:
 
 def read_utf8(path: str | Path) -> str:
     """The text of a UTF-8 file; other bytes raise ConfigError naming the file and offset."""
-    data = Path(path).read_bytes()
+    data = as_path(path).read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise decode_error(path, e) from None
 
 
-def _is_url(path: str | Path) -> bool:
-    return "://" in str(path)  # object stores: nothing to probe before the first write
 
 
 def _probe(directory: Path, flag: str, path: str | Path) -> None:
@@ -47,7 +46,9 @@ def _probe(directory: Path, flag: str, path: str | Path) -> None:
 
 def check_output_dir(path: str | Path, flag: str) -> None:
     """Refuse a directory to write into unless it is one, or can be made where it is named."""
-    if _is_url(path):
+    if is_remote(path):
+        as_path(path, flag)
+        check_reachable(path, flag)  # a bucket has no permissions to probe; reach it instead
         return
     p = Path(path).absolute()
     if p.exists() and not p.is_dir():
@@ -57,7 +58,9 @@ def check_output_dir(path: str | Path, flag: str) -> None:
 
 def check_output_file(path: str | Path, flag: str) -> None:
     """Refuse a file to write unless it can be created (or replaced) where it is named."""
-    if _is_url(path):
+    if is_remote(path):
+        as_path(path, flag)
+        check_reachable(path, flag)
         return
     p = Path(path).absolute()
     if p.is_dir():

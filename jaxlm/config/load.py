@@ -8,7 +8,6 @@ import json
 import types
 import typing
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -23,6 +22,7 @@ from jaxlm.config.schema import (
 )
 from jaxlm.config.validate import validate
 from jaxlm.errors import ConfigError
+from jaxlm.paths import Path, as_path
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -172,7 +172,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML config, apply overrides, fill family defaults and validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = as_path(path, "--config")
         if p.is_dir():
             raise ConfigError(
                 f"Config file '{path}' is a directory; pass --config a YAML file inside it."

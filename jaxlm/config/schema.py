@@ -234,6 +234,11 @@ class DataConfig:
         "keeps what its checkpoints were saved with",
     )
     prefetch: int = _f(2, "batches prepared ahead in a background thread (0: off)")
+    cache_dir: str | None = _f(
+        None,
+        "local directory where shards read from gs:// or s3:// are copied once and "
+        "memory-mapped (null: ~/.cache/jaxlm/objects, or $XDG_CACHE_HOME/jaxlm/objects)",
+    )
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,11 @@ def validate(cfg: RunConfig) -> None:
         f"choose a divisor of the batch size.",
     )
     _require(d.prefetch >= 0, f"data.prefetch={d.prefetch} must be >= 0.")
+    _require(
+        d.cache_dir is None or "://" not in d.cache_dir,
+        f"data.cache_dir={d.cache_dir!r} must be a local directory (shards are memory-mapped "
+        "from it); name a local path or null.",
+    )
 
     _positive(o, "optimizer", ("lr",))
     _positive(t, "train", ("steps",))  # before the warmup check, which compares with it
@@ -225,6 +230,12 @@ def validate(cfg: RunConfig) -> None:
     for k in ("eval_every", "eval_batches", "sample_tokens", "top_k"):
         v = getattr(t, k)
         _require(v >= 0, f"train.{k}={v} must be >= 0.")
+    _require(
+        cfg.model.recurrent or t.sample_tokens < cfg.model.max_seq_len,
+        f"train.sample_tokens={t.sample_tokens} leaves no room for the prompt within "
+        f"model.max_seq_len={cfg.model.max_seq_len}; set train.sample_tokens below "
+        f"{cfg.model.max_seq_len} (0: no samples).",
+    )
     _require(t.z_loss >= 0.0, f"train.z_loss={t.z_loss} must be >= 0.")
     _require(t.temperature > 0.0, f"train.temperature={t.temperature} must be positive.")
     _require(

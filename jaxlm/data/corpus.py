@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import importlib.resources
 import json
 import lzma
@@ -12,7 +11,9 @@ import random
 import re
 from collections.abc import Sequence
 
-from jaxlm.config.files import read_utf8
+from jaxlm import paths
+from jaxlm.config.files import decode_error, read_utf8
+from jaxlm.data.sources import match_files
 from jaxlm.errors import ConfigError
 
 _BUILTIN_PACKAGE = "jaxlm.data"
@@ -42,20 +43,28 @@ def load_builtin_works() -> list[Work]:
 
 
 def read_text_works(pattern: str) -> list[Work]:
-    """Return one work per UTF-8 text file matching a glob pattern, sorted by path."""
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True))
-    paths = [p for p in paths if os.path.isfile(p)]
-    if not paths:
+    """Return one work per UTF-8 text file matching a glob pattern (local, gs:// or s3://),
+    sorted by path."""
+    files = sorted(match_files(pattern))
+    if not files:
         raise ConfigError(
             f"No files match the text pattern {pattern!r}; point it at existing UTF-8 text files "
             "(e.g. 'corpus/**/*.txt', quoted so the shell does not expand it)."
         )
     works = []
-    for path in paths:
-        text = read_utf8(path)
+    for path in files:
+        text = _read_remote_utf8(path) if paths.is_remote(path) else read_utf8(path)
         stem = os.path.splitext(os.path.basename(path))[0]
         works.append(Work(name=stem, title=stem, text=text))
     return works
+
+
+def _read_remote_utf8(path: str) -> str:
+    data = paths.as_path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise decode_error(path, e) from None
 
 
 def split_documents(text: str, target_chars: int = 2000) -> list[str]:

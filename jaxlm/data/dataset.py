@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxlm import paths
 from jaxlm.config import RunConfig
 from jaxlm.data import corpus, mixture, pipeline, text_cache
 from jaxlm.data.streams import resolve_streams
@@ -35,13 +37,15 @@ class Corpus:
     streams: int = 1  # packed streams per global batch (data.streams resolved)
 
 
-def prepare_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
+def prepare_corpus(cfg: RunConfig, workdir: str | os.PathLike) -> Corpus:
     """Read works, split by whole works, load or train the tokenizer, tokenise documents.
 
     Prepared directories (data.corpus or data.sources) are opened instead, checked against
-    the run's tokenizer and model, and split by document.
+    the run's tokenizer and model, and split by document. `workdir` may be a gs:// or s3://
+    URL; the tokenizer and token cache are then kept there.
     """
     d = cfg.data
+    workdir = paths.as_path(workdir, "--workdir") if paths.is_remote(workdir) else Path(workdir)
     prepared = mixture.prepared_paths(cfg)
     if prepared:
         pc = mixture.load_prepared_corpus(cfg, prepared)
@@ -72,7 +76,7 @@ def prepare_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
     tok = _run_tokenizer(
         d.tokenizer, str(workdir / "tokenizer.model"), lambda: train_text, cfg.model.vocab_size
     )
-    docs = _tokenize_once({"train": train_text, "val": val_text}, tok, workdir)
+    docs = _tokenize_once({"train": train_text, "val": val_text}, tok, workdir, d.cache_dir)
     return Corpus(
         tokenizer=tok,
         train_docs=docs["train"],
@@ -84,19 +88,19 @@ def prepare_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
 
 
 def _tokenize_once(
-    splits: text_cache.Splits, tok: Tokenizer, workdir: Path
+    splits: text_cache.Splits, tok: Tokenizer, workdir: text_cache.Dir, cache_dir: str | None
 ) -> dict[str, list[np.ndarray]]:
     """Token documents of each split: tokenized by process 0 into the workdir's cache (or read
     from it), then read there by the others once process 0 is done."""
     directory = text_cache.cache_directory(workdir, splits, tok)
     if jax.process_index() == 0:
-        docs = text_cache.read_cached(directory, splits)
+        docs = text_cache.read_cached(directory, splits, cache_dir)
         if docs is None:
             docs = text_cache.tokenize_and_write(directory, splits, tok)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxlm_text_tokens")
     if jax.process_index() != 0:
-        docs = text_cache.read_cached(directory, splits)
+        docs = text_cache.read_cached(directory, splits, cache_dir)
         if docs is None:  # the hosts share no disk: tokenize here too
             logger.info("No token cache from process 0 in %s; tokenizing here.", directory)
             docs = {name: pipeline.tokenize_documents(list(t), tok) for name, t in splits.items()}
@@ -120,7 +124,7 @@ def _run_tokenizer(
             tok = load_or_train_tokenizer(None, cache_path, texts_fn, vocab_size)
         except ConfigError as e:  # the others must hear of it, or they wait forever
             error = e
-    model = _from_process_zero(None if tok is None else Path(tok.path).read_bytes())
+    model = _from_process_zero(None if tok is None else _read_bytes(tok.path))
     if error is not None:
         raise error
     if model is None:
@@ -129,6 +133,10 @@ def _run_tokenizer(
             "that and start every process again."
         )
     return tok or SentencePieceTokenizer(model, cache_path)
+
+
+def _read_bytes(path: str) -> bytes:
+    return paths.as_path(path).read_bytes() if paths.is_remote(path) else Path(path).read_bytes()
 
 
 def _from_process_zero(data: bytes | None) -> bytes | None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _RustTokenizer
 
+from jaxlm import paths
 from jaxlm.data.tokenizer_base import TokenizerFile
 from jaxlm.errors import ConfigError
 
@@ -45,8 +46,11 @@ def _content(token: Any) -> str | None:
 
 def _read_json(path: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        if paths.is_remote(path):
+            data = json.loads(paths.as_path(path).read_text(encoding="utf-8"))
+        else:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -103,13 +107,18 @@ class HFTokenizer(TokenizerFile):
     def load(cls, path: str) -> HFTokenizer:
         """Load `tokenizer.json`, taking special ids from the HF files beside it."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            if paths.is_remote(path):
+                data = paths.as_path(path, "The tokenizer").read_bytes()
+            else:
+                with open(path, "rb") as f:
+                    data = f.read()
         except OSError as e:
             raise ConfigError(
                 f"Cannot read a Hugging Face tokenizer at {path!r} ({e}); point at an existing "
                 "tokenizer.json."
             ) from e
+        if paths.is_remote(path):  # the HF files beside it are read from the store too
+            return cls(data, path, path.rstrip("/").rsplit("/", 1)[0])
         return cls(data, path, os.path.dirname(os.path.abspath(path)))
 
     @property

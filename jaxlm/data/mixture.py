@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxlm import paths
 from jaxlm.config import RunConfig
 from jaxlm.data.pipeline import WeightedSource
 from jaxlm.data.shards import PreparedShards, is_prepared, open_prepared
@@ -52,12 +53,21 @@ def _check_matches(ds: PreparedShards, tok, vocab_size: int) -> None:
         )
 
 
-def load_prepared_corpus(cfg: RunConfig, paths: list[tuple[str, float]]) -> PreparedCorpus:
-    """Open every prepared source, check it against the run, and split it by document."""
+def _is_file(path: str) -> bool:
+    return (
+        paths.as_path(path, "The tokenizer").is_file()
+        if paths.is_remote(path)
+        else Path(path).is_file()
+    )
+
+
+def load_prepared_corpus(cfg: RunConfig, sources: list[tuple[str, float]]) -> PreparedCorpus:
+    """Open every prepared source, check it against the run, and split it by document;
+    shards of gs:// or s3:// sources are copied into data.cache_dir to be read."""
     d = cfg.data
-    opened = [open_prepared(p) for p, _ in paths]
+    opened = [open_prepared(p, cache_dir=d.cache_dir) for p, _ in sources]
     tok_path = d.tokenizer or opened[0].manifest["tokenizer"]["path"]
-    if not d.tokenizer and not Path(tok_path).is_file():
+    if not d.tokenizer and not _is_file(tok_path):
         raise ConfigError(
             f"The tokenizer {tok_path} recorded in {opened[0].directory}/manifest.json is "
             "gone; set data.tokenizer to a copy of it."
@@ -68,8 +78,8 @@ def load_prepared_corpus(cfg: RunConfig, paths: list[tuple[str, float]]) -> Prep
             f"Tokenizer {tok.path} has vocab size {tok.vocab_size} but the model expects "
             f"{cfg.model.vocab_size}; set model.vocab_size={tok.vocab_size}."
         )
-    sources, val_parts = [], []
-    for ds, (path, weight) in zip(opened, paths, strict=True):
+    weighted, val_parts = [], []
+    for ds, (path, weight) in zip(opened, sources, strict=True):
         _check_matches(ds, tok, cfg.model.vocab_size)
         train_idx, val_idx = hash_split(ds.num_documents, d.validation_fraction, d.seed)
         if len(train_idx) == 0:
@@ -78,6 +88,6 @@ def load_prepared_corpus(cfg: RunConfig, paths: list[tuple[str, float]]) -> Prep
                 f"holding out data.validation_fraction={d.validation_fraction}; add documents."
             )
         mean_tokens = ds.num_tokens / max(ds.num_documents, 1)
-        sources.append(WeightedSource(Subset(ds, train_idx), weight, path, mean_tokens))
+        weighted.append(WeightedSource(Subset(ds, train_idx), weight, path, mean_tokens))
         val_parts.append(Subset(ds, val_idx))
-    return PreparedCorpus(tok, sources, Concat(val_parts), [p for p, _ in paths])
+    return PreparedCorpus(tok, weighted, Concat(val_parts), [p for p, _ in sources])

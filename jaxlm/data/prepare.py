@@ -6,6 +6,9 @@ the inputs. Each manifest entry records a SHA-256 of its shard's text; a re-run 
 that while reading (cheap next to tokenizing) and skips every shard whose files exist and
 whose text is unchanged. Changed inputs under finished shards are an error, never a silent
 overwrite.
+
+`output`, the inputs and the tokenizer may each be gs:// or s3:// URLs: shards are then put
+whole, and the manifest, put after each shard, names only shards already in the store.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from jaxlm import paths
 from jaxlm.data import shards as shard_io
 from jaxlm.data.sources import SkipCounts, expand_inputs, iter_documents, source_record
 from jaxlm.data.tokenizer import load_tokenizer
@@ -81,7 +85,7 @@ def _settings(tok, split: str, text_field: str, shard_bytes: int) -> dict[str, A
     }
 
 
-def _check_existing(existing: dict[str, Any], settings: dict[str, Any], output: Path) -> None:
+def _check_existing(existing: dict[str, Any], settings: dict[str, Any], output) -> None:
     old = {k: existing["settings"].get(k) for k in settings}
     for key, value in settings.items():
         if old[key] != value:
@@ -110,10 +114,11 @@ def prepare(
     log = log or logger.info
     if workers < 1 or shard_bytes < 1:
         raise ConfigError(f"workers={workers} and shard_bytes={shard_bytes} must be >= 1.")
-    paths = expand_inputs(inputs)
+    paths.check_reachable(output, "--output")
+    files = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer_path)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = shard_io.as_dir(output)
+    shard_io.make_dir(output)
     settings = _settings(tok, split, text_field, shard_bytes)
     existing = shard_io.read_manifest(output)
     done: dict[int, dict[str, Any]] = {}
@@ -128,7 +133,11 @@ def prepare(
         "format_version": shard_io.FORMAT_VERSION,
         "complete": False,
         "tokenizer": {
-            "path": str(Path(tokenizer_path).absolute()),
+            "path": (
+                tokenizer_path
+                if paths.is_remote(tokenizer_path)
+                else str(Path(tokenizer_path).absolute())
+            ),
             "sha256": tok.sha256,
             "vocab_size": tok.vocab_size,
             "bos_id": tok.bos_id,
@@ -136,7 +145,7 @@ def prepare(
         },
         "dtype": dtype.name,
         "settings": settings,
-        "sources": [source_record(p) for p in paths],
+        "sources": [source_record(p) for p in files],
         "shards": [],
     }
     skips = SkipCounts()
@@ -197,7 +206,7 @@ def prepare(
 
     try:
         shard = _Shard(0, 0 not in done)
-        for path, record in zip(paths, manifest["sources"], strict=True):
+        for path, record in zip(files, manifest["sources"], strict=True):
             for text in iter_documents(path, split, text_field, skips):
                 data = text.encode("utf-8")
                 # Length-prefix each document so the hash sees document boundaries too.

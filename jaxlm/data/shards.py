@@ -20,10 +20,16 @@ Reader API (used by the training pipeline and by evaluation):
   ds.document(i), ds[i]            # np.ndarray int32 of document i, read from memory maps
 `ds` is a Grain random-access data source (`__len__`, `__getitem__`), so
 `grain.MapDataset.source(ds)` works, and it pickles (for Grain worker processes) by path.
+
+The directory may be a gs:// or s3:// URL. There each file is put whole (an object store has
+no rename, and a put is atomic), and a reader copies each shard once into a local cache
+directory (`cache_dir`, default `paths.default_cache_dir()`) and memory-maps the copy, so
+memory stays bounded whatever the data's size.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
@@ -32,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlm import paths
 from jaxlm.errors import ConfigError
 
 FORMAT = "jaxlm-token-shards"
@@ -44,13 +51,31 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
+def as_dir(directory: str | os.PathLike) -> Path | paths.Path:
+    """A local directory as a pathlib.Path, a gs:// or s3:// one as an epath.Path."""
+    if paths.is_remote(directory):
+        return paths.as_path(directory, "The prepared directory")
+    return Path(directory)
+
+
+def make_dir(directory: str | os.PathLike) -> None:
+    """Create a local directory (with parents); an object store needs none."""
+    if not paths.is_remote(directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+
+
 def shard_paths(directory: str | Path, name: str) -> tuple[Path, Path]:
     """(tokens, offsets) file paths of shard `name`."""
-    d = Path(directory)
+    d = as_dir(directory)
     return d / f"{name}.tokens.npy", d / f"{name}.offsets.npy"
 
 
 def _atomic_write(path: Path, write) -> None:
+    if paths.is_remote(path):  # one put of the whole file
+        buf = io.BytesIO()
+        write(buf)
+        paths.write_bytes_atomic(path, buf.getvalue())
+        return
     # Not mkstemp, which makes the file 0600: the shard keeps the user's umask (0644).
     tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -76,12 +101,12 @@ def write_shard(directory: str | Path, name: str, tokens: np.ndarray, offsets: n
 def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
     """Replace manifest.json atomically; keys are sorted so equal content gives equal bytes."""
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    _atomic_write(Path(directory) / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+    _atomic_write(as_dir(directory) / MANIFEST, lambda f: f.write(text.encode("utf-8")))
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     """The manifest of a prepared directory, or None when there is none."""
-    path = Path(directory) / MANIFEST
+    path = as_dir(directory) / MANIFEST
     if not path.is_file():
         return None
     try:
@@ -102,15 +127,25 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
 
 def is_prepared(path: str | Path) -> bool:
     """True when `path` is a directory holding a manifest.json."""
-    return (Path(path) / MANIFEST).is_file()
+    return (as_dir(path) / MANIFEST).is_file()
 
 
 class PreparedShards:
     """Random access to the documents of a prepared directory (a Grain data source)."""
 
-    def __init__(self, directory: str | Path, allow_incomplete: bool = False) -> None:
-        self.directory = Path(directory).absolute()
+    def __init__(
+        self,
+        directory: str | Path,
+        allow_incomplete: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if paths.is_remote(directory):
+            paths.check_reachable(directory, "The prepared directory")
+            self.directory = as_dir(directory)
+        else:
+            self.directory = Path(directory).absolute()
         self._allow_incomplete = allow_incomplete
+        self._cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         manifest = read_manifest(self.directory)
         if manifest is None:
             raise ConfigError(
@@ -147,6 +182,15 @@ class PreparedShards:
         if self._tokens[k] is None:
             entry = self.manifest["shards"][k]
             tokens_path, offsets_path = shard_paths(self.directory, entry["name"])
+            try:  # a remote shard is mapped from its copy in the local cache
+                offsets_path = paths.local_copy(offsets_path, self._cache_dir)
+                tokens_path = paths.local_copy(tokens_path, self._cache_dir)
+            except OSError as e:
+                raise ConfigError(
+                    f"Shard {entry['name']} of {str(self.directory)!r} can't be copied into the "
+                    f"local cache ({e}); check access to the bucket and set data.cache_dir to a "
+                    "writable local directory."
+                ) from e
             try:
                 offsets = np.load(offsets_path, mmap_mode="r")
                 tokens = np.load(tokens_path, mmap_mode="r")
@@ -183,10 +227,14 @@ class PreparedShards:
 
     # Memory maps don't pickle; a Grain worker process reopens the files by path instead.
     def __getstate__(self) -> dict[str, Any]:
-        return {"directory": str(self.directory), "allow_incomplete": self._allow_incomplete}
+        return {
+            "directory": str(self.directory),
+            "allow_incomplete": self._allow_incomplete,
+            "cache_dir": self._cache_dir,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["directory"], state["allow_incomplete"])
+        self.__init__(state["directory"], state["allow_incomplete"], state.get("cache_dir"))
 
     def __repr__(self) -> str:
         return (
@@ -195,6 +243,11 @@ class PreparedShards:
         )
 
 
-def open_prepared(directory: str | Path, allow_incomplete: bool = False) -> PreparedShards:
-    """Open a prepared directory for random access (see the module docstring)."""
-    return PreparedShards(directory, allow_incomplete=allow_incomplete)
+def open_prepared(
+    directory: str | Path,
+    allow_incomplete: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> PreparedShards:
+    """Open a prepared directory for random access (see the module docstring); `cache_dir`
+    is where shards of a gs:// or s3:// directory are copied (None: the default cache)."""
+    return PreparedShards(directory, allow_incomplete=allow_incomplete, cache_dir=cache_dir)

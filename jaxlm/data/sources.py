@@ -5,12 +5,15 @@ Formats, chosen by file name (a trailing `.gz` is decompressed first):
   anything else     UTF-8 text: the whole file is one document, or with split="blank-lines"
                     each run of lines between blank lines is one
 
+Inputs may be gs:// or s3:// URLs (globs included); they are streamed from the store.
+
 Bad input that loses only part of the data is skipped and counted in `SkipCounts` (the caller
 prints and records the counts); input that can only be a mistake raises ConfigError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -18,7 +21,11 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
+import fsspec
+
+from jaxlm import paths
 from jaxlm.errors import ConfigError
 
 SPLITS = ("file", "blank-lines")
@@ -53,19 +60,31 @@ class SkipCounts:
         )
 
 
+def match_files(pattern: str) -> list[str]:
+    """Files (not directories) matching a glob or plain path, local or gs:// / s3://: local
+    ones as given (user-expanded), remote ones as URLs; unsorted, maybe empty."""
+    if not paths.is_remote(pattern):
+        matched = glob.glob(os.path.expanduser(pattern), recursive=True)
+        return [p for p in matched if os.path.isfile(p)]
+    paths.as_path(pattern, "The input")  # a missing client library is a ConfigError
+    fs, _ = fsspec.core.url_to_fs(pattern)
+    prefix = f"{paths.scheme(pattern)}://"
+    found = fs.glob(pattern, detail=True)
+    return [prefix + p.removeprefix(prefix) for p, info in found.items() if info["type"] == "file"]
+
+
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
     """Sorted, de-duplicated files matching glob patterns (or plain paths); error if none."""
-    paths: set[str] = set()
+    found: set[str] = set()
     for pattern in patterns:
-        matched = glob.glob(os.path.expanduser(pattern), recursive=True)
-        files = [p for p in matched if os.path.isfile(p)]
+        files = match_files(pattern)
         if not files:
             raise ConfigError(
                 f"No files match the input {pattern!r}; give existing files or a quoted glob "
                 "such as 'corpus/**/*.jsonl.gz'."
             )
-        paths.update(os.path.abspath(p) for p in files)
-    return sorted(paths)
+        found.update(p if paths.is_remote(p) else os.path.abspath(p) for p in files)
+    return sorted(found)
 
 
 def is_jsonl(path: str) -> bool:
@@ -74,8 +93,18 @@ def is_jsonl(path: str) -> bool:
     return name.endswith((".jsonl", ".json"))
 
 
-def _open_bytes(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+@contextlib.contextmanager
+def _open_bytes(path: str) -> Iterator[BinaryIO]:
+    if not paths.is_remote(path):
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+            yield f
+        return
+    with paths.as_path(path).open("rb") as raw:
+        if not path.endswith(".gz"):
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+            yield f
 
 
 def _read_all(path: str) -> bytes:
@@ -167,5 +196,8 @@ def iter_documents(
 
 def source_record(path: str) -> dict[str, object]:
     """Path, size and modification time of an input file, for the manifest."""
+    if paths.is_remote(path):
+        info = paths.as_path(path).stat()  # the store keeps whole seconds at best
+        return {"path": path, "size": info.length, "mtime_ns": int(info.mtime) * 10**9}
     st = os.stat(path)
     return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -4,17 +4,21 @@ One process tokenizes; the others, and every later start of the run, read the re
 <workdir>/tokens/<key>/{train,val}/ are prepared directories (see shards.py), one shard each.
 The key is a SHA-256 of the tokenizer's SHA-256 and of every document's text, so a changed
 corpus, split or tokenizer gets a new directory and is never read from a stale one.
+The workdir may be a gs:// or s3:// URL (an epath.Path): the shards are then put whole, and
+read back through a local copy in `cache_dir` (see shards.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from jaxlm import paths
 from jaxlm.data import shards
 from jaxlm.data.pipeline import tokenize_documents
 from jaxlm.data.tokenizer_base import Tokenizer
@@ -24,9 +28,10 @@ logger = logging.getLogger(__name__)
 
 CACHE_DIR = "tokens"
 Splits = Mapping[str, Sequence[str]]  # split name -> its documents' text
+Dir = Path | paths.Path  # a local directory, or a gs:// / s3:// one
 
 
-def cache_directory(workdir: Path, splits: Splits, tok: Tokenizer) -> Path:
+def cache_directory(workdir: Dir, splits: Splits, tok: Tokenizer) -> Dir:
     """Where the token ids of `splits` under `tok` live in `workdir`."""
     h = hashlib.sha256(tok.sha256.encode())
     for name, docs in splits.items():
@@ -37,14 +42,17 @@ def cache_directory(workdir: Path, splits: Splits, tok: Tokenizer) -> Path:
     return workdir / CACHE_DIR / h.hexdigest()[:32]
 
 
-def read_cached(directory: Path, splits: Splits) -> dict[str, list[np.ndarray]] | None:
-    """Each split's token documents from the cache, or None when it is absent or incomplete."""
+def read_cached(
+    directory: Dir, splits: Splits, cache_dir: str | os.PathLike | None = None
+) -> dict[str, list[np.ndarray]] | None:
+    """Each split's token documents from the cache, or None when it is absent or incomplete;
+    `cache_dir` is where a remote workdir's shards are copied to be read."""
     out = {}
     for name, docs in splits.items():
         if not shards.is_prepared(directory / name):
             return None
         try:
-            ds = shards.open_prepared(directory / name)
+            ds = shards.open_prepared(directory / name, cache_dir=cache_dir)
         except ConfigError:  # unfinished or damaged: tokenize again
             return None
         if len(ds) != len(docs):
@@ -54,7 +62,7 @@ def read_cached(directory: Path, splits: Splits) -> dict[str, list[np.ndarray]] 
 
 
 def tokenize_and_write(
-    directory: Path, splits: Splits, tok: Tokenizer
+    directory: Dir, splits: Splits, tok: Tokenizer
 ) -> dict[str, list[np.ndarray]]:
     """Tokenize every split and write it to the cache; a failed write only costs the cache."""
     out = {name: tokenize_documents(list(docs), tok) for name, docs in splits.items()}
@@ -66,8 +74,8 @@ def tokenize_and_write(
     return out
 
 
-def _write(directory: Path, docs: list[np.ndarray], tok: Tokenizer) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+def _write(directory: Dir, docs: list[np.ndarray], tok: Tokenizer) -> None:
+    shards.make_dir(directory)
     lengths = np.fromiter(map(len, docs), np.int64, count=len(docs))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = np.concatenate(docs) if docs else np.zeros(0, np.int32)

@@ -4,11 +4,13 @@ which opens either kind of tokenizer file behind the one `Tokenizer` interface."
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from jaxlm import paths
 from jaxlm.data.hf_tokenizer import HFTokenizer
 from jaxlm.data.tokenizer_base import Tokenizer, TokenizerFile
 from jaxlm.errors import ConfigError
@@ -28,10 +30,13 @@ class SentencePieceTokenizer(TokenizerFile):
 
     @classmethod
     def load(cls, path: str) -> SentencePieceTokenizer:
-        """Load a SentencePiece `.model` file."""
+        """Load a SentencePiece `.model` file (a local path, or a gs:// / s3:// URL)."""
         try:
-            with open(path, "rb") as f:
-                model_bytes = f.read()
+            if paths.is_remote(path):
+                model_bytes = paths.as_path(path, "The tokenizer").read_bytes()
+            else:
+                with open(path, "rb") as f:
+                    model_bytes = f.read()
             return cls(model_bytes, path)
         except (OSError, RuntimeError) as e:
             raise ConfigError(
@@ -105,9 +110,24 @@ def train_tokenizer(
 
     pad/unk/bos/eos keep jaxlm's fixed ids 0-3; `user_defined_symbols` become single pieces
     (ids from 4 on, after the newline piece) that the tokenizer never splits.
+    A gs:// or s3:// `model_path` is trained locally, then put `.vocab` first, `.model` last.
     """
     if not model_path.endswith(".model"):
         raise ConfigError(f"Tokenizer path {model_path!r} must end in '.model'; rename it.")
+    if paths.is_remote(model_path):
+        paths.as_path(model_path, "The tokenizer")  # fail on a missing client before training
+        with tempfile.TemporaryDirectory(prefix="jaxlm-spm-") as d:
+            local = os.path.join(d, "tokenizer.model")
+            train_tokenizer(
+                texts, local, vocab_size, model_type, byte_fallback, input_sentence_size,
+                num_threads, user_defined_symbols,
+            )  # fmt: skip
+            with open(local[: -len(".model")] + ".vocab", "rb") as f:
+                paths.write_bytes_atomic(model_path[: -len(".model")] + ".vocab", f.read())
+            with open(local, "rb") as f:
+                model_bytes = f.read()
+        paths.write_bytes_atomic(model_path, model_bytes)
+        return SentencePieceTokenizer(model_bytes, model_path)
     directory = os.path.dirname(os.path.abspath(model_path))
     os.makedirs(directory, exist_ok=True)
     final_prefix = model_path[: -len(".model")]
@@ -187,7 +207,11 @@ def load_or_train_tokenizer(
     trained = False
     if path:
         tokenizer = load_tokenizer(path)
-    elif os.path.exists(cache_path):
+    elif (
+        paths.as_path(cache_path, "The tokenizer").exists()
+        if paths.is_remote(cache_path)
+        else os.path.exists(cache_path)
+    ):
         tokenizer = SentencePieceTokenizer.load(cache_path)
     else:
         tokenizer = train_tokenizer(texts_fn(), cache_path, vocab_size)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 
 from jaxlm.config import RunConfig
 from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.inference.generate import generate
+from jaxlm.paths import Path, as_path
 
 
-def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> str:
+def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path | str) -> str:
     """A greedy and a sampled continuation of the configured prompt, saved to samples.txt;
     returns the text."""
     t = cfg.train
@@ -38,5 +37,5 @@ def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path) -> str:
         for name, temp in (("greedy", 0.0), ("sampled", t.temperature))
     )
     if jax.process_index() == 0:
-        (Path(workdir) / "samples.txt").write_text(text, encoding="utf-8")
+        (as_path(workdir) / "samples.txt").write_text(text, encoding="utf-8")
     return text

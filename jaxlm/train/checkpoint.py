@@ -22,11 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -38,6 +36,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxlm.config import CheckpointConfig
 from jaxlm.errors import ConfigError
+from jaxlm.paths import Path, as_path, is_remote, move
+from jaxlm.train import object_store
 from jaxlm.train.integrity import DamagedCheckpoint, verify_checksums, write_checksums
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,11 @@ class Checkpointer:
     """A thin, typed face over `ocp.CheckpointManager` for jaxlm runs."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, read_only: bool = False):
-        self.directory = Path(directory).absolute()
-        self.damaged_dir = self.directory.with_name(self.directory.name + ".damaged")
+        self.directory = as_path(directory, "the checkpoint directory")
+        if not is_remote(self.directory):
+            self.directory = self.directory.absolute()
+        object_store.prepare(self.directory)
+        self.damaged_dir = self.directory.parent / (self.directory.name + ".damaged")
         self.read_only = read_only
         self._unsealed: list[int] = []  # saved steps whose checksums are not yet written
         self._hasher: threading.Thread | None = None
@@ -74,6 +77,8 @@ class Checkpointer:
             enable_async_checkpointing=cfg.async_save,
             create=not read_only,
             read_only=read_only,
+            # object stores: a step counts once its commit file is written (no dir rename)
+            temporary_path_class=object_store.temporary_path_class(str(self.directory)),
         )
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level
@@ -113,8 +118,8 @@ class Checkpointer:
             return
         self.manager.wait_until_finished()
         steps, self._unsealed = self._unsealed, []
-        if jax.process_index() != 0:
-            return
+        if jax.process_index() != 0 or is_remote(self.directory):
+            return  # an object store keeps its own per-object checksums; no re-read of a save
         if background:
             self._hasher = threading.Thread(
                 target=self._write_checksums, args=(steps,), name="jaxlm-checksums"
@@ -143,7 +148,7 @@ class Checkpointer:
             ) from None
 
     def _check(self, step: int) -> None:
-        if step not in self._verified:
+        if step not in self._verified and not is_remote(self.directory):
             verify_checksums(self.directory / str(step))
             self._verified.add(step)
 
@@ -266,7 +271,9 @@ class Checkpointer:
         """Move temporary directories of saves that never committed out of the way."""
         if jax.process_index() == 0 and self.directory.is_dir():
             for path in sorted(self.directory.iterdir()):
-                if TMP_MARKER in path.name:
+                if TMP_MARKER in path.name or (
+                    is_remote(path) and path.name.isdigit() and not object_store.is_committed(path)
+                ):
                     dest = self._park(path)
                     log(f"An interrupted save ({path.name}) was moved to {dest}.")
         _sync("jaxlm_checkpoint_tmp")
@@ -286,7 +293,7 @@ class Checkpointer:
         dest = self.damaged_dir / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         while dest.exists():
             dest = dest.with_name(dest.name + "+")
-        shutil.move(str(path), str(dest))
+        move(path, dest)
         return dest
 
     def wait(self) -> None:

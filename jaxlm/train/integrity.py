@@ -28,6 +28,7 @@ class DamagedCheckpoint(ConfigError):
 
 def write_checksums(step_dir: Path) -> None:
     """Record the size and SHA-256 of every file under a committed step directory."""
+    step_dir = Path(os.fspath(step_dir))  # a local directory (buckets keep their own checksums)
     files = {}
     for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(step_dir).as_posix()
@@ -43,6 +44,7 @@ def verify_checksums(step_dir: Path) -> bool:
 
     Raises DamagedCheckpoint naming the first file that is missing or differs.
     """
+    step_dir = Path(os.fspath(step_dir))
     record_path = step_dir / CHECKSUMS
     if not record_path.is_file():
         return False

@@ -6,9 +6,10 @@ sees a half-written record and two runs can't both create it. A lock whose holde
 process on this host is stale and taken over with a warning; a holder on another host can't
 be checked from here, so only the user can declare it gone (by deleting the file).
 
-`WorkdirLock` is the one implementation today (paths are local); an object-store lease with
-an expiry would be a second class with the same `acquire`/`release`. `hold_workdir` is what
-the training loop uses: with several processes only process 0 takes the lock and the others
+In a bucket (gs://, s3://) there are no hard links: the record is created only if no lock
+object exists and read back to confirm, which guards against the usual mistake (a second run
+started on a busy workdir) though not against two starts in the same instant.
+`hold_workdir` is what the training loop uses: with several processes only process 0 takes the lock and the others
 learn its outcome through a collective, so a refusal ends every process instead of leaving
 some waiting for the others.
 """
@@ -23,7 +24,6 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,6 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm.errors import ConfigError
+from jaxlm.paths import Path, as_path, is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class WorkdirLock:
     removes the lock and any directories `acquire` created that are still empty."""
 
     def __init__(self, workdir: str | Path) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = as_path(workdir, "--workdir")
         self.path = self.workdir / LOCK_NAME
         self.held = False
         self._created: list[Path] = []  # directories made by acquire, deepest last
@@ -95,6 +96,8 @@ class WorkdirLock:
         self._remove_created()
 
     def _make_workdir(self) -> None:
+        if is_remote(self.workdir):
+            return  # a bucket has no directories to make
         missing, p = [], self.workdir.absolute()
         while not p.exists() and p != p.parent:
             missing.append(p)
@@ -174,6 +177,8 @@ def _own_record() -> dict[str, Any]:
 
 def _link_record(path: Path, record: dict[str, Any]) -> bool:
     """Create `path` holding `record`, atomically; False if it already exists."""
+    if is_remote(path):
+        return _put_record(path, record)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
     tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
     try:
@@ -191,6 +196,14 @@ def _link_record(path: Path, record: dict[str, Any]) -> bool:
         return True
     finally:
         tmp.unlink()
+
+
+def _put_record(path: Path, record: dict[str, Any]) -> bool:
+    """The object-store version: create unless present, then read back who holds it."""
+    if path.exists():
+        return False
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    return _read(path) == record
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -41,6 +40,7 @@ from jaxlm.data.dataset import Corpus, prepare_corpus
 from jaxlm.errors import ConfigError, NonFiniteError
 from jaxlm.models import build_model
 from jaxlm.parallel.sharding import make_mesh, process_rows, put_batch, validate_mesh
+from jaxlm.paths import Path, as_path
 from jaxlm.perf.flops import flops_per_token, inactive_params
 from jaxlm.perf.peak import device_peak
 from jaxlm.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -54,6 +54,7 @@ from jaxlm.train.resume import (
     check_resumable,
     check_same_data,
     data_identity,
+    keep_tokenizer,
     rewind_metrics,
 )
 from jaxlm.train.state import TrainState, init_train_state, param_count, state_shardings
@@ -106,8 +107,9 @@ def train(
     tokenizer or corpus content differs from the checkpoint's.
     """
     started = time.time()
-    with hold_workdir(Path(workdir)):
-        job = set_up(cfg, Path(workdir))
+    workdir = as_path(workdir, "--workdir")
+    with hold_workdir(workdir):
+        job = set_up(cfg, workdir)
         job.started = started
         state, restored_step = restore_or_init(job, init_params, allow_data_change)
         start_step = int(jax.device_get(state.step))
@@ -194,6 +196,7 @@ def restore_or_init(
     )
     if jax.process_index() == 0:  # only now, after every check: a refused command must not
         (workdir / "config.yaml").write_text(version_header() + config_lib.to_yaml(cfg), "utf-8")
+        keep_tokenizer(job.data.tokenizer.path, workdir)
         resumed_at = -1 if restored is None else restored.step
         job.recomputed = max(0, last_train_step(workdir / "metrics.jsonl") - max(resumed_at, 0))
         dropped = rewind_metrics(workdir / "metrics.jsonl", resumed_at)

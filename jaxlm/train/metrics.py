@@ -6,6 +6,11 @@ same scalars: TensorBoard event files (tensorboardX's writer) unless
 own client; `logging.wandb_mode=offline` needs no network). A W&B run keeps one id across
 restarts of the jaxlm run (saved in WORKDIR/wandb_run_id), so a resumed job continues the
 same W&B run. The resolved config and jaxlm's version and commit are logged with it.
+
+In a bucket (gs://, s3://), where nothing can be appended to, metrics.jsonl and the event
+file are put whole again at each write (metrics.jsonl) or flush (events): every record
+already written survives a crash, at the cost of re-sending a file that grows by one line
+per logged step.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import json
 import math
 import secrets
 import time
-from pathlib import Path
 from typing import Any, Protocol
 
 from tensorboardX import SummaryWriter
+from tensorboardX.record_writer import register_writer_factory
 
 from jaxlm.config import LoggingConfig
 from jaxlm.config.version import version_info
+from jaxlm.paths import Path, append_text, as_path, is_remote
 
 try:  # the optional extra: jaxlm[wandb] (config validation refuses a project without it)
     import wandb
@@ -64,7 +70,7 @@ class WandbTracker:
             id=run_id,
             resume="allow",
             mode=mode,
-            dir=str(workdir),
+            dir=None if is_remote(workdir) else str(workdir),  # W&B's files stay local
             name=workdir.name,
             config={**config, "jaxlm": version_info()},
         )
@@ -94,9 +100,14 @@ class MetricsWriter:
         self._trackers: list[Tracker] = []
         if not enabled:
             return
-        workdir = Path(workdir)
+        workdir = as_path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._remote: tuple[Path, list[str]] | None = None
+        if is_remote(workdir):  # an object: rewritten whole from the lines kept here
+            path = workdir / "metrics.jsonl"
+            self._remote = (path, [path.read_text(encoding="utf-8")] if path.exists() else [])
+        else:
+            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             self._trackers.append(TensorBoardTracker(workdir / "tensorboard"))
         self._trackers += trackers or []
@@ -117,8 +128,11 @@ class MetricsWriter:
             return
         clean = {k: float(v) for k, v in metrics.items() if _finite_number(v)}
         record = {"step": int(step), "split": prefix, "time": time.time(), **clean}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        if self._remote is not None:
+            append_text(self._remote[0], json.dumps(record) + "\n", whole=self._remote[1])
+        else:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
         for tracker in self._trackers:
             tracker.write(int(step), clean, prefix)
 
@@ -129,6 +143,37 @@ class MetricsWriter:
         for tracker in self._trackers:
             tracker.close()
         self._trackers = []
+
+
+class _ObjectEventFile:
+    """A TensorBoard event file in a bucket: held in memory, put whole at each flush."""
+
+    def __init__(self, path: str):
+        self._path = as_path(path)
+        self._data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._data += data
+
+    def flush(self) -> None:
+        self._path.write_bytes(bytes(self._data))
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectEventFiles:
+    """tensorboardX's writer factory for gs:// and s3:// through jaxlm's paths."""
+
+    def open(self, path: str) -> _ObjectEventFile:
+        return _ObjectEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # buckets have no directories
+
+
+for _scheme in ("gs", "s3"):
+    register_writer_factory(_scheme, _ObjectEventFiles())
 
 
 def _finite_number(v: Any) -> bool:

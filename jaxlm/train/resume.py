@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,6 +20,7 @@ from jaxlm.data import mixture
 from jaxlm.data.shards import MANIFEST
 from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.errors import ConfigError
+from jaxlm.paths import Path, as_path, copy_file, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +105,15 @@ def rewind_metrics(path: Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_bytes_atomic(path, "".join(kept).encode("utf-8"))
     return dropped
+
+
+def keep_tokenizer(path: str, workdir: Path) -> None:
+    """Copy a SentencePiece model from elsewhere (data.tokenizer, prepared data) into the run,
+    where eval, generate and export look for it."""
+    if str(path).endswith(".model") and not (workdir / "tokenizer.model").exists():
+        copy_file(path, workdir / "tokenizer.model")
 
 
 def data_identity(cfg: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -122,7 +127,7 @@ def data_identity(cfg: RunConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     h, files, size = hashlib.sha256(), 0, 0
     if prepared:
         for path, _ in prepared:
-            h.update(hashlib.sha256((Path(path) / MANIFEST).read_bytes()).digest())
+            h.update(hashlib.sha256((as_path(path) / MANIFEST).read_bytes()).digest())
             files += 1
         kind = "prepared"
     elif cfg.data.corpus == "builtin":

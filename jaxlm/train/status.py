@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxlm.config import load_config
 from jaxlm.errors import ConfigError
+from jaxlm.paths import Path, as_path, read_text
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -30,7 +30,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path).splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:
@@ -91,7 +91,7 @@ def _account(
 
 def run_status(workdir: str | Path) -> dict[str, Any]:
     """A summary of the run in `workdir` (see the module docstring)."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir, "RUN_DIR")
     if not (workdir / "config.yaml").is_file():
         raise ConfigError(f"'{workdir}' holds no config.yaml; give the --workdir of a jaxlm run.")
     cfg = load_config(workdir / "config.yaml")

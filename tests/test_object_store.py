@@ -1,0 +1,119 @@
+"""Runs in a bucket (jaxlm.paths, jaxlm.train.object_store): checkpoints, metrics, the lock and
+the errors, against a real S3-compatible server on 127.0.0.1 (moto's server mode, started by
+the `s3_server` fixture); the whole `jaxlm train` / kill / resume / eval / generate cycle on
+s3:// is in test_object_store_run.py."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import s3fs
+from conftest import new_bucket
+
+from jaxlm.config import CheckpointConfig
+from jaxlm.errors import ConfigError
+from jaxlm.paths import as_path, check_reachable
+from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train.lock import WorkdirLock
+from jaxlm.train.metrics import MetricsWriter
+from jaxlm.train.resume import rewind_metrics
+from jaxlm.train.status import read_records
+
+
+def _tree(v: float) -> dict[str, jax.Array]:
+    return {"w": jnp.arange(64.0) + v, "step": jnp.int32(v)}
+
+
+def _abstract():
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tree(0.0))
+
+
+def test_checkpoints_in_s3_keep_commit_restore_and_park_damage(s3_server):
+    root = as_path(new_bucket(s3_server)) / "run/checkpoints"
+    ckpt = Checkpointer(root, CheckpointConfig(keep=2))
+    for step in (1, 2, 3):
+        ckpt.save(step, _tree(step), None, {"step": step})
+    ckpt.close()
+    # keep=2, each committed by its commit file (no directory rename on an object store)
+    assert Checkpointer(root, CheckpointConfig(), read_only=True).all_steps() == [2, 3]
+    assert (root / "3" / "commit_success.txt").exists()
+
+    # The newest step loses its array data: a training run skips it, parks it, resumes at 2.
+    bucket = str(root).split("/")[2]
+    s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="run/checkpoints/3/state/")["Contents"]
+    data = [o["Key"] for o in listed if "/d/" in o["Key"]]
+    assert data
+    for key in data:
+        s3.delete_object(Bucket=bucket, Key=key)
+    (root / "4").mkdir()  # an interrupted save: a step directory with no commit file
+    (root / "4" / "junk").write_text("x")
+    ckpt = Checkpointer(root, CheckpointConfig(keep=2))
+    got = ckpt.restore_latest(_abstract(), move_damaged=True, log=print)
+    assert got.step == 2 and got.config == {"step": 2}
+    assert np.array_equal(np.asarray(got.state["w"]), np.arange(64.0) + 2)
+    parked = sorted(p.name.split("-")[0] for p in (root.parent / "checkpoints.damaged").iterdir())
+    assert parked == ["3", "4"]
+    ckpt.save(3, _tree(7.0), None, {"step": 3})
+    ckpt.close()
+    again = Checkpointer(root, CheckpointConfig(), read_only=True)
+    assert float(again.restore(3, _abstract())["w"][0]) == 7.0
+    again.close()
+
+
+def test_metrics_in_s3_survive_reopening_and_rewind(s3_server):
+    workdir = as_path(new_bucket(s3_server)) / "run"
+    writer = MetricsWriter(workdir)
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": 1.0 / step})
+    # Each record is in the bucket as soon as it is written (no close needed).
+    assert [r["step"] for r in read_records(workdir / "metrics.jsonl")] == [1, 2, 3]
+    writer.close()
+    assert rewind_metrics(workdir / "metrics.jsonl", 2) == 1
+    writer = MetricsWriter(workdir)
+    writer.write(3, {"loss": 0.5})
+    writer.close()
+    rows = read_records(workdir / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.5)]
+    assert any(p.name.startswith("events.out") for p in (workdir / "tensorboard").iterdir())
+
+
+def test_lock_in_s3_refuses_a_live_holder_and_takes_over_a_dead_one(s3_server):
+    workdir = as_path(new_bucket(s3_server)) / "run"
+    first = WorkdirLock(workdir)
+    first.acquire()
+    with pytest.raises(ConfigError, match="in use by a jaxlm run"):
+        WorkdirLock(workdir).acquire()
+    record = json.loads((workdir / "train.lock").read_text())
+    record["pid"] = 2**22 + 12345  # a pid that does not run on this host
+    (workdir / "train.lock").write_text(json.dumps(record))
+    second = WorkdirLock(workdir)
+    second.acquire()
+    second.release()
+    assert not (workdir / "train.lock").exists()
+
+
+def test_unusable_buckets_and_schemes_are_one_sentence(s3_server):
+    with pytest.raises(ConfigError, match="does not exist or is not visible"):
+        check_reachable("s3://no-such-bucket-here/run", "--workdir")
+    with pytest.raises(ConfigError, match="scheme 'hdfs://'"):
+        as_path("hdfs://cluster/run", "--workdir")
+    with pytest.raises(ConfigError, match="names no bucket"):
+        as_path("s3:///run", "--workdir")
+
+
+def test_a_bucket_that_cannot_be_reached_names_the_endpoint_fix(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()  # clients read the endpoint when first made
+    try:
+        with pytest.raises(ConfigError) as e:
+            check_reachable("s3://jaxlm-unreachable/run", "--workdir")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert "AWS_ENDPOINT_URL" in str(e.value) and "jaxlm-test-secret" not in str(e.value)
