@@ -3,9 +3,13 @@ signal handlers of `jaxlm train`, and the stop strings and streaming of `jaxlm g
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -211,3 +215,21 @@ def test_streamer_never_prints_what_a_stop_string_removes(capsys):
     stream.finish()
     assert ended == [False, True, True]
     assert capsys.readouterr().out == "cd\n"
+
+
+def test_absent_tpu_is_skipped_quietly_unless_jax_platforms_is_set():
+    # The test extra installs libtpu; this machine has no TPU attached.
+    if importlib.util.find_spec("libtpu") is None or glob.glob("/dev/accel*"):
+        pytest.skip("needs libtpu installed and no TPU attached")
+    env = {"PATH": os.environ.get("PATH", "")}
+    assert cli.skip_absent_tpu(env) and env["JAX_PLATFORMS"] == "cpu"
+    chosen = {"JAX_PLATFORMS": ""}  # the user's choice, even an empty one, stands
+    assert not cli.skip_absent_tpu(chosen) and chosen == {"JAX_PLATFORMS": ""}
+    # A user calling jaxlm directly (no run.sh, no JAX_PLATFORMS) sees no TPU probe warnings.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    p = subprocess.run(
+        [sys.executable, "-m", "jaxlm.cli", "plan", "--config", "configs/tiny.yaml", "--devices", "1"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "TPU" not in p.stderr and "libtpu" not in p.stderr, p.stderr[-2000:]

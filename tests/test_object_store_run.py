@@ -122,9 +122,13 @@ def test_prepare_train_kill_resume_eval_generate_in_s3(s3_server, tiny_tok, tmp_
     ):
         assert np.array_equal(a, b), jax.tree_util.keystr(path)
 
-    # Eval and generate read the run from the bucket, and agree with the local run.
+    # An export into the bucket; eval and generate read the run and the export from the bucket
+    # and agree with the local run.
+    export = f"{bucket}/export"
+    _finish(_jaxlm(env, "export", "-w", remote, "-o", export, log=log), log)
+    assert as_path(f"{export}/export.json").exists()
     out: dict[str, dict] = {}
-    for name, workdir in (("remote", remote), ("local", str(local))):
+    for name, workdir in (("remote", remote), ("export", export), ("local", str(local))):
         ev, gen = tmp_path / f"eval-{name}.json", tmp_path / f"generate-{name}.jsonl"
         _finish(_jaxlm(env, "eval", "--checkpoint", workdir, "--output", str(ev), log=log), log)
         _finish(
@@ -135,9 +139,10 @@ def test_prepare_train_kill_resume_eval_generate_in_s3(s3_server, tiny_tok, tmp_
         )  # fmt: skip
         out[name] = {"eval": json.loads(ev.read_text()), "generate": gen.read_text()}
     assert out["remote"]["eval"]["checkpoint"] == remote
-    assert out["remote"]["eval"]["results"] == out["local"]["eval"]["results"]
     assert out["remote"]["eval"]["results"][0]["tokens"] > 0
-    assert out["remote"]["generate"] == out["local"]["generate"]
+    for name in ("remote", "export"):
+        assert out[name]["eval"]["results"] == out["local"]["eval"]["results"], name
+        assert out[name]["generate"] == out["local"]["generate"], name
     assert json.loads(out["remote"]["generate"])["prompt"] == "The"
 
 

@@ -9,7 +9,9 @@ arguments.
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -77,11 +79,26 @@ def commands() -> list[str]:
     return list(sub.choices)
 
 
+def skip_absent_tpu(environ: dict[str, str] = os.environ) -> bool:
+    """On a machine with libtpu installed (the test extra brings it) but no TPU attached,
+    JAX's TPU probe prints a page of warnings at every start; when JAX_PLATFORMS is unset
+    and nothing else could be an accelerator here, run on the CPU quietly. True if it did."""
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return False
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*"):
+        return False  # a TPU VM: let JAX find its chips
+    if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+        return False  # maybe a GPU machine: keep JAX's own choice
+    environ["JAX_PLATFORMS"] = "cpu"
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `jaxlm` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging()
+    skip_absent_tpu()
     if args.command is None:
         parser.print_help()
         return 2
