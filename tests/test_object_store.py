@@ -6,6 +6,7 @@ s3:// is in test_object_store_run.py."""
 from __future__ import annotations
 
 import json
+import sys
 
 import boto3
 import jax
@@ -117,3 +118,24 @@ def test_a_bucket_that_cannot_be_reached_names_the_endpoint_fix(s3_server, monke
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
     assert "AWS_ENDPOINT_URL" in str(e.value) and "jaxlm-test-secret" not in str(e.value)
+
+
+def test_missing_client_library_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if jaxlm[gcs] were not installed
+    with pytest.raises(ConfigError, match=r'pip install "jaxlm\[gcs\]"'):
+        as_path("gs://some-bucket/run", "--workdir")
+
+
+def test_missing_credentials_are_named_without_a_secret(s3_server, monkeypatch, tmp_path):
+    bucket = new_bucket(s3_server)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(ConfigError, match="no credentials were found"):
+            check_reachable(bucket + "/run", "--workdir")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
