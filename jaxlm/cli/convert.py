@@ -13,7 +13,7 @@ DTYPE_HELP = "parameter dtype written: float32 | bfloat16"
 def register(sub) -> None:
     p = sub.add_parser(
         "convert",
-        help="import or export Hugging Face GPT-2/Llama/Mixtral weights (local files only)",
+        help="import or export Hugging Face GPT-2/Llama/Mixtral weights (local, gs:// or s3://)",
         description="Convert between a local Hugging Face model directory and a jaxlm export.",
     )
     what = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from jaxlm.cli.common import add_distributed_args, quiet_other_processes
 
@@ -48,13 +47,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jaxlm.config.files import check_output_file
     from jaxlm.inference import evaluate
     from jaxlm.inference.scoring import read_choice_items
+    from jaxlm.paths import as_path, check_reachable, is_remote, write_bytes_atomic
 
-    # Every input is checked before the checkpoint is read or anything compiles.
+    # Every input is checked before the checkpoint is read or anything compiles; a bucket
+    # that can't be reached is named before anything in it is looked for.
+    check_reachable(args.checkpoint, "--checkpoint")
     for path in args.data or []:
-        if not (Path(path).is_file() or Path(path).is_dir()):
+        check_reachable(path, "--data")
+        if not (as_path(path, "--data").is_file() or as_path(path).is_dir()):
             raise ConfigError(
                 f"--data '{path}' does not exist; give a text file or a prepared dir."
             )
+    if args.multiple_choice:
+        check_reachable(args.multiple_choice, "--multiple-choice")
     items = read_choice_items(args.multiple_choice) if args.multiple_choice else None
     if args.output:  # now, not after an evaluation that would then be lost
         check_output_file(args.output, "--output")
@@ -87,8 +92,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if jax.process_index() != 0:
         return 0  # every process computed the same report; one writes it
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
+        if is_remote(args.output):
+            write_bytes_atomic(args.output, text.encode("utf-8"))
+        else:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

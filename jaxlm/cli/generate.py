@@ -65,16 +65,18 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     """The prompts of --prompt / --prompts-file (the default prompt when neither is given)."""
     from jaxlm.config.files import read_utf8
     from jaxlm.errors import ConfigError
+    from jaxlm.paths import check_reachable
 
     if args.prompt is not None and args.prompts_file:
         raise ConfigError("Give --prompt or --prompts-file, not both.")
     if not args.prompts_file:
         return ["ROMEO.\n" if args.prompt is None else args.prompt]
+    check_reachable(args.prompts_file, "--prompts-file")
     try:
         lines = read_utf8(args.prompts_file).splitlines()
     except OSError as e:
         raise ConfigError(
-            f"Cannot read --prompts-file '{args.prompts_file}' ({e.strerror})."
+            f"Cannot read --prompts-file '{args.prompts_file}' ({e.strerror or e})."
         ) from None
     prompts = []
     for n, line in enumerate(lines, start=1):
@@ -152,9 +154,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from jaxlm.config.files import check_output_file
     from jaxlm.errors import ConfigError
     from jaxlm.inference.generate import Sampling
+    from jaxlm.paths import check_reachable, is_remote, write_bytes_atomic
 
     if not args.checkpoint:
         raise ConfigError("Name the model to sample from with --checkpoint DIR.")
+    check_reachable(args.checkpoint, "--checkpoint")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.no_repeat_ngram_size)
     sampling.check()
     for name in ("max_new_tokens", "num_return_sequences", "batch_size"):
@@ -219,6 +223,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             elif not stream:
                 print(f"--- prompt {i}, sample {j} ---\n{prompts[i]}{text}\n", file=out, flush=True)
     if args.output and jax.process_index() == 0:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        if is_remote(args.output):
+            write_bytes_atomic(args.output, lines.encode("utf-8"))
+        else:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(lines)
     return 0

@@ -230,12 +230,6 @@ def validate(cfg: RunConfig) -> None:
     for k in ("eval_every", "eval_batches", "sample_tokens", "top_k"):
         v = getattr(t, k)
         _require(v >= 0, f"train.{k}={v} must be >= 0.")
-    _require(
-        cfg.model.recurrent or t.sample_tokens < cfg.model.max_seq_len,
-        f"train.sample_tokens={t.sample_tokens} leaves no room for the prompt within "
-        f"model.max_seq_len={cfg.model.max_seq_len}; set train.sample_tokens below "
-        f"{cfg.model.max_seq_len} (0: no samples).",
-    )
     _require(t.z_loss >= 0.0, f"train.z_loss={t.z_loss} must be >= 0.")
     _require(t.temperature > 0.0, f"train.temperature={t.temperature} must be positive.")
     _require(

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 
 from jaxlm.config.files import read_utf8
 from jaxlm.errors import ConfigError
+from jaxlm.paths import Path, as_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ def _label(value, where: str) -> str:
 
 def read_labeled(path: str | Path) -> list[Example]:
     """Every example of a TSV or JSONL file; a malformed line raises naming its number."""
-    path = Path(path)
+    path = as_path(path, "The labelled data file")
     if not path.is_file():
         raise ConfigError(f"The labelled data file '{path}' does not exist.")
     jsonl = path.suffix.lower() in (".jsonl", ".json")
@@ -176,7 +176,7 @@ def batches(
 def read_texts(path: str | Path) -> list[str]:
     """Texts to label: the "text" of JSONL lines, else the first tab-separated column of
     each non-blank line (so a labelled TSV works too, its header skipped)."""
-    path = Path(path)
+    path = as_path(path, "The input file")
     if not path.is_file():
         raise ConfigError(f"The input file '{path}' does not exist.")
     if path.suffix.lower() in (".jsonl", ".json"):

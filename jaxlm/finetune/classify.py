@@ -1,11 +1,11 @@
 """Sequence classification on a pretrained LM: train, save, load, predict.
 
-Trains `models.classifier.SequenceClassifier` (the LM body plus a dense head) on labelled
-text; see `jaxlm.data.labeled` for the file formats. Training is train/'s: its AdamW (the
-backbone in its own parameter group at a lower learning rate, or frozen), its step builder
-and its `TrainState`. It runs on the checkpoint's mesh (`runs.model_mesh`) like every other
-command: the backbone restored straight into its shards, each process feeding its block of
-every batch's rows, the same numbers on one process or several. The workdir receives:
+Trains `models.classifier.SequenceClassifier` (the LM body plus a dense head) on labelled text;
+see `jaxlm.data.labeled` for the file formats. Training is train/'s: its AdamW (the backbone in
+its own parameter group at a lower learning rate, or frozen), its step builder and its
+`TrainState`. It runs on the checkpoint's mesh (`runs.model_mesh`) like every other command: the
+backbone restored straight into its shards, each process feeding its block of every batch's
+rows, the same numbers on one process or several. The workdir (local, gs:// or s3://) receives:
   classifier/       Orbax checkpoint of the classifier parameters
   classifier.json   model config, labels (class id -> name), max_len, pooling, source
   metrics.json      validation loss/accuracy history and the final numbers
@@ -18,14 +18,12 @@ import json
 import logging
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -42,7 +40,9 @@ from jaxlm.parallel.sharding import (
     put_batch,
     replicated,
 )
+from jaxlm.paths import Path, absolute, as_path, copy_file, is_remote
 from jaxlm.runs import load_run, model_mesh
+from jaxlm.train import object_store
 from jaxlm.train.optimizer import lr_schedule, make_optimizer
 from jaxlm.train.state import TrainState, new_train_state
 from jaxlm.train.step import StepFn, make_step
@@ -91,7 +91,7 @@ def _check_options(o: ClassifyOptions) -> None:
         raise ConfigError(f"--max-len={o.max_len} must be at least 2 (bos and eos).")
     if o.eval_every < 0:
         raise ConfigError(f"--eval-every={o.eval_every} must be >= 0.")
-    if (Path(o.workdir) / CLASSIFIER_INFO).exists():
+    if (as_path(o.workdir, "--workdir") / CLASSIFIER_INFO).exists():
         raise ConfigError(
             f"--workdir '{o.workdir}' already holds a classifier; choose a new directory."
         )
@@ -141,12 +141,12 @@ def finetune_classifier(o: ClassifyOptions) -> dict[str, Any]:
         "pooling": "forward last token + backward first token"
         if o.bidirectional
         else "last non-pad token",
-        "source": str(Path(o.checkpoint).absolute()),
-        "tokenizer": "tokenizer" + Path(tok_path).suffix,
+        "source": str(absolute(o.checkpoint)),
+        "tokenizer": "tokenizer" + as_path(tok_path).suffix,
         "options": dataclasses.asdict(o),
     }
     metrics = {k: v for k, v in result.items() if k != "params"}
-    save_classifier(Path(o.workdir), result["params"], info, metrics, tok_path)
+    save_classifier(as_path(o.workdir), result["params"], info, metrics, tok_path)
     return metrics
 
 
@@ -331,14 +331,14 @@ def train_classifier(
 
 
 def _save_params(path: Path, params: Any) -> None:
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path.absolute(), params)
+    with object_store.standard_checkpointer(path) as ckpt:
+        ckpt.save(absolute(path), params)
         ckpt.wait_until_finished()
 
 
 def _restore_params(path: Path, abstract: Any) -> Any:
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(path.absolute(), abstract)
+    with object_store.standard_checkpointer(path) as ckpt:
+        return ckpt.restore(absolute(path), abstract)
 
 
 def save_classifier(
@@ -348,21 +348,23 @@ def save_classifier(
 
     Every process writes its shards of the parameters; process 0 writes everything else.
     """
-    primary = jax.process_index() == 0
-    tmp = workdir / "classifier.tmp"
+    primary, remote = jax.process_index() == 0, is_remote(workdir)
+    tmp = workdir / ("classifier" if remote else "classifier.tmp")  # a bucket has no rename
     if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # our own leftover from an interrupted save
+        if not remote:
+            workdir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # our own leftover from an interrupted save
+            tmp.rmtree() if remote else shutil.rmtree(tmp)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxlm-classifier-save")
     _save_params(tmp, params)
     if not primary:
         return
-    if (workdir / "classifier").exists():
-        shutil.rmtree(workdir / "classifier")  # params without classifier.json: never complete
-    tmp.rename(workdir / "classifier")
-    shutil.copyfile(tok_path, workdir / info["tokenizer"])
+    if not remote:
+        if (workdir / "classifier").exists():
+            shutil.rmtree(workdir / "classifier")  # params without classifier.json: incomplete
+        tmp.rename(workdir / "classifier")
+    copy_file(tok_path, workdir / info["tokenizer"])
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     # Written last: its presence marks a complete classifier.
     (workdir / CLASSIFIER_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -370,7 +372,7 @@ def save_classifier(
 
 def load_classifier(workdir: str | Path):
     """(model, params, info, tokenizer) of a saved classifier."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir, "--workdir")
     if not (workdir / CLASSIFIER_INFO).is_file():
         raise ConfigError(f"'{workdir}' holds no {CLASSIFIER_INFO}; run `jaxlm finetune classify`.")
     info = json.loads((workdir / CLASSIFIER_INFO).read_text(encoding="utf-8"))

@@ -3,7 +3,8 @@
 The run starts from the source's parameters with a fresh optimizer at step 0, on the
 source's tokenizer. The model's architecture fields must match the source's (its parameters
 must fit); runtime fields may differ, and a change of `scan_layers` restacks the blocks.
-Once the fine-tuning run has checkpoints of its own, resuming continues from those."""
+Once the fine-tuning run has checkpoints of its own, resuming continues from those. The
+source, like the config file, may be local or in a bucket (gs://, s3://)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from jaxlm.config import ModelConfig, RunConfig
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.models.scan import stack_blocks, unstack_blocks
+from jaxlm.paths import absolute, as_path, check_reachable
 from jaxlm.runs import load_run
 
 logger = logging.getLogger(__name__)
@@ -27,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 def source_config(path: str | Path) -> RunConfig:
     """The resolved config of a run, export or converted directory."""
-    path = Path(path)
+    check_reachable(path, "The checkpoint")
+    path = as_path(path, "The checkpoint")
     if not (path / "config.yaml").is_file():
         raise ConfigError(
             f"'{path}' holds no config.yaml; give the directory of a jaxlm run, an export or "
@@ -38,10 +41,10 @@ def source_config(path: str | Path) -> RunConfig:
 
 def source_tokenizer_path(path: str | Path, cfg: RunConfig) -> str:
     """The tokenizer file that belongs to a run, export or converted directory."""
-    path = Path(path)
+    path = as_path(path, "The checkpoint")
     for name in ("tokenizer.model", "tokenizer.json"):
         if (path / name).is_file():
-            return str((path / name).absolute())
+            return str(absolute(path / name))
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
     raise ConfigError(f"'{path}' holds no tokenizer.model or tokenizer.json; copy its tokenizer.")
@@ -105,10 +108,11 @@ def lm_finetune_config(checkpoint: str, config_path: str | None, overrides: list
     src_cfg = source_config(checkpoint)
     raw: dict[str, Any] = {}
     if config_path is not None:
-        if not Path(config_path).is_file():
+        check_reachable(config_path, "--config")
+        if not as_path(config_path, "--config").is_file():
             raise ConfigError(f"Config file '{config_path}' does not exist; pass a YAML file.")
         try:
-            raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(as_path(config_path).read_text(encoding="utf-8")) or {}
         except yaml.YAMLError:
             raise ConfigError(f"Config file '{config_path}' is not valid YAML; fix it.") from None
         if not isinstance(raw, dict):
@@ -120,7 +124,7 @@ def lm_finetune_config(checkpoint: str, config_path: str | None, overrides: list
     data = {"seq_len": src_cfg.data.seq_len, **(raw.get("data") or {})}
     raw = {**raw, "model": model, "data": data}
     for section, kv in config_lib.parse_overrides(
-        [*overrides, f"train.init_from={Path(checkpoint).absolute()}"]
+        [*overrides, f"train.init_from={absolute(checkpoint)}"]
     ).items():
         raw[section] = {**(raw.get(section) or {}), **kv}
     cfg = config_lib.resolve(config_lib.from_dict(raw))

@@ -4,8 +4,10 @@ from-hf writes the layout of `jaxlm export` (params/, config.yaml, export.json a
 tokenizer), so `runs.load_run`, eval, generate and finetune read it like any export.
 to-hf writes `config.json`, `model.safetensors` (or, above `max_shard_bytes`, numbered
 shards with `model.safetensors.index.json`) and the tokenizer files, which
-`GPT2LMHeadModel` / `LlamaForCausalLM` / `MixtralForCausalLM.from_pretrained` load. Only
-local files are read.
+`GPT2LMHeadModel` / `LlamaForCausalLM` / `MixtralForCausalLM.from_pretrained` load. Sources
+and outputs may be local or in a bucket (gs://, s3://): a remote safetensors file is read
+from a local cached copy, and a bucket output (which has no rename) is written in place,
+export.json (from-hf) or config.json (to-hf) last.
 
 to-hf restores the model sharded like every other command and streams it out one tensor
 at a time: each is gathered from its shards (over every host of a multi-process job),
@@ -19,17 +21,16 @@ import json
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_dtypes  # comes with JAX; also teaches safetensors' numpy side bfloat16
 import numpy as np
-import orbax.checkpoint as ocp
 import sentencepiece as spm
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxlm import paths
 from jaxlm.config import DataConfig, RunConfig, load_config, resolve, to_yaml, validate
 from jaxlm.config.files import check_output_dir
 from jaxlm.data.tokenizer import load_tokenizer
@@ -38,7 +39,9 @@ from jaxlm.hf.config import hf_config_from_model, hf_model_type, model_config_fr
 from jaxlm.hf.weights import iter_params_to_hf, params_from_hf
 from jaxlm.models.scan import unstack_blocks
 from jaxlm.parallel.distributed import to_host
+from jaxlm.paths import Path
 from jaxlm.runs import EXPORT_INFO, abstract_params, load_run
+from jaxlm.train import object_store
 
 DTYPES = ("float32", "bfloat16")
 # Tokenizer files, in order of preference: transformers itself prefers tokenizer.json.
@@ -68,14 +71,18 @@ def _check_dtype(dtype: str) -> None:
 
 def _check_new(output: Path) -> None:
     """Refuse an `output` that exists and is not an empty directory."""
+    paths.check_reachable(output, "--output")  # a bucket is reached before it is listed
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"--output '{output}' already exists and is not empty; name a new one.")
     check_output_dir(output, "--output")
 
 
 def _new_output(output: Path) -> Path:
-    """A temporary directory beside `output`, which must not exist or be empty."""
+    """A temporary directory beside `output`, which must not exist or be empty; on a bucket,
+    `output` itself."""
     _check_new(output)
+    if paths.is_remote(output):
+        return output
     output.parent.mkdir(parents=True, exist_ok=True)
     # Not mkdtemp, whose directory is 0700: the output keeps the user's umask.
     tmp = output.parent / f".{output.name}.{uuid.uuid4().hex}"
@@ -84,7 +91,11 @@ def _new_output(output: Path) -> Path:
 
 
 def _publish(tmp: Path, output: Path, fill: Callable[[Path], None]) -> None:
-    """Fill `tmp`, then rename it to `output`: a crash never leaves a half-written output."""
+    """Fill `tmp`, then rename it to `output`: a crash never leaves a half-written output.
+    A bucket output is filled in place; its last file marks it complete."""
+    if paths.is_remote(output):
+        fill(output)
+        return
     try:
         fill(tmp)
         if output.exists():
@@ -122,8 +133,8 @@ class SafetensorsWeights(Mapping[str, np.ndarray]):
         for path in files:
             if not path.is_file():
                 raise ConfigError(f"The shard '{path}' named in {index.name} is missing; fetch it.")
-            try:
-                handle = safe_open(str(path), framework="numpy")
+            try:  # safetensors maps a local file: a remote shard is read from a cached copy
+                handle = safe_open(str(paths.local_copy(path, None)), framework="numpy")
             except Exception as e:  # safetensors raises its own error type for a bad header
                 raise ConfigError(
                     f"'{path}' is not a readable safetensors file ({str(e).splitlines()[0]}); "
@@ -150,10 +161,10 @@ def _copy_tokenizer(src_file: Path, dst_file: Path) -> Any:
     """Copy a tokenizer to `dst_file`, with the special-token names HFTokenizer reads."""
 
     tokenizer = load_tokenizer(str(src_file))  # reads the HF files beside it for special ids
-    shutil.copyfile(src_file, dst_file)
+    paths.copy_file(src_file, dst_file)
     if src_file.suffix == ".json":
         if (src_file.parent / "special_tokens_map.json").is_file():
-            shutil.copyfile(
+            paths.copy_file(
                 src_file.parent / "special_tokens_map.json",
                 dst_file.parent / "special_tokens_map.json",
             )
@@ -166,7 +177,8 @@ def _token(tokenizer: Any, i: int) -> str:
     if hasattr(tokenizer, "id_to_token"):
         return tokenizer.id_to_token(i)
 
-    return spm.SentencePieceProcessor(model_file=tokenizer.path).IdToPiece(i)
+    proto = paths.as_path(tokenizer.path).read_bytes()  # the file may be in a bucket
+    return spm.SentencePieceProcessor(model_proto=proto).IdToPiece(i)
 
 
 def _write_tokenizer_config(tokenizer: Any, template: Path, dst: Path) -> None:
@@ -187,7 +199,7 @@ def _write_tokenizer_config(tokenizer: Any, template: Path, dst: Path) -> None:
 def _run_config(hf: dict[str, Any], tokenizer_path: Path | None) -> RunConfig:
     model = model_config_from_hf(hf)
     data = DataConfig(
-        tokenizer=str(tokenizer_path.absolute()) if tokenizer_path else None,
+        tokenizer=str(paths.absolute(tokenizer_path)) if tokenizer_path else None,
         seq_len=min(model.max_seq_len, 1024),
     )
     cfg = resolve(RunConfig(model=model, data=data))
@@ -198,18 +210,19 @@ def _run_config(hf: dict[str, Any], tokenizer_path: Path | None) -> RunConfig:
 def from_hf(
     src: str | Path, output: str | Path, dtype: str = "float32", tokenizer: str | None = None
 ) -> dict[str, Any]:
-    """Convert a local HF GPT-2/Llama/Mixtral directory into a jaxlm export `output`.
+    """Convert a HF GPT-2/Llama/Mixtral directory into a jaxlm export `output`.
 
     The tokenizer is `tokenizer` if given, else the directory's tokenizer.json or
     tokenizer.model; it is copied so the output is self-contained.
     """
 
-    src, output = Path(src), Path(output)
     _check_dtype(dtype)
+    paths.check_reachable(src, "HF_DIR")
+    src, output = paths.as_path(src, "HF_DIR"), paths.as_path(output, "--output")
     if not (src / "config.json").is_file():
         raise ConfigError(f"'{src}' holds no config.json; pass a Hugging Face model directory.")
     hf = _read_json(src / "config.json")
-    tok_src = Path(tokenizer) if tokenizer else _tokenizer_file(src)
+    tok_src = paths.as_path(tokenizer, "--tokenizer") if tokenizer else _tokenizer_file(src)
     if tok_src is None:
         raise ConfigError(
             f"'{src}' has no tokenizer.json or tokenizer.model; add the model's tokenizer files "
@@ -239,12 +252,12 @@ def from_hf(
             abstract,
             lambda x, a: jax.device_put(x.astype(_np_dtype(dtype)), a.sharding),
         )
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp.absolute() / "params", params)
+        with object_store.standard_checkpointer(tmp) as checkpointer:
+            checkpointer.save(paths.absolute(tmp) / "params", params)
             checkpointer.wait_until_finished()
         (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         info = {
-            "source": str(src.absolute()),
+            "source": str(paths.absolute(src)),
             "step": 0,
             "dtype": dtype,
             "from_hf": hf["model_type"],
@@ -291,7 +304,8 @@ class _ShardWriter:
 
     def _flush(self) -> None:
         part = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.dir / part), metadata={"format": "pt"})
+        with paths.local_file_for_writing(self.dir / part) as local:  # put whole into a bucket
+            save_file(self.pending, str(local), metadata={"format": "pt"})
         self.files.append((part, list(self.pending)))
         self.pending = {}
 
@@ -301,12 +315,12 @@ class _ShardWriter:
             self._flush()
         n = len(self.files)
         if n == 1:
-            (self.dir / self.files[0][0]).rename(self.dir / "model.safetensors")
+            paths.move(self.dir / self.files[0][0], self.dir / "model.safetensors")
             return 1
         weight_map = {}
         for i, (part, names) in enumerate(self.files):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.dir / part).rename(self.dir / final)
+            paths.move(self.dir / part, self.dir / final)
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         text = json.dumps(index, indent=2) + "\n"
@@ -326,12 +340,13 @@ def to_hf(
     them); process 0 writes the files.
     """
 
-    output = Path(output)
+    output = paths.as_path(output, "--output")
     _check_dtype(dtype)
     if max_shard_bytes <= 0:
         raise ConfigError(f"--max-shard-gb must be positive, not {max_shard_bytes / 1024**3:g}.")
     _check_new(output)
-    cfg_path = Path(path) / "config.yaml"
+    paths.check_reachable(path, "RUN_OR_EXPORT")
+    cfg_path = paths.as_path(path, "RUN_OR_EXPORT") / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError(f"'{path}' holds no config.yaml; pass a jaxlm run or export directory.")
     # Refuse a model HF has no class for before restoring (and gathering) any parameter.
@@ -354,16 +369,17 @@ def to_hf(
             return
         files = writer.close()
         ids = {role: getattr(run.tokenizer, f"{role}_id") for role in ("bos", "eos", "pad")}
-        hf = hf_config_from_model(model, ids) | {"dtype": dtype}
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-        tok = Path(run.tokenizer.path)
-        shutil.copyfile(
+        tok = paths.as_path(run.tokenizer.path)
+        paths.copy_file(
             tok, tmp / ("tokenizer.json" if tok.suffix == ".json" else "tokenizer.model")
         )
         template = tok.parent / "tokenizer_config.json"
         _write_tokenizer_config(run.tokenizer, template, tmp)
         if (tok.parent / "special_tokens_map.json").is_file():
-            shutil.copyfile(tok.parent / "special_tokens_map.json", tmp / "special_tokens_map.json")
+            paths.copy_file(tok.parent / "special_tokens_map.json", tmp / "special_tokens_map.json")
+        # config.json last: what transformers looks for first marks a complete directory.
+        hf = hf_config_from_model(model, ids) | {"dtype": dtype}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
 
     if primary:
         _publish(_new_output(output), output, fill)

@@ -28,6 +28,7 @@ from jaxlm.inference.scoring import (
 )
 from jaxlm.models import build_model
 from jaxlm.parallel.sharding import data_parallel_size, put_batch
+from jaxlm.paths import as_path
 from jaxlm.runs import Run, check_vocab
 from jaxlm.train.step import jit_eval_step, make_eval_step
 
@@ -139,14 +140,15 @@ def _make_loglik_step(model):
 
 
 def evaluate_text(ev: Evaluator, path: str | Path) -> dict[str, Any]:
-    """Loss, perplexity and bits-per-byte of a .txt/.jsonl file (or a prepared shard dir)."""
+    """Loss, perplexity and bits-per-byte of a .txt/.jsonl file (or a prepared shard dir);
+    local, gs:// or s3://."""
 
-    if Path(path).is_dir():
+    if as_path(path, "--data").is_dir():
         return evaluate_prepared(ev, path)
     docs = read_documents(path, ev.run.cfg.data.doc_chars)
     if not docs:
         raise ConfigError(f"--data '{path}' holds no text; give a file with some.")
-    nats, tokens = ev.loss_sums(tokenize_documents(docs, ev.run.tokenizer), Path(path).name)
+    nats, tokens = ev.loss_sums(tokenize_documents(docs, ev.run.tokenizer), as_path(path).name)
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     return {"data": str(path), "documents": len(docs), **summarize(nats, tokens, n_bytes)}
 
@@ -166,7 +168,7 @@ def evaluate_prepared(ev: Evaluator, path: str | Path) -> dict[str, Any]:
             f"checkpoint's is {ev.run.tokenizer.sha256[:12]}...); prepare it with this one."
         )
     docs = (prepared.document(i) for i in range(prepared.num_documents))
-    nats, tokens = ev.loss_sums(docs, Path(path).name)
+    nats, tokens = ev.loss_sums(docs, as_path(path).name)
     n_bytes = next((int(manifest[k]) for k in _BYTE_KEYS if manifest.get(k)), None)
     out = {"data": str(path), "documents": prepared.num_documents}
     out.update(summarize(nats, tokens, n_bytes))
@@ -178,7 +180,7 @@ def evaluate_prepared(ev: Evaluator, path: str | Path) -> dict[str, Any]:
 def evaluate_validation(ev: Evaluator, workdir: str | Path) -> dict[str, Any]:
     """The run's own validation split; bytes are those of the decoded documents."""
 
-    docs = prepare_corpus(ev.run.cfg, Path(workdir)).val_docs
+    docs = prepare_corpus(ev.run.cfg, workdir).val_docs
     nats, tokens = ev.loss_sums(docs, "validation")
     n_bytes = sum(len(ev.run.tokenizer.decode(d).encode("utf-8")) for d in docs)
     return {"data": "validation", "documents": len(docs), **summarize(nats, tokens, n_bytes)}
@@ -202,7 +204,7 @@ def evaluate_choices(
         for _ in it["choices"]:
             rows.append(choice_rows(ctx, choices[k], length))
             k += 1
-    flat = ev.row_logliks(rows, Path(path).name)
+    flat = ev.row_logliks(rows, as_path(path).name)
     logliks, k = [], 0
     for it in items:
         logliks.append(flat[k : k + len(it["choices"])])

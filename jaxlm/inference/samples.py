@@ -15,6 +15,9 @@ def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path | str) -
     returns the text."""
     t = cfg.train
     prompt_ids = tok.encode(t.sample_prompt, bos=True)
+    new_tokens = t.sample_tokens
+    if not cfg.model.recurrent:  # a context too short for them all: fewer new tokens, not none
+        new_tokens = min(new_tokens, cfg.model.max_seq_len - 1)
     # Decoding takes the parameters where they are (sharded, maybe over several hosts): no
     # process ever holds the whole tree. The prompt goes in as numpy, the same on every process.
     mesh = getattr(jax.tree.leaves(params)[0].sharding, "mesh", None)
@@ -24,7 +27,7 @@ def write_samples(cfg: RunConfig, params, tok: Tokenizer, workdir: Path | str) -
             cfg.model,
             params,
             prompt_ids,
-            t.sample_tokens,
+            new_tokens,
             temperature=temp,
             top_k=top_k,
             seed=t.seed,

@@ -21,11 +21,13 @@ import numpy as np
 from jaxlm.config.files import read_utf8
 from jaxlm.data import corpus
 from jaxlm.errors import ConfigError
+from jaxlm.paths import as_path
 
 
 def read_documents(path: str | Path, doc_chars: int) -> list[str]:
-    """Documents of a .txt file (cut at paragraph breaks) or a .jsonl file's "text" fields."""
-    path = Path(path)
+    """Documents of a .txt file (cut at paragraph breaks) or a .jsonl file's "text" fields
+    (local, gs:// or s3://)."""
+    path = as_path(path, "--data")
     if not path.is_file():
         raise ConfigError(
             f"--data '{path}' is not a file; give a .txt/.jsonl file or a prepared dir."
@@ -121,7 +123,7 @@ def batches_of(rows: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[dic
 
 def read_choice_items(path: str | Path) -> list[dict[str, Any]]:
     """Items {"context": str, "choices": [str, ...], "answer": int} of a JSONL file."""
-    path = Path(path)
+    path = as_path(path, "--multiple-choice")
     if not path.is_file():
         raise ConfigError(f"--multiple-choice '{path}' is not a file; give a JSONL file of items.")
     items = []

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path, PurePosixPath
 
 from jaxlm import config as config_lib
 from jaxlm.config import RunConfig
 from jaxlm.errors import ConfigError
 from jaxlm.parallel.sharding import mesh_shape
+from jaxlm.paths import is_remote
 
 TARGETS = ("local", "slurm", "tpu", "k8s")
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"  # package data: wheels carry it
@@ -131,7 +134,14 @@ def _values(target: str, cfg: RunConfig, opts: LaunchOptions) -> dict[str, str]:
         "setup": opts.setup or "# (no per-host setup given)",
         "port": str(opts.port or DEFAULT_PORT),
     }
-    shared_config = str(PurePosixPath(opts.workdir) / "launch-config.yaml")
+    if is_remote(opts.workdir):  # a bucket: no shell can write there, and nothing to create
+        # local: a scratch file; SLURM: the submit directory, which its tasks start in
+        scratch = tempfile.gettempdir() if target == "local" else ""
+        shared_config = os.path.join(scratch, f"{name}.launch-config.yaml")
+        values["make_workdir"] = "# the workdir is in a bucket: jaxlm train creates it"
+    else:
+        shared_config = str(PurePosixPath(opts.workdir) / "launch-config.yaml")
+        values["make_workdir"] = f"mkdir -p {shlex.quote(opts.workdir)}"
     if target == "local":
         # Keep any XLA_FLAGS of the caller; the device count goes last so it wins.
         flags = f'"${{XLA_FLAGS:-}} --xla_force_host_platform_device_count={opts.cpu_devices}"'

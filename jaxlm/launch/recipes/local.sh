@@ -4,7 +4,7 @@
 # (with fake CPU devices) or splits one box. Rendered and run by `jaxlm launch local`;
 # `--dry-run` prints it. Words in double braces are filled in by jaxlm/launch/render.py.
 set -uo pipefail
-mkdir -p {{workdir}}
+{{make_workdir}}
 cat > {{config_path}} <<'JAXLM_CONFIG'
 {{config_yaml}}
 JAXLM_CONFIG
