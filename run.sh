@@ -17,15 +17,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 mode="${1:-train}"
 # The main job needs only jaxlm; the tests also need pytest, transformers and a CPU torch (the
-# Hugging Face parity tests) and libtpu (TPU compile tests). Reinstall only when the dependency
-# list changed.
+# Hugging Face parity tests) and libtpu (TPU compile tests). constraints.txt pins every package
+# to the version CI passed with (.ci/freeze writes it). Reinstall only when either file changed.
 extra=""
 [ "$mode" = test ] && extra="[test]"
-stamp=".venv/.installed$extra-$(cksum pyproject.toml | cut -d' ' -f1)"
+stamp=".venv/.installed$extra-$(cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
   echo "run.sh: installing jaxlm$extra and its dependencies into .venv" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".$extra"
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".$extra"
   rm -f ".venv/.installed$extra"-*
   touch "$stamp"
 fi
