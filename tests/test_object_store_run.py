@@ -122,6 +122,16 @@ def test_prepare_train_kill_resume_eval_generate_in_s3(s3_server, tiny_tok, tmp_
     ):
         assert np.array_equal(a, b), jax.tree_util.keystr(path)
 
+    status = tmp_path / "status.json"
+    with open(status, "wb") as f:
+        rc = subprocess.run(
+            [sys.executable, "-m", "jaxlm.cli", "status", remote, "--json"],
+            env=env, stdout=f, stderr=subprocess.PIPE, timeout=120,
+        ).returncode  # fmt: skip
+    assert rc == 0
+    report = json.loads(status.read_text())
+    assert report["step"] == STEPS and report["restarts"] == 1 and report["killed_sessions"] == 1
+
     # An export into the bucket; eval and generate read the run and the export from the bucket
     # and agree with the local run.
     export = f"{bucket}/export"
