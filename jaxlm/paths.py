@@ -90,7 +90,8 @@ def check_reachable(path: PathLike, what: str) -> None:
     bucket = bucket_of(path)
     as_path(path, what)  # the scheme and its client library
     try:
-        fs, root = fsspec.core.url_to_fs(bucket)
+        # a fresh client: the check sees the credentials and endpoint as they are now
+        fs, root = fsspec.core.url_to_fs(bucket, skip_instance_cache=True)
         fs.ls(root, detail=False)
         ok = True
     except FileNotFoundError:
@@ -213,8 +214,8 @@ def move(src: PathLike, dst: PathLike) -> None:
     """Move a file or directory tree; on an object store (no rename) it is copied, then the
     source deleted."""
     if is_remote(src):
-        fs, source = fsspec.core.url_to_fs(os.fspath(src))
-        _, target = fsspec.core.url_to_fs(os.fspath(dst))
+        fs, source = _store(src)
+        _, target = _store(dst)
         files = fs.find(source)  # objects only: "directories" are key prefixes, not objects
         for f in files:
             fs.copy(f, target + f[len(source) :])
@@ -222,6 +223,14 @@ def move(src: PathLike, dst: PathLike) -> None:
             fs.rm(files)
         return
     shutil.move(os.fspath(src), os.fspath(dst))
+
+
+def _store(path: PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec client that epath uses for an object-store URL, and the URL's key: one
+    client, so one listing cache, which a delete through another client would leave stale
+    (gcsfs caches listings per client, and epath makes its gs:// client with other options)."""
+    fs = epath.backend.fsspec_backend.fs(os.fspath(path))
+    return fs, fs._strip_protocol(os.fspath(path))
 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:
@@ -242,6 +251,6 @@ def read_text(path: PathLike) -> str:
     """A UTF-8 file's text; an object is fetched with one request, so a writer replacing it
     meanwhile yields the old or the new version, never a mix."""
     if is_remote(path):
-        fs, key = fsspec.core.url_to_fs(os.fspath(path))
+        fs, key = _store(path)
         return fs.cat_file(key).decode("utf-8")
     return LocalPath(os.fspath(path)).read_text(encoding="utf-8")

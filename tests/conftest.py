@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 # Several test workers describe TPU topologies (ahead-of-time compiles, no TPU) at once; by
@@ -388,7 +389,12 @@ class RecordingDocs:
 
 # --- object stores ---------------------------------------------------------------------------
 
-S3_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+S3_ENV_KEYS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+)
 
 
 @pytest.fixture(scope="session")
@@ -444,3 +450,78 @@ def new_bucket(env: dict[str, str]) -> str:
     name = f"jaxlm-test-{os.getpid()}-{next(_BUCKETS)}"
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A GCS emulator (gcp-storage-emulator, in memory) on 127.0.0.1 for this test session.
+
+    Yields the environment that points every gs:// client at it: gcsfs and google-cloud-storage
+    read STORAGE_EMULATOR_HOST, tensorstore (Orbax's array data) TENSORSTORE_GCS_HTTP_URL and a
+    fixed token from GOOGLE_AUTH_TOKEN_FOR_TESTING; gcsfs's bucket-layout probe, which would go
+    to Google's control API, is off. The variables are also set in this process while the
+    session lasts. Skips only when the emulator can't start. Make a bucket per test with
+    `new_gcs_bucket()`.
+    """
+    import logging
+    import socket
+
+    try:
+        import gcsfs
+        from gcp_storage_emulator.server import create_server
+    except ImportError as e:
+        pytest.skip(f"gcp-storage-emulator or gcsfs is not installed ({e})")
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True)
+    api = getattr(server, "_api", None)  # the emulator's server thread (a private attribute)
+    if api is not None:
+        api.daemon = True  # a session that fails must not hang on it at exit
+    try:
+        server.start()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"the GCS emulator did not start ({e})")
+    if getattr(api, "_httpd", None) is not None:
+        # Clients that hang up early would print a BrokenPipe traceback per request.
+        api._httpd.handle_error = lambda request, client_address: None
+    host = f"http://127.0.0.1:{port}"
+    env = {
+        "STORAGE_EMULATOR_HOST": host,
+        "TENSORSTORE_GCS_HTTP_URL": host,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "jaxlm-test-token",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
+    # gcsfs may have been imported with its extended filesystem, which probes each bucket's
+    # layout through Google's gRPC control API; the plain one serves gs:// for the session.
+    registry = sys.modules["fsspec.registry"]._registry
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        for protocol in ("gs", "gcs"):
+            mp.setitem(registry, protocol, gcsfs.core.GCSFileSystem)
+        _forget_gcs_clients()  # clients read the endpoint when they are made
+        try:
+            yield env
+        finally:
+            server.stop()
+            _forget_gcs_clients()
+
+
+def _forget_gcs_clients() -> None:
+    """Drop the cached gs:// clients (gcsfs's and epath's own cache of them)."""
+    import gcsfs
+    from etils import epath
+
+    gcsfs.core.GCSFileSystem.clear_instance_cache()
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def new_gcs_bucket(env: dict[str, str]) -> str:
+    """A fresh, empty bucket on the GCS emulator; returns 'gs://NAME'."""
+    import fsspec
+
+    name = f"jaxlm-test-{os.getpid()}-{next(_BUCKETS)}"
+    fsspec.filesystem("gs", endpoint_url=env["STORAGE_EMULATOR_HOST"]).mkdir(name)
+    return f"gs://{name}"
