@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAMILIES, cli_error, init_params, resolved_model
+from conftest import FAMILIES, assert_one_sentence, cli_error, init_params, resolved_model
 
 from jaxlm import cli
 from jaxlm.config import ModelConfig
-from jaxlm.inference.generate import Sampling, decode, filter_logits
+from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.errors import ConfigError
+from jaxlm.inference.generate import Sampling, decode, filter_logits, new_token_limits
 from jaxlm.models import build_model
 
 V = 64
@@ -203,3 +205,58 @@ def test_generate_errors_are_one_line(memorised_run, tmp_path, capsys):
         capsys,
     )
     assert "line 2" in err
+
+
+# --- --max-length: the total length, the prompt's included ---------------------------------
+
+
+def test_new_token_limits_from_max_length_and_their_errors():
+    cfg = tiny_cfg("llama")  # max_seq_len 48
+    assert new_token_limits(cfg, [3, 7], 10, None) == [10, 10]
+    assert new_token_limits(cfg, [3, 7], None, 20) == [17, 13]
+    assert new_token_limits(cfg, [5], 15, 20) == [15]  # both given and agreeing
+    with pytest.raises(ConfigError, match="--max-length 49 exceeds model.max_seq_len=48") as e:
+        new_token_limits(cfg, [3], None, 49)
+    assert_one_sentence(str(e.value))
+    with pytest.raises(ConfigError, match="no room after the 7-token prompt") as e:
+        new_token_limits(cfg, [3, 7], None, 7)
+    assert_one_sentence(str(e.value))
+    with pytest.raises(ConfigError, match="--max-length 20 and --max-new-tokens 10 disagree") as e:
+        new_token_limits(cfg, [5], 10, 20)
+    assert_one_sentence(str(e.value))
+    assert new_token_limits(tiny_cfg("lstm"), [3], None, 500) == [497]  # no length limit
+
+
+def test_row_limits_cap_each_row_and_keep_long_prompts_whole():
+    cfg = tiny_cfg("llama")
+    params = init_params(cfg, 8)
+    ps = prompts(3, (30, 4))  # max_length 40: 10 and 36 new tokens; the long prompt stays whole
+    out = decode(cfg, params, ps, 36, row_limits=[10, 36])
+    np.testing.assert_array_equal(out[0, :10], decode(cfg, params, ps[:1], 10)[0])
+    np.testing.assert_array_equal(out[1], decode(cfg, params, ps[1:], 36)[0])
+
+
+def test_generate_max_length_counts_the_prompt(memorised_run, capsys):
+    tok = load_tokenizer(str(memorised_run / "tokenizer.model"))
+    n_prompt = len(tok.encode("The quick", bos=True))
+    argv = ["generate", "-w", str(memorised_run), "--prompt", "The quick", "--temperature", "0"]
+    capsys.readouterr()
+    assert cli.main([*argv, "--max-length", str(n_prompt + 6)]) == 0
+    by_length = capsys.readouterr().out
+    assert cli.main([*argv, "--max-new-tokens", "6"]) == 0
+    assert by_length == capsys.readouterr().out
+    assert by_length.startswith("The quick brown")
+    both = [*argv, "--max-new-tokens", "6", "--max-length", str(n_prompt + 6)]
+    assert cli.main(both) == 0 and capsys.readouterr().out == by_length
+
+
+def test_generate_max_length_errors_are_one_line(memorised_run, capsys):
+    argv = ["generate", "-w", str(memorised_run), "--prompt", "The quick"]
+    err = cli_error([*argv, "--max-length", "65"], capsys)
+    assert "--max-length 65 exceeds model.max_seq_len=64" in err
+    err = cli_error([*argv, "--max-length", "2"], capsys)
+    assert "--max-length 2 leaves no room" in err
+    err = cli_error([*argv, "--max-length", "40", "--max-new-tokens", "40"], capsys)
+    assert "disagree" in err and "give only one of them" in err
+    err = cli_error([*argv, "--max-length", "0"], capsys)
+    assert "--max-length 0 must be at least 1" in err

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "jaxlm.cli.train",  # train, config, export
     "jaxlm.cli.evaluate",  # eval
     "jaxlm.cli.generate",
+    "jaxlm.cli.chat",
     "jaxlm.cli.finetune",
     "jaxlm.cli.bench",
     "jaxlm.cli.plot",

@@ -33,18 +33,14 @@ def register(sub) -> None:
     p.add_argument("--prompt", metavar="TEXT", help="text to continue (default: 'ROMEO.\\n')")
     p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line, or JSONL strings")
     p.add_argument(
-        "--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate"
+        "--max-new-tokens", type=int, metavar="N", help="tokens to generate (default: 100)"
     )
-    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 means greedy")
     p.add_argument(
-        "--top-k", type=int, default=40, metavar="K", help="sample among the k likeliest (0: all)"
+        "--max-length", type=int, metavar="N", help="or: total tokens, the prompt's included"
     )
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus mass (1: off)")
+    add_sampling_args(p)
     p.add_argument(
         "--num-return-sequences", type=int, default=1, metavar="N", help="samples per prompt"
-    )
-    p.add_argument(
-        "--no-repeat-ngram-size", type=int, default=0, metavar="N", help="never repeat an n-gram"
     )
     p.add_argument(
         "--stop",
@@ -53,12 +49,24 @@ def register(sub) -> None:
         metavar="TEXT",
         help="cut at this text; \\n, \\t escapes (repeatable)",
     )
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="rows decoded at once")
     p.add_argument("--output", "-o", metavar="FILE", help="also write JSON lines here")
     p.add_argument("--no-stream", action="store_true", help="print a single prompt when done")
     add_distributed_args(p)
     p.set_defaults(run=cmd_generate)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """How tokens are picked (shared with `jaxlm chat`): --temperature ... --seed."""
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 means greedy")
+    p.add_argument(
+        "--top-k", type=int, default=40, metavar="K", help="sample among the k likeliest (0: all)"
+    )
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus mass (1: off)")
+    p.add_argument(
+        "--no-repeat-ngram-size", type=int, default=0, metavar="N", help="never repeat an n-gram"
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -161,8 +169,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_reachable(args.checkpoint, "--checkpoint")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.no_repeat_ngram_size)
     sampling.check()
-    for name in ("max_new_tokens", "num_return_sequences", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("max_new_tokens", "max_length", "num_return_sequences", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} {getattr(args, name)} must be at least 1.")
     args.stop = [unescape(s) for s in args.stop]
@@ -174,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import jax
 
-    from jaxlm.inference.generate import decode
+    from jaxlm.inference.generate import decode, new_token_limits
     from jaxlm.parallel.distributed import initialize
     from jaxlm.runs import checkpoint_dir, open_checkpoint
 
@@ -187,6 +195,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok, k = run.tokenizer, args.num_return_sequences
     finisher = Finisher(tok, args.stop)
     encoded = tok.encode_batch(prompts, bos=True)
+    max_new = args.max_new_tokens if args.max_length else (args.max_new_tokens or 100)
+    limits = new_token_limits(run.cfg.model, [len(e) for e in encoded], max_new, args.max_length)
     rows = [(i, j) for i in range(len(prompts)) for j in range(k)]
     stream = len(rows) == 1 and not args.no_stream
     records = []
@@ -196,27 +206,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if stream:
             out.write(prompts[0])
 
-        def all_ended(tokens_BxN, streamer=streamer) -> bool:
+        caps = [limits[i] for i, _ in batch]
+
+        def all_ended(tokens_BxN, streamer=streamer, caps=caps) -> bool:
+            rows = [r[:n] for r, n in zip(tokens_BxN, caps, strict=True)]
             if streamer is not None:
-                return streamer(tokens_BxN)
-            return all(finisher.text(r)[1] for r in tokens_BxN)
+                return streamer(rows)
+            return all(len(r) == n or finisher.text(r)[1] for r, n in zip(rows, caps, strict=True))
 
         out_BxN = decode(
             run.cfg.model,
             run.params,
             [encoded[i] for i, _ in batch],
-            args.max_new_tokens,
+            max(caps),
             sampling,
             seed=args.seed,
             row_ids=[i * k + j for i, j in batch],
             chunk_size=STREAM_CHUNK if stream else BATCH_CHUNK,
             on_chunk=all_ended,
             mesh=run.mesh,
+            row_limits=caps,
         )
         if streamer is not None:
             streamer.finish()
-        for (i, j), row in zip(batch, out_BxN, strict=True):
-            text = finisher.text(row)[0]
+        for (i, j), row, n in zip(batch, out_BxN, caps, strict=True):
+            text = finisher.text(row[:n])[0]
             records.append({"prompt_index": i, "sample": j, "prompt": prompts[i], "text": text})
             if len(rows) == 1 and not stream:
                 print(prompts[i] + text, file=out, flush=True)

@@ -253,6 +253,41 @@ def fit_prompt(cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens: int)
     return list(prompt_ids)[-room:] or [0]
 
 
+def new_token_limits(
+    cfg: ModelConfig,
+    prompt_lens: Sequence[int],
+    max_new_tokens: int | None,
+    max_length: int | None,
+) -> list[int]:
+    """New tokens for each prompt: `max_new_tokens`, or `max_length` (the total length, the
+    prompt's tokens and BOS included, as Hugging Face's `max_length`) minus the prompt's.
+
+    Given both, they must agree for every prompt. Refuses a total that leaves no room after
+    a prompt or, for a Transformer, exceeds model.max_seq_len; one sentence each.
+    """
+    if max_length is None:
+        return [max_new_tokens] * len(prompt_lens)
+    if not cfg.recurrent and max_length > cfg.max_seq_len:
+        raise ConfigError(
+            f"--max-length {max_length} exceeds model.max_seq_len={cfg.max_seq_len}; "
+            f"give at most {cfg.max_seq_len}, or use --max-new-tokens."
+        )
+    longest = max(prompt_lens, default=0)
+    if max_length <= longest:
+        raise ConfigError(
+            f"--max-length {max_length} leaves no room after the {longest}-token prompt "
+            f"(BOS included); give more than {longest}."
+        )
+    limits = [max_length - n for n in prompt_lens]
+    for n, limit in zip(prompt_lens, limits, strict=True):
+        if max_new_tokens is not None and limit != max_new_tokens:
+            raise ConfigError(
+                f"--max-length {max_length} and --max-new-tokens {max_new_tokens} disagree "
+                f"for a {n}-token prompt ({limit} new tokens); give only one of them."
+            )
+    return limits
+
+
 def decode(
     cfg: ModelConfig,
     params: Any,
@@ -266,8 +301,12 @@ def decode(
     chunk_size: int | None = None,
     on_chunk: Callable[[np.ndarray], bool] | None = None,
     mesh: Mesh | None = None,
+    row_limits: Sequence[int] | None = None,
 ) -> np.ndarray:
     """New tokens_BxN for a batch of prompts (trimmed by `fit_prompt`), uncut at EOS.
+
+    `row_limits` (each at most max_new_tokens) caps row b at row_limits[b] new tokens: its
+    prompt is fitted to that cap, and its tokens past the cap are filler to cut off.
 
     Row b samples with key fold_in(PRNGKey(seed), row_ids[b]) (default: b), so a row's
     tokens depend on its prompt and id only, not on what else shares the batch.
@@ -279,7 +318,8 @@ def decode(
     mesh with a sequence axis is not used (the decode step is one token long).
     """
     sampling.check()
-    prompts = [fit_prompt(cfg, p, max_new_tokens) for p in prompts]
+    limits = [max_new_tokens] * len(prompts) if row_limits is None else row_limits
+    prompts = [fit_prompt(cfg, p, n) for p, n in zip(prompts, limits, strict=True)]
     b = len(prompts)
     if max_new_tokens <= 0:
         return np.zeros((b, 0), np.int32)
