@@ -7,7 +7,8 @@ and nothing of training:
   config.yaml      the run's resolved config
   tokenizer.model  the SentencePiece model (and .vocab when present)
   export.json      source run, step and dtype
-`load_run(DIR)` reads either kind.
+`load_run(DIR)` reads either kind. `--merge-lora` exports a LoRA run as the plain model:
+each adapted kernel W + (alpha/r) A B, and its config with model.lora_rank=0.
 
 Parameters are restored straight into their shards on a mesh (`model_mesh`): no process and
 no device ever holds the whole tree, so every command that loads a model works with several
@@ -26,16 +27,17 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jaxlm.config import MeshConfig, RunConfig, load_config
+from jaxlm.config import MeshConfig, RunConfig, load_config, to_yaml
+from jaxlm.config.version import version_header
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.errors import ConfigError
-from jaxlm.models import build_model
+from jaxlm.models import build_model, lora
 from jaxlm.parallel.sharding import data_parallel_size, make_mesh
 from jaxlm.paths import Path, absolute, as_path, copy_file, is_remote
 from jaxlm.train import object_store
 from jaxlm.train.checkpoint import Checkpointer, abstract_with_shardings
-from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.optimizer import optimizer_for
 from jaxlm.train.state import state_shardings
 
 logger = logging.getLogger(__name__)
@@ -151,7 +153,7 @@ def abstract_params(cfg: RunConfig, mesh: Mesh | None = None) -> tuple[Any, Any]
     (default: this process's first device)."""
     if mesh is None:
         mesh = make_mesh(MeshConfig(data=-1), jax.local_devices()[:1])
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    tx = optimizer_for(cfg, cfg.train.steps)
     abstract, shardings = state_shardings(build_model(cfg.model), tx, cfg.data.seq_len, mesh)
     abstract = abstract_with_shardings(abstract, shardings)
     return abstract, abstract.params
@@ -184,10 +186,23 @@ def restore_params(
         ckpt.close()
 
 
+def merge_lora(params: Any, cfg: RunConfig, mesh: Mesh) -> tuple[Any, RunConfig]:
+    """(params, config) of the plain model a LoRA run's adapters merge into, sharded like it."""
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora_rank=0))
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_params(plain, mesh)[1])
+    merge = jax.jit(lora.merge, static_argnums=1, out_shardings=shardings)
+    return merge(params, lora.lora_scale(cfg.model)), plain
+
+
 def export_params(
-    workdir: str | Path, output: str | Path, step: int | None = None, dtype: str = "float32"
+    workdir: str | Path,
+    output: str | Path,
+    step: int | None = None,
+    dtype: str = "float32",
+    merge_adapters: bool = False,
 ) -> dict[str, Any]:
-    """Write a params-only export of `workdir` into the new directory `output`."""
+    """Write a params-only export of `workdir` into the new directory `output`; with
+    `merge_adapters` its LoRA adapters merged into their kernels (`merge_lora`)."""
     workdir, output = as_path(workdir), as_path(output, "--output")
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported; use {' or '.join(EXPORT_DTYPES)}.")
@@ -197,10 +212,18 @@ def export_params(
     if not cfg_path.is_file():
         raise ConfigError(f"'{workdir}' holds no config.yaml; pass the --workdir of a jaxlm run.")
     cfg = load_config(cfg_path)
+    if merge_adapters and not cfg.model.lora_rank:
+        raise ConfigError(
+            f"The run in '{workdir}' has model.lora_rank=0, so it has no LoRA adapters to "
+            f"merge; drop --merge-lora."
+        )
     tok_path = as_path(cfg.data.tokenizer or workdir / "tokenizer.model")
     if not tok_path.is_file():
         raise ConfigError(f"The run's tokenizer '{tok_path}' is missing; it can't be exported.")
-    params, step = restore_params(workdir, cfg, step, model_mesh(cfg))
+    mesh = model_mesh(cfg)
+    params, step = restore_params(workdir, cfg, step, mesh)
+    if merge_adapters:
+        params, cfg = merge_lora(params, cfg, mesh)
     params = jax.tree.map(lambda x: x.astype(dtype), params)
 
     # Every process writes its own shards through Orbax; process 0 alone builds the directory
@@ -222,8 +245,13 @@ def export_params(
         n_params = sum(int(x.size) for x in jax.tree.leaves(params))
         info = {"source": str(absolute(workdir)), "step": step, "dtype": dtype}
         info["params"] = n_params
+        if merge_adapters:
+            info["merged_lora"] = True
         if primary:
-            copy_file(cfg_path, tmp / "config.yaml")
+            if merge_adapters:
+                (tmp / "config.yaml").write_text(version_header() + to_yaml(cfg), "utf-8")
+            else:
+                copy_file(cfg_path, tmp / "config.yaml")
             for suffix in (".model", ".vocab"):
                 src = tok_path.with_suffix(suffix)
                 if src.is_file():

@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ import pytest
 from conftest import cli_error
 
 from jaxlm.cli import chat as chat_cli
-from jaxlm.inference.chat import Chat, fit_turns, render_turns
+from jaxlm.data.chat import DefaultTemplate
+from jaxlm.inference.chat import Chat, fit_turns, prompt_ids
 from jaxlm.inference.generate import Sampling
 from jaxlm.runs import open_checkpoint
 
@@ -34,22 +36,31 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-def test_render_turns_is_the_documented_template():
-    assert render_turns(HELLO) == (
-        "<|user|>\nhello\n<|assistant|>\nhi there\n<|user|>\nhow are you\n<|assistant|>\n"
-    )
-    assert render_turns([]) == "<|assistant|>\n"
+def render(turns):
+    """The ids `jaxlm chat` prompts with: the SFT default template, opening the reply."""
+    return prompt_ids(DefaultTemplate(), CharTokenizer(), turns)
+
+
+def test_prompts_use_the_template_fine_tuning_trains_with():
+    tok = CharTokenizer()
+    ids = render(HELLO)
+    messages = [{"role": r, "content": c} for r, c in HELLO]
+    assert ids == DefaultTemplate().encode(messages, tok, add_generation_prompt=True)[0]
+    assert ids[0] == tok.bos_id and tok.decode(ids[1:]) == (
+        "<|user|>\nhello\n<|assistant|>\nhi there\x02<|user|>\nhow are you\n<|assistant|>\n"
+    )  # an assistant turn ends with EOS (id 2), as SFT trains it
+    assert tok.decode(render([])[1:]) == "<|assistant|>\n"
 
 
 def test_fit_turns_drops_the_oldest_exchanges_first():
     tok = CharTokenizer()
     turns = [*HELLO, ("assistant", "fine"), ("user", "bye")]
-    whole = len(tok.encode(render_turns(turns), bos=True))
-    assert fit_turns(tok, turns, None) == (tok.encode(render_turns(turns), bos=True), 0)
+    whole = len(render(turns))
+    assert fit_turns(tok, turns, None) == (render(turns), 0)
     assert fit_turns(tok, turns, whole)[1] == 0
     assert fit_turns(tok, turns, whole - 1)[1] == 2  # a whole exchange goes: starts at a user turn
     ids, dropped = fit_turns(tok, turns, 5)  # even the newest turn alone is too long: keep it
-    assert dropped == 4 and tok.decode(ids[1:]) == render_turns([("user", "bye")])
+    assert dropped == 4 and ids == render([("user", "bye")])
 
 
 def test_the_prompt_holds_the_history_while_it_fits(pretrained):
@@ -61,7 +72,7 @@ def test_the_prompt_holds_the_history_while_it_fits(pretrained):
     first = chat.reply("hello")
     ids, turns = chat.prompt("how are you")
     assert turns == [("user", "hello"), ("assistant", first), ("user", "how are you")]
-    assert ids == tok.encode(render_turns(turns), bos=True)
+    assert ids == prompt_ids(chat.template, tok, turns)
     chat.reply("how are you")
     assert len(chat.turns) == 4
     chat.reset()
@@ -82,7 +93,7 @@ class FakeChat:
 
     def prompt(self, text):
         turns = [*self.turns, ("user", text)]
-        return self.tokenizer.encode(render_turns(turns), bos=True), turns
+        return render(turns), turns
 
     def reply(self, text, on_chunk):
         on_chunk([self.tokenizer.encode(" " + text.upper())])
@@ -160,8 +171,15 @@ def reply_of(shown: str) -> str:
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
-def test_a_chat_session_in_a_terminal(pretrained):
-    argv = [sys.executable, "-m", "jaxlm.cli", "chat", "--checkpoint", str(pretrained)]
+def test_a_chat_session_in_a_terminal(pretrained, tmp_path):
+    # The run's 32-token window holds one exchange; rotary positions let the same parameters
+    # read 128, so a copy of the run with that window keeps the first turn in the second prompt.
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run, ignore=shutil.ignore_patterns("train.lock"))
+    config = (run / "config.yaml").read_text()
+    assert "  max_seq_len: 32\n" in config
+    (run / "config.yaml").write_text(config.replace("  max_seq_len: 32\n", "  max_seq_len: 128\n"))
+    argv = [sys.executable, "-m", "jaxlm.cli", "chat", "--checkpoint", str(run)]
     argv += ["--max-new-tokens", "8", "--temperature", "1", "--seed", "1", "--show-prompt"]
     term = Terminal(argv)
     try:
@@ -173,8 +191,11 @@ def test_a_chat_session_in_a_terminal(pretrained):
         assert first  # streamed back onto the terminal
         term.send("how are you")
         shown = term.expect(chat_cli.PROMPT)
-        # The tiny run's 32-token window holds one exchange only: the first one made room.
-        assert "2 oldest turns dropped" in shown and "hello" not in shown.split("[prompt", 1)[1]
+        # The second prompt holds the whole first exchange: the second answer sees it.
+        prompt = shown.split("[prompt", 1)[1].split("[/prompt]", 1)[0]
+        assert "dropped" not in prompt
+        assert f"<|user|>\nhello\n<|assistant|>\n{first}" in prompt
+        assert prompt.rstrip().endswith("<|user|>\nhow are you\n<|assistant|>")
         assert reply_of(shown)
         term.send("/reset")
         assert "(history cleared)" in term.expect(chat_cli.PROMPT)

@@ -355,7 +355,7 @@ def test_every_model_field_is_architecture_or_runtime():
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     assert set(runtime_fields()) == RUNTIME_FIELDS
     assert set(architecture_fields()) == names - RUNTIME_FIELDS
-    assert set(layout_fields()) == {"scan_layers"}
+    assert set(layout_fields()) == {"scan_layers", "lora_rank", "lora_targets"}
 
 
 def test_knob_validation():

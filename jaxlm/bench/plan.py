@@ -24,7 +24,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.models import build_model
 from jaxlm.parallel.sharding import batch_sharding, granules, make_mesh, mesh_shape, validate_mesh
 from jaxlm.perf.flops import flops_per_token, inactive_params
-from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.optimizer import optimizer_for
 from jaxlm.train.state import state_shardings
 from jaxlm.train.step import jit_train_step, train_step_for
 
@@ -103,7 +103,7 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
     validate_mesh(cfg, mesh, process_count=1)
     kind, n = granules(devices)
     model = build_model(m)
-    tx = make_optimizer(cfg.optimizer, t.steps)
+    tx = optimizer_for(cfg, t.steps)
     abstract, shardings = state_shardings(model, tx, seq, mesh)
     step = train_step_for(cfg, model, tx)
     rows = batch_sharding(mesh)

@@ -23,7 +23,7 @@ from jaxlm.models import build_model
 from jaxlm.parallel.sharding import make_mesh, put_batch, validate_mesh
 from jaxlm.perf.flops import flops_per_token, mfu
 from jaxlm.perf.peak import ENV_OVERRIDE, device_peak, measure_matmul_flops
-from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.optimizer import optimizer_for
 from jaxlm.train.state import init_train_state, param_count
 from jaxlm.train.step import jit_train_step, train_step_for
 
@@ -86,7 +86,7 @@ def bench_train(
     validate_mesh(cfg, mesh)
     model = build_model(m)
     total = max(t.steps, warmup + steps + 1)
-    tx = make_optimizer(cfg.optimizer, total)
+    tx = optimizer_for(cfg, total)
     state, shardings = init_train_state(model, tx, cfg.data.seq_len, t.seed, mesh)
     step_fn = train_step_for(cfg, model, tx, total)
     batch = put_batch(synthetic_batch(cfg, seed), mesh)

@@ -89,7 +89,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def converse(chat, show_prompt: bool) -> None:
     """Read lines until /exit or end of input; stream a reply to each."""
     from jaxlm.cli.generate import Finisher, Streamer
-    from jaxlm.inference.chat import STOPS, render_turns
+    from jaxlm.inference.chat import STOPS
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -128,7 +128,7 @@ def converse(chat, show_prompt: bool) -> None:
             dropped = len(chat.turns) + 1 - len(turns)
             note = f", {dropped} oldest turns dropped" if dropped else ""
             print(f"[prompt, {len(ids)} tokens{note}]", file=sys.stderr)
-            print(render_turns(turns) + "[/prompt]", file=sys.stderr, flush=True)
+            print(chat.tokenizer.decode(ids) + "[/prompt]", file=sys.stderr, flush=True)
         streamer = Streamer(finisher, sys.stdout)
         try:
             chat.reply(line, on_chunk=streamer)

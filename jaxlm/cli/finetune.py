@@ -1,4 +1,5 @@
-"""`jaxlm finetune lm|classify|predict`: continue training a pretrained model, or classify."""
+"""`jaxlm finetune lm|sft|classify|predict`: continue training a pretrained model (on text or
+on conversations), or classify."""
 
 from __future__ import annotations
 
@@ -37,6 +38,29 @@ def register(sub) -> None:
     add_config_args(lm)
     add_distributed_args(lm)
     lm.set_defaults(run=cmd_finetune_lm)
+
+    sft = kinds.add_parser(
+        "sft",
+        formatter_class=formatter,
+        help="supervised fine-tuning on JSONL conversations; loss on assistant tokens only",
+        description="Train the checkpoint's language model on conversations ({'messages': "
+        "[{'role', 'content'}, ...]} or {'prompt', 'completion'} JSONL records) rendered "
+        "with its tokenizer's chat template; only assistant tokens count in the loss. Runs "
+        "like `jaxlm finetune lm` (the checkpoint's model and tokenizer, key=value "
+        "overrides, resume on rerun).",
+    )
+    sft.add_argument("--checkpoint", required=True, metavar="DIR", help="run/export to start from")
+    sft.add_argument("--train", required=True, metavar="FILE", help="JSONL training conversations")
+    sft.add_argument(
+        "--validation",
+        metavar="FILE",
+        help="JSONL validation conversations (default: data.validation_fraction of --train)",
+    )
+    sft.add_argument("--workdir", "-w", required=True, metavar="DIR", help="the new run directory")
+    sft.add_argument("--no-progress", action="store_true", help="log lines, no progress bar")
+    add_config_args(sft)
+    add_distributed_args(sft)
+    sft.set_defaults(run=cmd_finetune_sft)
 
     c = kinds.add_parser(
         "classify",
@@ -101,6 +125,20 @@ def cmd_finetune_lm(args: argparse.Namespace) -> int:
     from jaxlm.finetune.lm import lm_finetune_config
 
     cfg = lm_finetune_config(args.checkpoint, args.config, args.overrides)
+    from jaxlm.cli.train import run_training
+    from jaxlm.parallel.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
+
+    return run_training(cfg, args.workdir, progress=not args.no_progress, command="finetune")
+
+
+def cmd_finetune_sft(args: argparse.Namespace) -> int:
+    from jaxlm.finetune.sft import sft_finetune_config
+
+    cfg = sft_finetune_config(
+        args.checkpoint, args.train, args.validation, args.config, args.overrides
+    )
     from jaxlm.cli.train import run_training
     from jaxlm.parallel.distributed import initialize
 

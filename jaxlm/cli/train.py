@@ -70,6 +70,11 @@ def register(sub) -> None:
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype"
     )
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="merge a LoRA run's adapters into its kernels: a plain model (lora_rank=0)",
+    )
     add_distributed_args(p)
     p.set_defaults(run=cmd_export)
 
@@ -204,7 +209,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX use
     quiet_other_processes(jax.process_index())
-    info = export_params(args.workdir, args.output, step=args.step, dtype=args.dtype)
+    info = export_params(
+        args.workdir, args.output, step=args.step, dtype=args.dtype, merge_adapters=args.merge_lora
+    )
     if jax.process_index() == 0:
         print(json.dumps(info), file=sys.stderr)
     return 0

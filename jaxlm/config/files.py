@@ -29,8 +29,6 @@ def read_utf8(path: str | Path) -> str:
         raise decode_error(path, e) from None
 
 
-
-
 def _probe(directory: Path, flag: str, path: str | Path) -> None:
     """Create and remove a file in `directory` (os.access trusts root, the disk may not)."""
     probe = directory / f".jaxlm-probe-{uuid.uuid4().hex}"

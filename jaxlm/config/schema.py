@@ -4,7 +4,8 @@ default and a one-line description (the `doc` metadata), and the allowed values.
 Each model field is also marked *architecture* (the default: it decides which parameters
 exist or what they mean, so a checkpoint's parameters fit only the same value) or
 *runtime* (how the model runs: may change when resuming or fine-tuning from a checkpoint).
-`layout` marks a runtime field that stores the same parameters in another tree."""
+`layout` marks a runtime field that changes the parameter tree around the same base
+parameters (stacked layers, LoRA adapters): `train.init_from` converts, a resume can't."""
 
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 MOE_ROUTERS = ("softmax", "sigmoid")
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "mlp")
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,20 @@ class ModelConfig:
         "tokens, the rest are dropped (counted in moe_dropped)",
         runtime=True,
     )
+    # LoRA (jaxlm.models.lora): frozen base, trainable low-rank adapters; Transformers only.
+    lora_rank: int = _f(
+        0,
+        "LoRA adapter rank (0: off); the base parameters are then frozen",
+        runtime=True,
+        layout=True,
+    )
+    lora_alpha: float = _f(16.0, "LoRA scale: adapters add (alpha/lora_rank) A B", runtime=True)
+    lora_targets: str = _f(
+        "q,v",
+        "comma list of the kernels LoRA adapts: q, k, v, o (attention), mlp (dense MLPs)",
+        runtime=True,
+        layout=True,
+    )
 
     @property
     def recurrent(self) -> bool:
@@ -154,6 +172,12 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def lora_target_set(self) -> frozenset[str]:
+        """The kernels LoRA adapts (none when lora_rank is 0)."""
+        names = str(self.lora_targets).split(",") if self.lora_rank else []
+        return frozenset(t.strip() for t in names if t.strip())
 
     @property
     def moe_ff_dim(self) -> int:
@@ -239,6 +263,8 @@ class DataConfig:
         "local directory where shards read from gs:// or s3:// are copied once and "
         "memory-mapped (null: ~/.cache/jaxlm/objects, or $XDG_CACHE_HOME/jaxlm/objects)",
     )
+    chat: str | None = _f(None, "SFT: JSONL conversation files, comma-separated; replaces corpus")
+    chat_validation: str | None = _f(None, "SFT: JSONL validation conversations (null: a share)")
 
 
 @dataclass(frozen=True)

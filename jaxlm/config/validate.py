@@ -9,6 +9,7 @@ from typing import Any
 from jaxlm.config.schema import (
     ATTENTION_IMPLS,
     DTYPES,
+    LORA_TARGETS,
     MATMUL_PRECISIONS,
     MOE_ROUTERS,
     NAN_POLICIES,
@@ -83,6 +84,33 @@ def _validate_moe(m: Any) -> None:
         _require(v >= 0.0, f"model.{k}={v} must be >= 0.")
 
 
+def _validate_lora(m: Any) -> None:
+    """The LoRA keys (jaxlm.models.lora)."""
+    _require(
+        type(m.lora_rank) is int and m.lora_rank >= 0,
+        f"model.lora_rank={m.lora_rank!r} must be an integer >= 0 (0: LoRA off).",
+    )
+    _require(
+        type(m.lora_alpha) in (int, float) and m.lora_alpha > 0,
+        f"model.lora_alpha={m.lora_alpha!r} must be a positive number (adapters scale by "
+        f"alpha/lora_rank).",
+    )
+    names = (
+        [t.strip() for t in m.lora_targets.split(",")] if isinstance(m.lora_targets, str) else []
+    )
+    bad = [t for t in names if t not in LORA_TARGETS]
+    _require(
+        bool(names) and not bad and len(set(names)) == len(names),
+        f"model.lora_targets={m.lora_targets!r} must be a comma list of distinct kernels "
+        f"from {', '.join(LORA_TARGETS)}, e.g. q,v.",
+    )
+    _require(
+        not m.lora_rank or not m.recurrent,
+        f"model.lora_rank={m.lora_rank} applies to Transformer families (gpt2, llama) only, "
+        f"not model.family={m.family!r}; set model.lora_rank=0.",
+    )
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every value and every cross-field constraint; raise ConfigError on the first."""
     m, d, o, t, c, mesh = cfg.model, cfg.data, cfg.optimizer, cfg.train, cfg.checkpoint, cfg.mesh
@@ -132,6 +160,7 @@ def validate(cfg: RunConfig) -> None:
         f"model.family={m.family!r}; set model.scan_layers=false and model.remat=none.",
     )
     _validate_moe(m)
+    _validate_lora(m)
     _require(
         m.vocab_size >= 300 or d.tokenizer is not None,
         f"model.vocab_size={m.vocab_size} is too small for a byte-fallback tokenizer; "

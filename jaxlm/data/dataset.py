@@ -14,9 +14,9 @@ from jax.experimental import multihost_utils
 
 from jaxlm import paths
 from jaxlm.config import RunConfig
-from jaxlm.data import corpus, mixture, pipeline, text_cache
+from jaxlm.data import chat, corpus, mixture, pipeline, text_cache
 from jaxlm.data.streams import resolve_streams
-from jaxlm.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer
+from jaxlm.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer, load_tokenizer
 from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.data.views import Concat
 from jaxlm.errors import ConfigError
@@ -46,6 +46,8 @@ def prepare_corpus(cfg: RunConfig, workdir: str | os.PathLike) -> Corpus:
     """
     d = cfg.data
     workdir = paths.as_path(workdir, "--workdir") if paths.is_remote(workdir) else Path(workdir)
+    if d.chat:
+        return _chat_corpus(cfg, workdir)
     prepared = mixture.prepared_paths(cfg)
     if prepared:
         pc = mixture.load_prepared_corpus(cfg, prepared)
@@ -84,6 +86,37 @@ def prepare_corpus(cfg: RunConfig, workdir: str | os.PathLike) -> Corpus:
         train_works=[w.name for w in train_works],
         val_works=[w.name for w in val_works],
         streams=resolve_streams(d.streams, cfg.train.batch_size, len(train_text), False, workdir),
+    )
+
+
+def _chat_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
+    """Conversations (data.chat) rendered with the tokenizer's chat template, with their
+    assistant-token masks; validation is data.chat_validation or a share of data.chat."""
+    d = cfg.data
+    if d.sources or not d.tokenizer:
+        raise ConfigError(
+            "data.chat needs data.tokenizer (the checkpoint's) and no data.sources; start it "
+            "with `jaxlm finetune sft`."
+        )
+    tok = load_tokenizer(d.tokenizer)
+    template = chat.load_template(d.tokenizer)
+    train_docs, train_names = chat.chat_documents(d.chat, tok, template)
+    if d.chat_validation:
+        val_docs, val_names = chat.chat_documents(d.chat_validation, tok, template)
+    else:
+        train_docs, val_docs = chat.split_documents(train_docs, d.validation_fraction, d.seed)
+        val_names = train_names
+    logger.info(
+        "Chat data: %d training and %d validation conversations, %s template.",
+        len(train_docs), len(val_docs), template.name,
+    )  # fmt: skip
+    return Corpus(
+        tokenizer=tok,
+        train_docs=train_docs,
+        val_docs=val_docs,
+        train_works=train_names,
+        val_works=val_names,
+        streams=resolve_streams(d.streams, cfg.train.batch_size, len(train_docs), False, workdir),
     )
 
 

@@ -15,7 +15,8 @@ Every batch is a dict of host numpy arrays, all [batch, seq_len]:
   inputs, targets  int32   next-token pairs; a target never comes from another document
   segment_ids      int32   1, 2, ... for the document pieces of a row; 0 on padding
   positions        int32   0-based position inside the document piece
-  weights          float32 1.0 on real target tokens, 0.0 on padding
+  weights          float32 1.0 on real target tokens, 0.0 on padding; chat documents
+                           (data/chat.py) carry their own mask: 1.0 on assistant targets only
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
+from jaxlm.data.chat import is_chat_docs
 from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.data.views import splitmix64
 from jaxlm.errors import ConfigError
@@ -45,13 +47,15 @@ def tokenize_documents(docs: list[str], tok: Tokenizer) -> list[np.ndarray]:
     return [np.asarray(ids, dtype=np.int32) for ids in encoded]
 
 
-def _to_pair(doc: np.ndarray) -> dict[str, np.ndarray]:
+def _to_pair(doc: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     # Shift inside the document, before packing: a target can then never be the first token
     # of whichever document the packer happens to place next in the row.
+    if isinstance(doc, Mapping):  # a chat document: its mask weighs each target token
+        return {"inputs": doc["ids"][:-1], "targets": doc["ids"][1:], "weights": doc["mask"][1:]}
     return {"inputs": doc[:-1], "targets": doc[1:]}
 
 
-def _pack(pairs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+def _pack(pairs: grain.IterDataset, seq_len: int, masked: bool = False) -> grain.IterDataset:
     """Pack (inputs, targets) pairs into rows of exactly seq_len tokens."""
     # ConcatThenSplit rather than FirstFit: FirstFit refuses a document longer than the row
     # (we would have to pre-cut it) and pads every bin it closes, while concat-then-split
@@ -59,9 +63,8 @@ def _pack(pairs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
     # of a finite stream. Its state is also small (parent index plus a slice), so restoring
     # replays at most a row, not a window of packing bins. Both features have equal lengths,
     # so they are cut at the same points and their segment ids / positions coincide.
-    packed = ConcatThenSplitIterDataset(
-        pairs, length_struct={"inputs": seq_len, "targets": seq_len}
-    )
+    keys = ("inputs", "targets", "weights") if masked else ("inputs", "targets")
+    packed = ConcatThenSplitIterDataset(pairs, length_struct=dict.fromkeys(keys, seq_len))
     return _JsonSafePackState(packed)
 
 
@@ -73,7 +76,7 @@ def _finish_rows(packed: Mapping[str, np.ndarray]) -> Batch:
         "targets": packed["targets"].astype(np.int32),
         "segment_ids": segment_ids.astype(np.int32),
         "positions": packed["inputs_positions"].astype(np.int32),
-        "weights": (segment_ids > 0).astype(np.float32),
+        "weights": np.asarray(packed.get("weights", segment_ids > 0), np.float32),
     }
 
 
@@ -147,7 +150,7 @@ def _stream_rows(
         doc_weights = [src.weight / max((src.mean_tokens or 2.0) - 1.0, 1.0) for src in sources]
         mix_seed = _stream_seed(seed, k, len(sources))
         pairs = _WeightedMix(parts, doc_weights, mix_seed).map(_to_pair)
-    return _pack(pairs, seq_len)
+    return _pack(pairs, seq_len, masked=any(is_chat_docs(src.docs) for src in sources))
 
 
 def make_train_iterator(
@@ -222,7 +225,8 @@ def make_eval_batches(
     rows = [
         _finish_rows(r)
         for r in itertools.islice(
-            _pack(pairs, seq_len), None if max_batches is None else max_batches * batch_size
+            _pack(pairs, seq_len, is_chat_docs(token_docs)),
+            None if max_batches is None else max_batches * batch_size,
         )
     ]
     batches = []

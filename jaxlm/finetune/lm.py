@@ -3,6 +3,9 @@
 The run starts from the source's parameters with a fresh optimizer at step 0, on the
 source's tokenizer. The model's architecture fields must match the source's (its parameters
 must fit); runtime fields may differ, and a change of `scan_layers` restacks the blocks.
+With `model.lora_rank` the source's plain parameters become the frozen base and fresh
+adapters are added; a source's own adapters are kept if its LoRA settings are the run's,
+else merged into its kernels first.
 Once the fine-tuning run has checkpoints of its own, resuming continues from those. The
 source, like the config file, may be local or in a bucket (gs://, s3://)."""
 
@@ -13,13 +16,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import yaml
 
 from jaxlm import config as config_lib
 from jaxlm.config import ModelConfig, RunConfig
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import ConfigError
+from jaxlm.models import build_model, lora
 from jaxlm.models.scan import stack_blocks, unstack_blocks
 from jaxlm.paths import absolute, as_path, check_reachable
 from jaxlm.runs import load_run
@@ -93,7 +99,12 @@ def load_init_params(cfg: RunConfig, shardings: Any) -> Any:
     """
     mesh = jax.tree.leaves(shardings)[0].mesh
     run = load_run(cfg.train.init_from, mesh=mesh)
-    params = restack(run.params, run.cfg.model, cfg.model)
+    params = run.params
+    if lora.has_adapters(params) and _lora_settings(run.cfg.model) != _lora_settings(cfg.model):
+        params = jax.jit(lora.merge, static_argnums=1)(params, lora.lora_scale(run.cfg.model))
+    params = restack(params, run.cfg.model, cfg.model)
+    if cfg.model.lora_rank and not lora.has_adapters(params):
+        params = lora.combine(params, fresh_adapters(cfg, shardings))
     if jax.tree.structure(params) != jax.tree.structure(shardings):
         raise ConfigError(
             f"The parameters in '{cfg.train.init_from}' are laid out differently from this "
@@ -101,6 +112,23 @@ def load_init_params(cfg: RunConfig, shardings: Any) -> Any:
         )
     logger.info(f"Initialised from '{cfg.train.init_from}' (its step {run.step}); fresh optimizer.")
     return jax.device_put(params, shardings)  # only moves what restacking laid out otherwise
+
+
+def _lora_settings(m: ModelConfig) -> tuple[Any, ...]:
+    return m.lora_rank, m.lora_alpha, m.lora_target_set
+
+
+def fresh_adapters(cfg: RunConfig, shardings: Any) -> Any:
+    """The LoRA adapters a new run of `cfg` initialises (the same as `init_train_state`'s),
+    in their shardings; the base parameters' initialisation is compiled away."""
+    model = build_model(cfg.model)
+    params_rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))[0]
+    tokens = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+
+    def init() -> Any:
+        return lora.split(nn.unbox(model.init(params_rng, tokens)["params"]))[1]
+
+    return jax.jit(init, out_shardings=lora.split(shardings)[1])()
 
 
 def lm_finetune_config(checkpoint: str, config_path: str | None, overrides: list[str]) -> RunConfig:

@@ -181,6 +181,11 @@ def _check_mixtral(cfg: ModelConfig) -> None:
 
 def hf_model_type(cfg: ModelConfig) -> str:
     """'gpt2', 'llama' or 'mixtral': the Hugging Face architecture with this model's math."""
+    if cfg.lora_rank:
+        raise ConfigError(
+            f"model.lora_rank={cfg.lora_rank}: Hugging Face models have no place for LoRA "
+            f"adapters; convert an export made with `jaxlm export --merge-lora` instead."
+        )
     layout = (cfg.norm, cfg.position, cfg.mlp)
     if cfg.recurrent or layout not in (
         ("layernorm", "learned", "gelu"),

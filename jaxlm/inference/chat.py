@@ -1,15 +1,13 @@
 """A conversation with a language model: turns -> prompt ids -> one streamed reply at a time.
 
-The turns are rendered with a chat template (`render_turns`), encoded with BOS first, and
-kept within the context window by dropping the oldest exchanges: the prompt always starts
+The turns are encoded with the chat template fine-tuning trains with (jaxlm.data.chat: the
+tokenizer's own Hugging Face template when it has one, else the default role markers, each
+assistant turn closed by EOS), and kept within the context window by dropping the oldest exchanges: the prompt always starts
 at a user turn, and the newest user turn is always kept (`fit_prompt` keeps the end of one
 that alone is too long). Recurrent models carry a state of fixed size and keep every turn.
 
 A reply ends at EOS, at `max_new_tokens`, or where the model starts a new turn (a header of
 the template, `STOPS`).
-
-The template here is a small default of this module's own; jaxlm.data.chat (SFT) defines
-the template fine-tuning trains with, and the two are meant to become one.
 """
 
 from __future__ import annotations
@@ -21,12 +19,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxlm.config import ModelConfig
+from jaxlm.data.chat import ChatTemplate, DefaultTemplate, load_template
 from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.inference.generate import Sampling, cut_at_eos, decode
 
 USER, ASSISTANT = "user", "assistant"
-HEADERS = {USER: "<|user|>\n", ASSISTANT: "<|assistant|>\n"}
-TURN_END = "\n"
 STOPS = ("<|user|>", "<|assistant|>")  # where the model starts a turn of its own
 STREAM_CHUNK = 4  # tokens decoded between two prints of a streamed reply
 
@@ -35,14 +32,11 @@ GREEDY = Sampling()
 Turn = tuple[str, str]  # (role: "user" | "assistant", content)
 
 
-def render_turns(turns: Sequence[Turn]) -> str:
-    """The default chat template: every turn as its header, its content and a newline, then
-    the assistant's header, which opens the reply to come. Two turns and the opening:
-
-        <|user|>\\n{content}\\n<|assistant|>\\n{content}\\n<|user|>\\n{content}\\n<|assistant|>\\n
-    """
-    parts = [HEADERS[role] + content + TURN_END for role, content in turns]
-    return "".join(parts) + HEADERS[ASSISTANT]
+def prompt_ids(template: ChatTemplate, tokenizer: Tokenizer, turns: Sequence[Turn]) -> list[int]:
+    """The ids of `turns` as the template renders them for training, then the opening of
+    the assistant's reply."""
+    messages = [{"role": role, "content": content} for role, content in turns]
+    return template.encode(messages, tokenizer, add_generation_prompt=True)[0]
 
 
 def prompt_room(cfg: ModelConfig, max_new_tokens: int) -> int | None:
@@ -51,13 +45,17 @@ def prompt_room(cfg: ModelConfig, max_new_tokens: int) -> int | None:
 
 
 def fit_turns(
-    tokenizer: Tokenizer, turns: Sequence[Turn], room: int | None
+    tokenizer: Tokenizer,
+    turns: Sequence[Turn],
+    room: int | None,
+    template: ChatTemplate | None = None,
 ) -> tuple[list[int], int]:
-    """(prompt ids, BOS first, of the turns from the oldest user turn that fits `room`;
-    the number of turns dropped before it). The newest user turn is always kept."""
+    """(prompt ids of the turns from the oldest user turn that fits `room`; the number of
+    turns dropped before it). The newest user turn is always kept. Default: DefaultTemplate."""
+    template = template or DefaultTemplate()
     starts = [i for i, (role, _) in enumerate(turns) if role == USER] or [0]
     for start in starts:
-        ids = tokenizer.encode(render_turns(turns[start:]), bos=True)
+        ids = prompt_ids(template, tokenizer, turns[start:])
         if room is None or len(ids) <= room:
             return ids, start
     return ids, starts[-1]
@@ -87,8 +85,10 @@ class Chat:
         *,
         seed: int = 0,
         mesh: Mesh | None = None,
+        template: ChatTemplate | None = None,
     ) -> None:
         sampling.check()
+        self.template = template or load_template(tokenizer.path)
         self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
         self.sampling, self.max_new_tokens, self.seed = sampling, max_new_tokens, seed
         self.turns: list[Turn] = []
@@ -101,7 +101,8 @@ class Chat:
     def prompt(self, user_text: str) -> tuple[list[int], list[Turn]]:
         """(prompt ids, the turns they hold) for the next reply to `user_text`."""
         turns = [*self.turns, (USER, user_text)]
-        ids, dropped = fit_turns(self.tokenizer, turns, prompt_room(self.cfg, self.max_new_tokens))
+        room = prompt_room(self.cfg, self.max_new_tokens)
+        ids, dropped = fit_turns(self.tokenizer, turns, room, self.template)
         return ids, turns[dropped:]
 
     def reply(self, user_text: str, on_chunk: Callable[[np.ndarray], bool] | None = None) -> str:

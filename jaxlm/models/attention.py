@@ -27,6 +27,7 @@ from jaxlm.kernels.flash_attention import flash_attention
 from jaxlm.kernels.flash_attention import reference_attention as kernel_reference
 from jaxlm.models.layers import Dense, Kernel, dtype_of, rotary, stacked_dense
 from jaxlm.models.lm import out_init_std
+from jaxlm.models.lora import add_lora, lora_rank, lora_scale
 from jaxlm.models.scan import ATTENTION_OUT, QKV
 from jaxlm.parallel.sharding import BATCH_AXES
 
@@ -292,12 +293,13 @@ class Attention(nn.Module):
         cfg = self.cfg
         h, k, e = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         dtype = dtype_of(cfg.dtype)
-        proj = lambda n, axes, name: Kernel(  # noqa: E731
-            (x_BxSxD.shape[-1],), (n, e), axes, cfg.bias, cfg.init_std, name=name
+        d, scale = x_BxSxD.shape[-1], lora_scale(cfg)
+        proj = lambda n, axes, name, t: Kernel(  # noqa: E731
+            (d,), (n, e), axes, cfg.bias, cfg.init_std, lora_rank(cfg, t), name=name
         )()
-        wq, bq = proj(h, ("embed", "heads", "head_dim"), "query")
-        wk, bk = proj(k, ("embed", "kv_heads", "head_dim"), "key")
-        wv, bv = proj(k, ("embed", "kv_heads", "head_dim"), "value")
+        wq, bq, aq = proj(h, ("embed", "heads", "head_dim"), "query", "q")
+        wk, bk, ak = proj(k, ("embed", "kv_heads", "head_dim"), "key", "k")
+        wv, bv, av = proj(k, ("embed", "kv_heads", "head_dim"), "value", "v")
         if h == k:  # one matmul for q, k and v (grouped-query shapes differ: keep three)
             q_BxSxHxE, k_BxSxKxE, v_BxSxKxE = stacked_dense(
                 x_BxSxD, [wq, wk, wv], [bq, bk, bv], dtype
@@ -307,6 +309,9 @@ class Attention(nn.Module):
                 stacked_dense(x_BxSxD, [wq], [bq], dtype),
                 stacked_dense(x_BxSxD, [wk, wv], [bk, bv], dtype),
             )
+        q_BxSxHxE = add_lora(q_BxSxHxE, x_BxSxD, aq, scale, dtype)
+        k_BxSxKxE = add_lora(k_BxSxKxE, x_BxSxD, ak, scale, dtype)
+        v_BxSxKxE = add_lora(v_BxSxKxE, x_BxSxD, av, scale, dtype)
         if cfg.position == "rope":
             q_BxSxHxE = rotary(q_BxSxHxE, positions_BxS, cfg.rope_theta)
             k_BxSxKxE = rotary(k_BxSxKxE, positions_BxS, cfg.rope_theta)
@@ -339,6 +344,8 @@ class Attention(nn.Module):
             use_bias=cfg.bias,
             std=out_std,
             dtype=dtype,
+            lora_rank=lora_rank(cfg, "o"),
+            lora_scale=scale,
             name="out",
         )(out_BxSxHxE)
         return nn.Dropout(cfg.dropout)(out_BxSxD, deterministic=deterministic)

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.models.lora import adapter_params, add_lora
+
 Dtype = jnp.dtype
 
 
@@ -37,7 +39,8 @@ class Dense(nn.Module):
     matmul runs in `dtype`. When the contracted axes are the trailing ones (every use in
     jaxlm) the matmul takes `stacked_dense`'s hand-written backward: with autodiff's own
     form, XLA's CPU compiler ran the head's kernel gradient at half speed (transposing the
-    logits gradient first); this made the bench-cpu step about 4% faster.
+    logits gradient first); this made the bench-cpu step about 4% faster. With `lora_rank`
+    a LoRA adapter (jaxlm.models.lora) adds `lora_scale` (x A) B.
     """
 
     features: int | tuple[int, ...]
@@ -46,6 +49,8 @@ class Dense(nn.Module):
     use_bias: bool = False
     std: float = 0.02
     dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_scale: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,11 +61,14 @@ class Dense(nn.Module):
         kernel = self.param(
             "kernel", normal_init(self.std, self.kernel_axes), in_shape + features, jnp.float32
         )
+        x_LxN = None
         if axes == tuple(range(x.ndim - len(axes), x.ndim)):  # trailing axes: flatten them
             n_in = math.prod(in_shape)
             x_LxN = x.reshape(*x.shape[: x.ndim - len(axes)], n_in)
             (y,) = stacked_dense(x_LxN, [kernel.reshape(n_in, *features)], [None], self.dtype)
         else:
+            if self.lora_rank:
+                raise ValueError("LoRA adapters need a Dense that contracts its trailing axes")
             y = jax.lax.dot_general(
                 x.astype(self.dtype),
                 kernel.astype(self.dtype),
@@ -75,11 +83,15 @@ class Dense(nn.Module):
                 jnp.float32,
             )
             y = y + bias.astype(self.dtype)
+        if self.lora_rank:
+            adapter = adapter_params(self, in_shape, features, self.kernel_axes, self.lora_rank)
+            y = add_lora(y, x_LxN, adapter, self.lora_scale, self.dtype)
         return y
 
 
 class Kernel(nn.Module):
-    """A Dense layer's parameters (kernel, bias or None) without the matmul, for fusing.
+    """A Dense layer's parameters (kernel, bias or None, LoRA (A, B) or None) without the
+    matmul, for fusing.
 
     Its parameter names and shapes are exactly those of `Dense` under the same module name,
     so a fused and an unfused model share one parameter layout.
@@ -90,9 +102,10 @@ class Kernel(nn.Module):
     kernel_axes: tuple[str | None, ...]
     use_bias: bool = False
     std: float = 0.02
+    lora_rank: int = 0
 
     @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self) -> tuple[jax.Array, jax.Array | None, tuple[jax.Array, jax.Array] | None]:
         kernel = self.param(
             "kernel",
             normal_init(self.std, self.kernel_axes),
@@ -104,7 +117,12 @@ class Kernel(nn.Module):
             bias_axes = self.kernel_axes[-len(self.features) :]
             zeros = nn.with_logical_partitioning(nn.initializers.zeros, bias_axes)
             bias = self.param("bias", zeros, self.features, jnp.float32)
-        return kernel, bias
+        adapter = None
+        if self.lora_rank:
+            adapter = adapter_params(
+                self, self.in_shape, self.features, self.kernel_axes, self.lora_rank
+            )
+        return kernel, bias, adapter
 
 
 def stacked_dense(
@@ -206,18 +224,35 @@ class Mlp(nn.Module):
     out_std: float = 0.02
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    lora_rank: int = 0  # LoRA adapters on every kernel (jaxlm.models.lora)
+    lora_scale: float = 0.0
 
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, deterministic: bool = True) -> jax.Array:
         dense = lambda f, axes, std, name: Dense(  # noqa: E731
-            f, axes, use_bias=self.use_bias, std=std, dtype=self.dtype, name=name
+            f,
+            axes,
+            use_bias=self.use_bias,
+            std=std,
+            dtype=self.dtype,
+            lora_rank=self.lora_rank,
+            lora_scale=self.lora_scale,
+            name=name,
         )
         if self.kind == "swiglu":
             params = lambda name: Kernel(  # noqa: E731
-                (self.d_model,), (self.d_ff,), ("embed", "mlp"), self.use_bias, self.std, name=name
+                (self.d_model,),
+                (self.d_ff,),
+                ("embed", "mlp"),
+                self.use_bias,
+                self.std,
+                self.lora_rank,
+                name=name,
             )()
-            (wg, bg), (wu, bu) = params("gate"), params("up")
+            (wg, bg, ag), (wu, bu, au) = params("gate"), params("up")
             gate_BxSxF, up_BxSxF = stacked_dense(x_BxSxD, [wg, wu], [bg, bu], self.dtype)
+            gate_BxSxF = add_lora(gate_BxSxF, x_BxSxD, ag, self.lora_scale, self.dtype)
+            up_BxSxF = add_lora(up_BxSxF, x_BxSxD, au, self.lora_scale, self.dtype)
             h_BxSxF = nn.silu(gate_BxSxF) * up_BxSxF
         else:
             h_BxSxF = nn.gelu(dense(self.d_ff, ("embed", "mlp"), self.std, "up")(x_BxSxD))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.layers import Dense, Mlp, Norm, dtype_of, normal_init
+from jaxlm.models.lora import lora_rank, lora_scale
 
 ACT_BxSxD = ("batch", "length", "act_embed")
 
@@ -46,6 +47,8 @@ def mlp(cfg: ModelConfig, name: str = "mlp") -> Mlp:
         out_init_std(cfg),
         cfg.dropout,
         dtype_of(cfg.dtype),
+        lora_rank(cfg, "mlp"),
+        lora_scale(cfg),
         name=name,
     )
 

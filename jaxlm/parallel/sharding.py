@@ -40,6 +40,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("rnn", "tensor"),  # recurrent state width (LSTM/GRU/RG-LRU channels)
     ("expert", "expert"),  # the experts of a MoE layer (jaxlm.models.moe)
+    ("lora", None),  # the rank of a LoRA adapter (jaxlm.models.lora): small, replicated
     ("batch", BATCH_AXES),
     ("length", "sequence"),
     ("act_embed", None),

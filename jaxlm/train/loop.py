@@ -47,7 +47,7 @@ from jaxlm.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxlm.train.guard import StepBoundary, skip_nonfinite, tree_all_finite
 from jaxlm.train.lock import hold_workdir
 from jaxlm.train.metrics import MetricsWriter
-from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.optimizer import optimizer_for
 from jaxlm.train.resume import (
     IDENTITY_KEY,
     changed_settings,
@@ -155,7 +155,7 @@ def set_up(cfg: RunConfig, workdir: Path) -> Job:
         data.val_docs, cfg.data.seq_len, t.batch_size, max_batches=t.eval_batches or None
     )
     model = build_model(cfg.model)
-    tx = make_optimizer(cfg.optimizer, t.steps)
+    tx = optimizer_for(cfg, t.steps)
     abstract, shardings = state_shardings(model, tx, cfg.data.seq_len, mesh)
     return Job(
         cfg=cfg,

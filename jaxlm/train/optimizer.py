@@ -1,4 +1,5 @@
-"""The optax optimizer: AdamW, linear warmup + cosine decay, global-norm clipping."""
+"""The optax optimizer: AdamW, linear warmup + cosine decay, global-norm clipping; with LoRA
+only the adapters train."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 import jax
 import optax
 
-from jaxlm.config import OptimizerConfig
+from jaxlm.config import OptimizerConfig, RunConfig
+from jaxlm.models.lora import trainable_mask
 
 
 def lr_schedule(
@@ -56,6 +58,7 @@ def make_optimizer(
     schedule: optax.Schedule | None = None,
     lr_scale: Mapping[str, float] | None = None,
     groups: Callable[[Any], Any] = top_level_groups,
+    trainable: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
     """Clip by global norm (if enabled), then AdamW with the schedule and masked decay.
 
@@ -63,8 +66,16 @@ def make_optimizer(
     names each parameter's group and every group runs its own AdamW at `lr_scale[group]`
     times the schedule; a group scaled by 0 is frozen: its updates are zero and it keeps no
     optimizer state. Clipping still sees all gradients. Without `lr_scale` (the LM) it is
-    one AdamW over every parameter.
+    one AdamW over every parameter. With `trainable(params)` (a tree of bools, e.g. LoRA's
+    adapters) only those leaves are clipped and updated; the rest get zero updates and no
+    optimizer state.
     """
+    if trainable is not None:
+        inner = make_optimizer(cfg, total_steps, schedule=schedule)
+        label = lambda params: jax.tree.map(  # noqa: E731
+            lambda t: "train" if t else "frozen", trainable(params)
+        )
+        return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, label)
     schedule = lr_schedule(cfg, total_steps) if schedule is None else schedule
     if lr_scale is None:
         update = _adamw(cfg, schedule)
@@ -92,3 +103,9 @@ def _adamw(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTran
 
 def _scaled(schedule: optax.Schedule, scale: float) -> optax.Schedule:
     return schedule if scale == 1 else lambda step: scale * schedule(step)
+
+
+def optimizer_for(cfg: RunConfig, total_steps: int) -> optax.GradientTransformation:
+    """The LM optimizer of a run: over every parameter, or only the LoRA adapters."""
+    trainable = trainable_mask if cfg.model.lora_rank else None
+    return make_optimizer(cfg.optimizer, total_steps, trainable=trainable)

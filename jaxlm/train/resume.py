@@ -47,11 +47,15 @@ def check_resumable(saved: dict[str, Any], cfg: RunConfig, workdir: Path) -> Non
     runtime, layout = config_lib.runtime_fields(), config_lib.layout_fields()
     for name, (old_v, new_v) in config_lib.model_changes(saved.get("model", {}), cfg.model).items():
         if name in layout:  # the saved params and optimizer state keep the checkpoint's tree
+            if name == "lora_targets" and not (
+                cfg.model.lora_rank or saved.get("model", {}).get("lora_rank")
+            ):
+                continue  # no adapters either way: the targets name nothing
             raise ConfigError(
                 f"model.{name}={new_v!r} differs from the checkpoint in '{workdir}' ({old_v!r}), "
-                f"and a resume can't restack the layers of its saved train state; restore the "
-                f"old value, or fine-tune from it in a new --workdir with "
-                f"train.init_from={workdir}."
+                f"and a resume can't restack the layers or add or drop the LoRA adapters of its "
+                f"saved train state; restore the old value, or fine-tune from it in a new "
+                f"--workdir with train.init_from={workdir}."
             )
         if name not in runtime:
             _refuse(f"model.{name}", old_v, new_v, workdir)

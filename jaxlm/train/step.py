@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxlm.config import RunConfig
+from jaxlm.models.lora import freeze_base
 from jaxlm.models.moe import MOE, metric_names, moe_metrics
 from jaxlm.parallel.sharding import LOGICAL_RULES, batch_sharding, mesh_context, replicated
 from jaxlm.train.loss import cross_entropy_sums
@@ -158,12 +159,16 @@ def make_train_step(
     over its MoE layers, weighted by the model config) to the objective, counted once per
     token so that they average over microbatches like the loss; their values, the dropped
     share, the busiest expert's load and every expert's share of the assignments
-    (moe_load_<e>, the load histogram) are logged as moe_* means.
+    (moe_load_<e>, the load histogram) are logged as moe_* means. With LoRA the base
+    parameters sit behind stop_gradient: only the adapters' gradients are computed (and
+    make grad_norm).
     """
     m = getattr(model, "cfg", None)
     aux_w, z_w = getattr(m, "moe_aux_loss_weight", 0.0), getattr(m, "moe_z_loss_weight", 0.0)
+    lora = getattr(m, "lora_rank", 0) > 0
 
     def loss_fn(params, batch, rng):
+        params = freeze_base(params) if lora else params
         ce_sum, z_sum, n, moe = _loss_sums(model, params, batch, rng, moe_stats=True)
         total = ce_sum + z_loss * z_sum
         if moe:
