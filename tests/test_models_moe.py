@@ -92,7 +92,7 @@ def per_token_reference(x_TxD, logits_TxX, w: ExpertWeights, kind: str, k: int, 
     "kind, bias, k, router",
     [
         pytest.param("swiglu", False, 2, "softmax", marks=pytest.mark.slow),  # ~30 s of compile
-        ("gelu", True, 1, "softmax"),
+        pytest.param("gelu", True, 1, "softmax", marks=pytest.mark.slow),
         ("gelu", False, 2, "sigmoid"),
     ],
 )

@@ -33,8 +33,8 @@ def plain():
     "policy",
     [
         "full",
-        "dots_saveable",
-        "dots_with_no_batch_dims_saveable",
+        pytest.param("dots_saveable", marks=pytest.mark.slow),
+        pytest.param("dots_with_no_batch_dims_saveable", marks=pytest.mark.slow),
         "save_attention_output",
         "save_qkv_attention",
     ],

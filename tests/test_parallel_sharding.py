@@ -177,6 +177,7 @@ def recurrent_runs() -> dict[str, dict]:
     return _run_workers(RECURRENT)
 
 
+@pytest.mark.slow  # ~95 s of workers; the Transformer families run on every mesh by default
 @pytest.mark.parametrize("family", RECURRENT)
 def test_recurrent_models_match_single_device_on_every_mesh(recurrent_runs, family):
     meshes = recurrent_runs[family]["meshes"]
