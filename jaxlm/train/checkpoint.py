@@ -2,7 +2,9 @@
 
 Saves are asynchronous and atomic: Orbax writes a step into `<step>.orbax-checkpoint-tmp-*`
 and renames it when every item is on disk, so a crash mid-save leaves only a temporary
-directory that is never mistaken for a checkpoint. Restore takes an abstract target carrying
+directory that is never mistaken for a checkpoint. In a bucket (gs://, s3://), which can't
+rename a directory, a step counts once its `commit_success.txt` is written
+(`train.object_store`). Restore takes an abstract target carrying
 the *current* shardings, so a checkpoint written on one mesh comes back onto another.
 
 A step that exists but can't be read (a truncated or missing file) is reported and skipped
