@@ -64,7 +64,13 @@ def register(sub) -> None:
         description="Write a params-only checkpoint with the run's config and tokenizer; "
         "`jaxlm generate -w OUTPUT` and runs.load_run read it.",
     )
-    p.add_argument("--workdir", "-w", required=True, metavar="DIR", help="a run directory")
+    p.add_argument(
+        "--workdir",
+        "-w",
+        required=True,
+        metavar="DIR",
+        help="a run directory: a local path, gs://BUCKET/PATH or s3://BUCKET/PATH",
+    )
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="new export directory")
     p.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: newest)")
     p.add_argument(
