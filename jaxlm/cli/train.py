@@ -30,7 +30,7 @@ def register(sub) -> None:
         "-w",
         required=True,
         metavar="DIR",
-        help="run directory (config, tokenizer, metrics, checkpoints, samples)",
+        help="run directory, local or gs://, s3:// (config, metrics, checkpoints, samples)",
     )
     p.add_argument(
         "--no-progress",
