@@ -43,7 +43,7 @@ LOSS_KEYS = ("inputs", "targets", "positions", "segment_ids")  # the int32 parts
 
 def _model(family: str, **fields) -> ModelConfig:
     return resolved_model(
-        family, vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=S, init_std=0.3,
+        family, vocab_size=V, d_model=32, n_layers=1, n_heads=4, max_seq_len=S, init_std=0.3,
         **fields,
     )  # fmt: skip
 

@@ -337,6 +337,7 @@ class TrainConfig:
     microbatches: int = _f(1, "gradient accumulation: split each batch into this many parts")
     seed: int = _f(0, "seed of parameter init and dropout")
     z_loss: float = _f(0.0, "weight of the log(Z)^2 auxiliary loss (0: off)")
+    loss_chunk: int = _f(0, "apply head+loss N tokens at a time, never all logits (0: off)")
     log_every: int = _f(10, "write metrics every N steps")
     eval_every: int = _f(200, "evaluate on the validation split every N steps (0: only at end)")
     eval_batches: int = _f(16, "max validation batches per evaluation (0: the whole split)")

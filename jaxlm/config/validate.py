@@ -260,10 +260,23 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(t, k)
         _require(v >= 0, f"train.{k}={v} must be >= 0.")
     _require(t.z_loss >= 0.0, f"train.z_loss={t.z_loss} must be >= 0.")
+    _check_loss_chunk(cfg)
     _require(t.temperature > 0.0, f"train.temperature={t.temperature} must be positive.")
     _require(
         t.init_from is None or bool(t.init_from.strip()),
         "train.init_from is empty; give a run, export or converted directory, or null.",
+    )
+
+
+def _check_loss_chunk(cfg: RunConfig) -> None:
+    """train.loss_chunk: 0 (off) or tokens per chunk; with a sequence-sharded mesh each chunk
+    takes loss_chunk / mesh.sequence tokens from every shard, so it must divide evenly."""
+    n, seq = cfg.train.loss_chunk, cfg.mesh.sequence
+    _require(n >= 0, f"train.loss_chunk={n} must be >= 0 (0: the whole logits at once).")
+    _require(
+        n == 0 or seq <= 1 or (n % seq == 0 and cfg.data.seq_len % n == 0),
+        f"train.loss_chunk={n} must be a multiple of mesh.sequence={seq} that divides "
+        f"data.seq_len={cfg.data.seq_len}, so every chunk splits evenly over the sequence shards.",
     )
 
 

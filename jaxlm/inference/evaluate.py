@@ -54,7 +54,8 @@ class Evaluator:
         model = build_model(cfg.model)
         self.params = run.params
         shardings = jax.tree.map(lambda x: x.sharding, run.params)
-        self._loss_fn = jit_eval_step(make_eval_step(model), shardings, self.mesh)
+        loss_step = make_eval_step(model, cfg.train.loss_chunk)
+        self._loss_fn = jit_eval_step(loss_step, shardings, self.mesh)
         self._loglik_fn = jit_eval_step(_make_loglik_step(model), shardings, self.mesh)
 
     def _run(self, fn, batches, desc: str, total: int | None = None) -> list:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.layers import Dense, Mlp, Norm, dtype_of, normal_init
+from jaxlm.models.layers import Kernel, Mlp, Norm, dtype_of, normal_init, stacked_dense
 from jaxlm.models.lora import lora_rank, lora_scale
 
 ACT_BxSxD = ("batch", "length", "act_embed")
@@ -104,15 +104,26 @@ def embed(
 def head(cfg: ModelConfig, table: nn.Embed, x_BxSxD: jax.Array) -> jax.Array:
     """Logits from the final normed state: the tied embedding table or an untied projection."""
     if cfg.tie_embeddings:
-        logits_BxSxV = table.attend(x_BxSxD)
+        weight = table.embedding
     else:
-        logits_BxSxV = Dense(
-            cfg.vocab_size,
-            ("embed", "vocab"),
-            std=cfg.init_std,
-            dtype=dtype_of(cfg.dtype),
-            name="head",
-        )(x_BxSxD)
+        shape = ((cfg.d_model,), (cfg.vocab_size,))
+        weight = Kernel(*shape, ("embed", "vocab"), std=cfg.init_std, name="head")()[0]
+    return head_logits(cfg, weight, x_BxSxD)
+
+
+def head_weight(cfg: ModelConfig, params: dict) -> jax.Array:
+    """The parameter `head` reads: the embedding table [V, D] if tied, else the head's [D, V]."""
+    return params["embed"]["embedding"] if cfg.tie_embeddings else params["head"]["kernel"]
+
+
+def head_logits(cfg: ModelConfig, weight: jax.Array, x_BxSxD: jax.Array) -> jax.Array:
+    """The LM head as a pure function of its `head_weight`: logits of any B x S' x D states
+    (a whole sequence, or one chunk of it for the chunked loss), in the compute dtype."""
+    dtype = dtype_of(cfg.dtype)
+    if cfg.tie_embeddings:  # what nn.Embed.attend computes
+        logits_BxSxV = jnp.dot(jnp.asarray(x_BxSxD, dtype), jnp.asarray(weight, dtype).T)
+    else:  # what Dense computes, with its hand-written backward
+        (logits_BxSxV,) = stacked_dense(x_BxSxD, [weight], [None], dtype)
     return nn.with_logical_constraint(logits_BxSxV, ("batch", "length", "act_vocab"))
 
 

@@ -265,7 +265,9 @@ class _Loop:
         if t.nan_policy == "skip":
             step_fn = skip_nonfinite(step_fn)
         self.step_fn = jit_train_step(step_fn, job.shardings, job.mesh)
-        self.eval_fn = jit_eval_step(make_eval_step(job.model), job.shardings.params, job.mesh)
+        self.eval_fn = jit_eval_step(
+            make_eval_step(job.model, cfg.train.loss_chunk), job.shardings.params, job.mesh
+        )
         self.config_dict = {**config_lib.to_dict(cfg), IDENTITY_KEY: job.identity}
         self.writer = MetricsWriter.for_run(job.workdir, cfg.logging, self.config_dict, is_main)
         self.bar = None

@@ -7,6 +7,7 @@ device arrays so the loop can read them later without stalling the device.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,10 +18,11 @@ import optax
 from jax.sharding import Mesh
 
 from jaxlm.config import RunConfig
+from jaxlm.models.lm import head_logits, head_weight
 from jaxlm.models.lora import freeze_base
 from jaxlm.models.moe import MOE, metric_names, moe_metrics
 from jaxlm.parallel.sharding import LOGICAL_RULES, batch_sharding, mesh_context, replicated
-from jaxlm.train.loss import cross_entropy_sums
+from jaxlm.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from jaxlm.train.optimizer import lr_schedule
 from jaxlm.train.state import TrainState
 
@@ -28,13 +30,23 @@ Batch = dict[str, jax.Array]
 
 
 def _loss_sums(
-    model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, moe_stats: bool = False
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    rng: jax.Array | None,
+    moe_stats: bool = False,
+    loss_chunk: int = 0,
 ):
     """Forward one (micro)batch; returns (ce_sum, z_sum, n_tokens, moe), where `moe` holds
-    the MoE layers' statistics if `moe_stats` and the model has experts ({} otherwise)."""
+    the MoE layers' statistics if `moe_stats` and the model has experts ({} otherwise).
+
+    With `loss_chunk` > 0 the model stops before its head and the loss applies the head
+    `loss_chunk` tokens at a time (jaxlm.train.loss.chunked_cross_entropy_sums).
+    """
     # Only a MoE model collects what its layers sow: a dense model's trace stays exactly
     # what it was before MoE existed.
-    collect = moe_stats and getattr(getattr(model, "cfg", None), "moe_experts", 0) > 0
+    cfg = getattr(model, "cfg", None)
+    collect = moe_stats and getattr(cfg, "moe_experts", 0) > 0
     with _matmul_precision(model):
         out = model.apply(
             {"params": params},
@@ -44,10 +56,23 @@ def _loss_sums(
             deterministic=rng is None,
             rngs=None if rng is None else {"dropout": rng},
             mutable=[MOE] if collect else False,
+            **({"return_hidden": True} if loss_chunk else {}),
         )
-    logits_BxSxV, moe = (out[0], moe_metrics(out[1][MOE])) if collect else (out, {})
-    with jax.named_scope("loss"):  # names the cross-entropy's ops in profiler traces
-        return (*cross_entropy_sums(logits_BxSxV, batch["targets"], batch["weights"]), moe)
+        out_BxSx_, moe = (out[0], moe_metrics(out[1][MOE])) if collect else (out, {})
+        with jax.named_scope("loss"):  # names the cross-entropy's ops in profiler traces
+            if loss_chunk:
+                head = functools.partial(head_logits, cfg)
+                sums = chunked_cross_entropy_sums(
+                    out_BxSx_,
+                    head,
+                    head_weight(cfg, params),
+                    batch["targets"],
+                    batch["weights"],
+                    loss_chunk,
+                )
+            else:
+                sums = cross_entropy_sums(out_BxSx_, batch["targets"], batch["weights"])
+    return (*sums, moe)
 
 
 def _matmul_precision(model: nn.Module):
@@ -152,6 +177,7 @@ def make_train_step(
     z_loss: float = 0.0,
     dropout: bool = False,
     schedule: optax.Schedule | None = None,
+    loss_chunk: int = 0,
 ) -> StepFn:
     """The LM step: token-weighted mean cross-entropy (+ z-loss in the gradient only).
 
@@ -161,7 +187,8 @@ def make_train_step(
     share, the busiest expert's load and every expert's share of the assignments
     (moe_load_<e>, the load histogram) are logged as moe_* means. With LoRA the base
     parameters sit behind stop_gradient: only the adapters' gradients are computed (and
-    make grad_norm).
+    make grad_norm). `loss_chunk` > 0 computes the loss without the whole logits (see
+    `_loss_sums`).
     """
     m = getattr(model, "cfg", None)
     aux_w, z_w = getattr(m, "moe_aux_loss_weight", 0.0), getattr(m, "moe_z_loss_weight", 0.0)
@@ -169,7 +196,7 @@ def make_train_step(
 
     def loss_fn(params, batch, rng):
         params = freeze_base(params) if lora else params
-        ce_sum, z_sum, n, moe = _loss_sums(model, params, batch, rng, moe_stats=True)
+        ce_sum, z_sum, n, moe = _loss_sums(model, params, batch, rng, True, loss_chunk)
         total = ce_sum + z_loss * z_sum
         if moe:
             total = total + n * (aux_w * moe["moe_aux_loss"] + z_w * moe["moe_z_loss"])
@@ -189,8 +216,8 @@ def make_train_step(
 def train_step_for(
     cfg: RunConfig, model: nn.Module, tx: optax.GradientTransformation, total_steps: int = 0
 ) -> StepFn:
-    """The pure train step `cfg` describes: its microbatches, z-loss, dropout and lr schedule
-    (over `total_steps`, default train.steps)."""
+    """The pure train step `cfg` describes: its microbatches, z-loss, dropout, lr schedule
+    (over `total_steps`, default train.steps) and loss chunking."""
     t = cfg.train
     return make_train_step(
         model,
@@ -199,14 +226,17 @@ def train_step_for(
         z_loss=t.z_loss,
         dropout=cfg.model.dropout > 0,
         schedule=lr_schedule(cfg.optimizer, total_steps or t.steps),
+        loss_chunk=t.loss_chunk,
     )
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+def make_eval_step(
+    model: nn.Module, loss_chunk: int = 0
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """Summed loss and token count of one batch (the loop divides after summing batches)."""
 
     def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        ce_sum, _, n, _ = _loss_sums(model, params, batch, None)
+        ce_sum, _, n, _ = _loss_sums(model, params, batch, None, loss_chunk=loss_chunk)
         return {"loss_sum": ce_sum, "tokens": n}
 
     return eval_step
