@@ -166,14 +166,19 @@ def append_text(path: PathLike, text: str, whole: list[str] | None = None) -> No
 
 def local_copy(path: PathLike, cache_dir: PathLike | None) -> LocalPath:
     """A local file with the bytes of `path`: the path itself when local, else a copy in
-    `cache_dir` (made once, named by the URL and the object's size, so a changed object is
-    fetched again). Reads stay memory-mapped and bounded whatever the file's size."""
+    `cache_dir` (made once, named by the URL, the object's size and its version, so an
+    object rewritten since is fetched again). Reads stay memory-mapped and bounded whatever
+    the file's size."""
     p = as_path(path)
     if not is_remote(p):
         return LocalPath(os.fspath(p))
     root = LocalPath(os.fspath(cache_dir) if cache_dir else default_cache_dir())
-    size = p.stat().length
-    key = hashlib.sha256(f"{os.fspath(p)}\0{size}".encode()).hexdigest()[:16]
+    fs, name = _store(p)
+    info = fs.info(name)
+    size = int(info["size"])
+    # S3's ETag, GCS's generation: each changes whenever the object is written again
+    version = next((str(info[k]) for k in _VERSION_KEYS if info.get(k)), "")
+    key = hashlib.sha256(f"{os.fspath(p)}\0{size}\0{version}".encode()).hexdigest()[:16]
     dest = root / key / p.name
     if dest.is_file() and dest.stat().st_size == size:
         return dest
@@ -188,6 +193,9 @@ def local_copy(path: PathLike, cache_dir: PathLike | None) -> LocalPath:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return dest
+
+
+_VERSION_KEYS = ("ETag", "generation", "md5Hash", "crc32c", "LastModified", "mtime", "updated")
 
 
 def default_cache_dir() -> LocalPath:

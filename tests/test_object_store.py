@@ -18,7 +18,7 @@ from conftest import new_bucket
 
 from jaxlm.config import CheckpointConfig
 from jaxlm.errors import ConfigError
-from jaxlm.paths import as_path, check_reachable
+from jaxlm.paths import as_path, check_reachable, local_copy
 from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train.lock import WorkdirLock
 from jaxlm.train.metrics import MetricsWriter
@@ -139,3 +139,14 @@ def test_missing_credentials_are_named_without_a_secret(s3_server, monkeypatch, 
             check_reachable(bucket + "/run", "--workdir")
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_local_copy_fetches_an_object_again_once_it_is_rewritten(s3_server, tmp_path):
+    obj = as_path(new_bucket(s3_server)) / "data" / "shard.bin"
+    obj.write_bytes(b"first-version")
+    first = local_copy(obj, tmp_path)
+    assert first.read_bytes() == b"first-version"
+    assert local_copy(obj, tmp_path) == first  # cached: the same local file, not copied again
+    obj.write_bytes(b"other-version")  # same size, new content (a new ETag)
+    again = local_copy(obj, tmp_path)
+    assert again != first and again.read_bytes() == b"other-version"
