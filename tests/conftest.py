@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -390,12 +391,12 @@ class RecordingDocs:
 
 # --- object stores ---------------------------------------------------------------------------
 
-S3_ENV_KEYS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-)
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -407,16 +408,13 @@ def s3_server():
     server can't start. Make a bucket per test with `new_bucket()`.
     """
     import logging
-    import socket
 
     try:
         from moto.server import ThreadedMotoServer
     except ImportError as e:
         pytest.skip(f"moto[server] is not installed ({e})")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     try:
         server.start()
@@ -428,17 +426,13 @@ def s3_server():
         "AWS_SECRET_ACCESS_KEY": "jaxlm-test-secret",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        try:
+            yield env
+        finally:
+            server.stop()
 
 
 _BUCKETS = iter(range(1_000_000))
@@ -465,7 +459,6 @@ def gcs_server():
     `new_gcs_bucket()`.
     """
     import logging
-    import socket
 
     try:
         import gcsfs
@@ -473,9 +466,7 @@ def gcs_server():
     except ImportError as e:
         pytest.skip(f"gcp-storage-emulator or gcsfs is not installed ({e})")
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
     api = getattr(server, "_api", None)  # the emulator's server thread (a private attribute)
     if api is not None:

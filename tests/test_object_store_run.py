@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_XLA, TINY_HOSTS, TINY_MODEL, new_bucket, tiny_texts
+from conftest import FAST_XLA, TINY_HOSTS, TINY_MODEL, free_port, new_bucket, tiny_texts
 
 from jaxlm.config import load_config
 from jaxlm.paths import as_path
@@ -170,9 +169,7 @@ def test_two_processes_train_one_run_in_s3(s3_server, tmp_path):
     env = {**env, **s3_server, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_XLA}
     cli = [sys.executable, "-m", "jaxlm.cli"]
     remote, local = f"{new_bucket(s3_server)}/run", tmp_path / "local"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     two = subprocess.run(
         [*cli, "launch", "local", "--workdir", remote, "--nodes", "2", "--cpu-devices", "2",
          "--port", str(port), *overrides],

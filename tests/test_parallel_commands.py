@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_XLA, MEMORISED_TEXT
+from conftest import FAST_XLA, MEMORISED_TEXT, free_port
 from safetensors.numpy import load_file
-from test_parallel_distributed import _env, free_port
+from test_parallel_distributed import _env
 
 from jaxlm import cli
 from jaxlm.runs import load_run

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_XLA, TINY_HOSTS
+from conftest import FAST_XLA, TINY_HOSTS, free_port
 
 from jaxlm.errors import ConfigError
 from jaxlm.parallel.distributed import jax_cluster, resolve_layout
@@ -36,12 +35,6 @@ OVERRIDES = [
     "mesh.fsdp=2",
     "mesh.tensor=2",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:

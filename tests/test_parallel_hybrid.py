@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAST_XLA, TINY_HOSTS, assert_one_sentence
+from conftest import FAST_XLA, TINY_HOSTS, assert_one_sentence, free_port
 
 from jaxlm.config import MeshConfig, RunConfig, load_config
 from jaxlm.errors import ConfigError
@@ -132,12 +131,6 @@ def test_no_dcn_keeps_the_plain_mesh(monkeypatch):
 # ----------------------------------------------------------- two real processes (CPU)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def probe(port: int, process_id: int) -> dict:
     """Join 2 processes of 2 CPU devices; on each hybrid mesh put rows and all-reduce them."""
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
@@ -156,7 +149,7 @@ def probe(port: int, process_id: int) -> dict:
 
 
 def test_two_processes_form_a_hybrid_mesh():
-    port = _free_port()
+    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_"))},
         "JAX_PLATFORMS": "cpu",
@@ -217,7 +210,7 @@ def test_training_on_two_nodes_with_dcn_data_matches_one_process(tmp_path):
     two = subprocess.run(
         cli
         + ["launch", "local", "--workdir", str(tmp_path / "two"), "--nodes", "2"]
-        + ["--cpu-devices", "2", "--port", str(_free_port()), *TRAIN]
+        + ["--cpu-devices", "2", "--port", str(free_port()), *TRAIN]
         + ["mesh.data=2", "mesh.fsdp=2", "mesh.dcn_data=2"],
         env=env,
         capture_output=True,
