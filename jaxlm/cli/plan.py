@@ -31,12 +31,28 @@ def register(sub) -> None:
         help="N slices of --topology joined by the data-centre network (set mesh.dcn_data)",
     )
     p.add_argument("--devices", type=int, metavar="N", help="fake CPU devices (no --topology)")
+    p.add_argument(
+        "--longest-seq",
+        action="store_true",
+        help="bisect data.seq_len (compiling each probe) for the longest length that fits; "
+        "train.batch_size rows are kept, so tokens per batch grow with the length",
+    )
+    p.add_argument(
+        "--seq-granule",
+        type=int,
+        metavar="TOKENS",
+        help="--longest-seq searches multiples of this (default: 512 x mesh.sequence)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    for flag, value in (("--devices", args.devices), ("--slices", args.slices)):
+    for flag, value in (
+        ("--devices", args.devices),
+        ("--slices", args.slices),
+        ("--seq-granule", args.seq_granule),
+    ):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} must be at least 1.")
     if args.device_memory_gb is not None and not args.device_memory_gb > 0:
@@ -48,6 +64,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     memory = plan.default_device_memory(args.topology)
     if args.device_memory_gb is not None:
         memory = int(args.device_memory_gb * plan.GIB)
+    if args.longest_seq:
+        from jaxlm.bench import plan_seq
+
+        found = plan_seq.longest_sequence(cfg, devices, memory, args.seq_granule)
+        print(
+            json.dumps(plan_seq.longest_dict(found))
+            if args.json
+            else plan_seq.format_longest(found)
+        )
+        return 0 if found.seq_len else 1
     result = plan.make_plan(cfg, devices, memory)
     print(json.dumps(plan.plan_dict(result)) if args.json else plan.format_plan(result))
     return 1 if result.fits is False else 0

@@ -1,0 +1,116 @@
+"""`jaxlm plan --longest-seq`: bisection over data.seq_len with ahead-of-time compiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import FAST_XLA
+
+from jaxlm.bench import plan_seq
+from jaxlm.bench.plan import Plan
+from jaxlm.config import load_config
+from jaxlm.errors import ConfigError
+
+SMALL = [
+    "model.vocab_size=512",
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.max_seq_len=64",
+    "data.seq_len=64",
+    "train.batch_size=2",
+    "optimizer.warmup_steps=1",
+]
+
+
+def fake_compile(bytes_per_token: int, fixed: int = 1000):
+    """A stand-in for make_plan whose peak grows linearly with the length; records calls."""
+    calls = []
+
+    def compile_plan(cfg, devices, memory):
+        calls.append(cfg.data.seq_len)
+        assert cfg.model.max_seq_len >= cfg.data.seq_len  # the probe's config must validate
+        peak = fixed + bytes_per_token * cfg.data.seq_len
+        return Plan(
+            params=1, flops_per_token=1.0, platform="cpu", devices=1, mesh={},
+            param_bytes=0, opt_bytes=0, batch_bytes=0, temp_bytes=peak, argument_bytes=0,
+            output_bytes=0, alias_bytes=0, code_bytes=0, device_memory_bytes=memory,
+        )  # fmt: skip
+
+    return compile_plan, calls
+
+
+@pytest.mark.parametrize("memory", [1000 + 10 * 3000, 1000 + 10 * 512, 1000 + 10 * 70_000])
+def test_bisection_finds_the_longest_fitting_multiple_of_the_granule(memory):
+    cfg = load_config(None, SMALL)
+    compile_plan, calls = fake_compile(10)
+    found = plan_seq.longest_sequence(cfg, [], memory, granule=256, compile_plan=compile_plan)
+    truth = (memory - 1000) // 10 // 256 * 256
+    assert found.seq_len == truth
+    assert found.plan is not None and found.plan.fits
+    assert len(calls) == len(set(calls))  # no length compiled twice
+    assert len(calls) <= 2 * (truth // 256).bit_length() + 2  # logarithmic, not a sweep
+    assert "longest sequence" in plan_seq.format_longest(found)
+
+
+def test_nothing_fits_says_so():
+    cfg = load_config(None, SMALL)
+    compile_plan, _ = fake_compile(10, fixed=10**9)
+    found = plan_seq.longest_sequence(cfg, [], 5000, granule=128, compile_plan=compile_plan)
+    assert found.seq_len == 0 and found.plan is None
+    assert "none" in plan_seq.format_longest(found)
+    assert json.loads(json.dumps(plan_seq.longest_dict(found)))["longest_seq_len"] == 0
+
+
+def test_probe_config_raises_max_seq_len_only_when_needed():
+    cfg = load_config(None, SMALL)
+    longer = plan_seq.with_seq_len(cfg, 4096)
+    assert (longer.data.seq_len, longer.model.max_seq_len) == (4096, 4096)
+    shorter = plan_seq.with_seq_len(dataclasses.replace(cfg), 32)
+    assert (shorter.data.seq_len, shorter.model.max_seq_len) == (32, 64)
+
+
+def test_granule_defaults_to_512_per_sequence_device_and_must_be_positive():
+    cfg = load_config(None, [*SMALL, "mesh.sequence=4"])
+    assert plan_seq.default_granule(cfg) == 2048
+    with pytest.raises(ConfigError, match="seq-granule"):
+        plan_seq.longest_sequence(cfg, [], 10**9, granule=-5)
+
+
+def test_cli_bisects_real_compiles_on_fake_cpu_devices():
+    """End to end: real compiles of a tiny model, the answer fits and twice it does not."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxlm.cli",
+            "plan",
+            "--json",
+            "--devices",
+            "1",
+            "--device-memory-gb",
+            "0.002",
+            "--longest-seq",
+            "--seq-granule",
+            "64",
+            *SMALL,
+        ],  # fmt: skip
+        env={**os.environ, "XLA_FLAGS": FAST_XLA},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    probes = {p["seq_len"]: p for p in result["probes"]}
+    best = result["longest_seq_len"]
+    assert best > 0 and probes[best]["fits"]
+    assert all(not p["fits"] for n, p in probes.items() if n > best)
+    assert best + 64 in probes  # the next granule up was compiled and missed
+    peaks = [probes[n]["peak_bytes"] for n in sorted(probes)]
+    assert peaks == sorted(peaks)  # memory grows with the length
