@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "jaxlm"
 # Imports a library module may make inside a function: optional extras only.
-OPTIONAL_EXTRAS = ("matplotlib",)
+OPTIONAL_EXTRAS = ("matplotlib", "pyarrow", "array_record")
 ROOT_MODULES = {"__init__.py", "errors.py", "paths.py", "runs.py"}  # paths: a layer of one module
 MAX_LINES = 400
 

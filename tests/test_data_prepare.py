@@ -118,6 +118,9 @@ def test_bad_data_is_skipped_counted_and_reported(tmp_path, tok_path):
         "invalid_utf8": 2,  # latin1.txt and one line of broken.jsonl
         "bad_json": 1,
         "missing_field": 1,
+        "filtered_out": 0,  # no filters asked for (tests/test_data_formats.py has them)
+        "too_short": 0,
+        "too_long": 0,
     }
     assert manifest["documents"] == 4  # good.txt, ok one, ok two, ok three
     report = "\n".join(messages)

@@ -5,13 +5,20 @@ Rows measured on the built-in Shakespeare corpus:
   pipeline: <source>      tokens/s of packed batches one process produces, after warm-up
   train step              tokens/s the configured model consumes (timed real train steps)
 The pipeline rows also give their ratio to the train step (the issue asks for >= 10x).
+
+With `documents` (bench_scale): a synthetic source of that many documents, each made from a
+hash of its index, through the real split + shuffle + pack pipeline, each case in a fresh
+process: host peak memory growth, time to the first batch, and tokens/s, at 1e6, 1e8, ...
+documents up to the number asked for, and with 1 and 2 worker processes at the largest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -29,12 +36,21 @@ from jaxlm.config import RunConfig
 from jaxlm.data import corpus
 from jaxlm.data.dataset import prepare_corpus
 from jaxlm.data.mixture import load_prepared_corpus
-from jaxlm.data.pipeline import make_train_iterator
+from jaxlm.data.pipeline import WeightedSource, make_train_iterator
 from jaxlm.data.prepare import prepare
 from jaxlm.data.streams import default_streams
+from jaxlm.data.synthetic import SyntheticDocs
 from jaxlm.data.tokenizer import train_tokenizer
+from jaxlm.data.views import split_views
 
 COLUMNS = (("what", "what", "s"), ("tokens/s", "tokens/s", ",.0f"), ("note", "note", "s"))
+SCALE_COLUMNS = (
+    ("documents", "documents", ".0e"),
+    ("workers", "workers", "d"),
+    ("first batch (s)", "first_batch_s", ".2f"),
+    ("host peak RSS growth (MiB)", "rss_growth_mib", ".1f"),
+    ("tokens/s", "tokens/s", ",.0f"),
+)
 
 
 def environment() -> dict[str, Any]:
@@ -149,3 +165,119 @@ def bench_data(
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
     """The results file: title, environment (taken now), table."""
     return report.markdown(title, environment(), report.table(COLUMNS, rows, right=("tokens/s",)))
+
+
+# --- at scale: a synthetic source of any size ------------------------------------------------
+
+
+def scale_sizes(documents: int) -> list[int]:
+    """1e6, 1e8, 1e10, ... below `documents`, then `documents` itself."""
+    sizes, n = [], 10**6
+    while n < documents:
+        sizes.append(n)
+        n *= 100
+    return [*sizes, documents]
+
+
+def _reset_peak_rss() -> None:
+    """Make this process's peak RSS its current RSS (Linux), so growth is measured from now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then counts from the start
+        pass
+
+
+def _peak_rss_kib() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _measure(
+    n: int,
+    workers: int,
+    batch_size: int,
+    seq_len: int,
+    batches: int,
+    warmup: int,
+    seed: int,
+    fraction: float,
+    mean_tokens: int,
+    vocab_size: int,
+) -> dict[str, Any]:
+    """One case, run in a fresh process: source, split, iterator, first batch, throughput."""
+    _reset_peak_rss()
+    before = _peak_rss_kib()
+    t0 = time.perf_counter()
+    docs = SyntheticDocs(n, mean_tokens, vocab_size, seed)
+    train, _ = split_views(docs, fraction, seed)
+    source = WeightedSource(train, 1.0, "synthetic", float(mean_tokens))
+    streams = default_streams(batch_size, n, prepared=True)
+    it = make_train_iterator(
+        [source], seq_len, batch_size, seed, streams=streams, workers=workers
+    )  # fmt: skip
+    next(it)
+    first = time.perf_counter() - t0
+    try:
+        rate = _time_pipeline(it, batches, warmup)
+    finally:
+        it.close()
+    return {
+        "documents": n,
+        "workers": workers,
+        "streams": streams,
+        "first_batch_s": first,
+        "rss_growth_mib": (_peak_rss_kib() - before) / 1024,
+        "tokens/s": rate,
+    }
+
+
+def _child(conn: Any, kwargs: dict[str, Any]) -> None:
+    try:
+        conn.send(_measure(**kwargs))
+    except Exception as e:  # sent back, so the parent names the case that failed
+        conn.send(e)
+    conn.close()
+
+
+def _in_fresh_process(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # Not a Pool: its processes are daemons, which may not start Grain's worker processes.
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, kwargs))
+    proc.start()
+    result = recv.recv()
+    proc.join()
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def bench_scale(
+    cfg: RunConfig,
+    documents: int,
+    *,
+    batches: int = 50,
+    warmup: int = 5,
+    workers: tuple[int, ...] = (1, 2),
+    mean_tokens: int = 256,
+) -> list[dict[str, Any]]:
+    """Rows of the pipeline over a synthetic source at each of scale_sizes(documents), in
+    this process, and with each worker count at the largest size."""
+    d = cfg.data
+    base = dict(
+        batch_size=cfg.train.batch_size, seq_len=d.seq_len, batches=batches, warmup=warmup,
+        seed=d.seed, fraction=d.validation_fraction, mean_tokens=mean_tokens,
+        vocab_size=cfg.model.vocab_size,
+    )  # fmt: skip
+    cases = [(n, 0) for n in scale_sizes(documents)] + [(documents, w) for w in workers if w > 0]
+    return [_in_fresh_process({**base, "n": n, "workers": w}) for n, w in cases]
+
+
+def scale_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """The results file of bench_scale: title, environment (taken now), table."""
+    body = report.table(SCALE_COLUMNS, rows, right=[c[0] for c in SCALE_COLUMNS])
+    return report.markdown(title, environment(), body)

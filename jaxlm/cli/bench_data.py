@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxlm.cli.common import add_config_args, check_outputs, formatter
+from jaxlm.cli.common import add_config_args, check_outputs, csv, formatter
 from jaxlm.config import load_config
 from jaxlm.errors import ConfigError
 
@@ -19,7 +19,9 @@ def register_bench(what) -> None:
         formatter_class=formatter,
         help="data throughput: prepare and pipeline tokens/s vs the train step's consumption",
         description="Time `data prepare` and the input pipeline on the built-in corpus, and "
-        "compare with the tokens/s the configured model's train step consumes.",
+        "compare with the tokens/s the configured model's train step consumes. With "
+        "--documents N: the pipeline over a synthetic source of 1e6, 1e8, ... N documents "
+        "(host peak memory growth, time to first batch, tokens/s, with worker processes).",
     )
     add_config_args(d)
     d.add_argument("--batches", type=int, default=200, metavar="N", help="timed pipeline batches")
@@ -37,7 +39,21 @@ def register_bench(what) -> None:
     d.add_argument(
         "--copies", type=int, default=3, metavar="N", help="prepare N copies of the corpus"
     )
+    d.add_argument(
+        "--documents",
+        type=float,
+        metavar="N",
+        help="at scale: a synthetic source of up to N documents (e.g. 1e9) instead",
+    )
+    d.add_argument(
+        "--pipeline-workers",
+        type=csv(int),
+        default=[1, 2],
+        metavar="LIST",
+        help="with --documents: worker process counts timed at N documents",
+    )
     d.add_argument("--markdown", metavar="FILE", help="write the table as markdown")
+    d.add_argument("--json", metavar="FILE", help="write results and environment as JSON")
     d.set_defaults(run=cmd_bench_data)
 
 
@@ -46,11 +62,17 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     for name, least in least_values.items():
         if (value := getattr(args, name)) < least:
             raise ConfigError(f"--{name.replace('_', '-')} {value} must be at least {least}.")
-    check_outputs(args, "markdown")
+    if args.documents is not None and not 1 <= args.documents <= 1e15:
+        raise ConfigError(f"--documents {args.documents:g} must lie in [1, 1e15].")
+    if any(w < 0 for w in args.pipeline_workers):
+        raise ConfigError(f"--pipeline-workers {args.pipeline_workers} must all be >= 0.")
+    check_outputs(args, "markdown", "json")
     from jaxlm.bench import data as data_bench  # imports JAX: keep `--help` fast
     from jaxlm.bench import report
 
     cfg = load_config(args.config, args.overrides)
+    if args.documents is not None:
+        return _scale(args, cfg, data_bench, report)
     rows = data_bench.bench_data(
         cfg,
         batches=args.batches,
@@ -63,7 +85,29 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     title = f"Data throughput ({Path(args.config).name if args.config else 'default config'})"
     text = data_bench.markdown(rows, title)
     print(text, end="")
+    _write(args, report, text, rows, data_bench.environment)
+    return 0
+
+
+def _scale(args: argparse.Namespace, cfg, data_bench, report) -> int:
+    rows = data_bench.bench_scale(
+        cfg,
+        int(args.documents),
+        batches=args.batches,
+        warmup=args.warmup,
+        workers=tuple(args.pipeline_workers),
+    )
+    name = Path(args.config).name if args.config else "default config"
+    text = data_bench.scale_markdown(rows, f"Data pipeline at scale ({name})")
+    print(text, end="")
+    _write(args, report, text, rows, data_bench.environment)
+    return 0
+
+
+def _write(args: argparse.Namespace, report, text: str, rows: list, environment) -> None:
     if args.markdown:
         report.write_text(args.markdown, text)
         print(f"wrote {args.markdown}", file=sys.stderr)
-    return 0
+    if args.json:
+        report.write_results(args.json, rows, environment())
+        print(f"wrote {args.json}", file=sys.stderr)

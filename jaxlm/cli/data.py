@@ -1,4 +1,5 @@
-"""`jaxlm data prepare`: tokenize text, JSONL or gzip files into shards for training."""
+"""`jaxlm data prepare`: tokenize text, JSONL, Parquet, Arrow or ArrayRecord files into shards
+for training."""
 
 from __future__ import annotations
 
@@ -21,10 +22,18 @@ def register(sub) -> None:
         formatter_class=formatter,
         help="tokenize files into NumPy token shards plus manifest.json (resumable)",
         description="Tokenize documents in parallel into DIR/shard-NNNNN.{tokens,offsets}.npy "
-        "and DIR/manifest.json. Re-running the same command skips finished shards.",
+        "and DIR/manifest.json. Re-running the same command skips finished shards. Inputs by "
+        "name: *.txt (or any other name) plain text, *.jsonl/*.json JSON Lines, *.parquet, "
+        "*.arrow (Arrow IPC), *.array_record (text or JSON records), each .txt/.jsonl also "
+        "as .gz; a directory written by Hugging Face datasets' save_to_disk reads its Arrow "
+        "files. Parquet and Arrow need pyarrow: pip install 'jaxlm[parquet]'.",
     )
     d.add_argument(
-        "--input", nargs="+", required=True, metavar="GLOB", help="files or quoted globs"
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="GLOB",
+        help="files, quoted globs or Hugging Face save_to_disk directories (local, gs://, s3://)",
     )
     d.add_argument(
         "--tokenizer", required=True, metavar="FILE", help="SentencePiece .model or tokenizer.json"
@@ -41,7 +50,29 @@ def register(sub) -> None:
         choices=("file", "blank-lines"),
         help="text files: one document per file, or per blank-line separated block",
     )
-    d.add_argument("--text-field", default="text", metavar="KEY", help="JSONL: key of the text")
+    d.add_argument(
+        "--text-field",
+        "--text-column",
+        dest="text_field",
+        default="text",
+        metavar="KEY",
+        help="JSONL and JSON records: key of the text; Parquet and Arrow: its string column",
+    )
+    d.add_argument(
+        "--min-chars", type=int, metavar="N", help="drop documents shorter than N characters"
+    )
+    d.add_argument(
+        "--max-chars", type=int, metavar="N", help="drop documents longer than N characters"
+    )
+    d.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep only records whose field KEY is VALUE (JSONL, Parquet, Arrow, JSON "
+        "ArrayRecord); repeat for more fields (all must match) or more values of one field "
+        "(any may match)",
+    )
     d.add_argument(
         "--workers",
         type=int,
@@ -58,6 +89,7 @@ def register(sub) -> None:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from jaxlm.config.files import check_output_dir
+    from jaxlm.data.filters import make_filter
     from jaxlm.data.prepare import prepare
     from jaxlm.errors import ConfigError
 
@@ -65,6 +97,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--shard-mb {args.shard_mb:g} must be positive, e.g. 64.")
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers} must be at least 1.")
+    doc_filter = make_filter(args.min_chars, args.max_chars, args.where)
     check_output_dir(args.output, "--output")
 
     prepare(
@@ -75,6 +108,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         text_field=args.text_field,
         workers=args.workers,
         shard_bytes=max(1, int(args.shard_mb * (1 << 20))),
+        doc_filter=doc_filter,
         progress=not args.no_progress,
     )
     return 0

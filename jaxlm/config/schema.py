@@ -258,6 +258,7 @@ class DataConfig:
         "keeps what its checkpoints were saved with",
     )
     prefetch: int = _f(2, "batches prepared ahead in a background thread (0: off)")
+    workers: int = _f(0, "processes reading and packing the streams (0: this one); same batches")
     cache_dir: str | None = _f(
         None,
         "local directory where shards read from gs:// or s3:// are copied once and "

@@ -186,6 +186,10 @@ def validate(cfg: RunConfig) -> None:
     )
     _require(d.prefetch >= 0, f"data.prefetch={d.prefetch} must be >= 0.")
     _require(
+        d.workers >= 0,
+        f"data.workers={d.workers} must be >= 0; set 0 to read and pack in the training process.",
+    )
+    _require(
         d.cache_dir is None or "://" not in d.cache_dir,
         f"data.cache_dir={d.cache_dir!r} must be a local directory (shards are memory-mapped "
         "from it); name a local path or null.",

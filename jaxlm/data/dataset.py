@@ -18,7 +18,7 @@ from jaxlm.data import chat, corpus, mixture, pipeline, text_cache
 from jaxlm.data.streams import resolve_streams
 from jaxlm.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer, load_tokenizer
 from jaxlm.data.tokenizer_base import Tokenizer
-from jaxlm.data.views import Concat
+from jaxlm.data.views import Concat, approx_len
 from jaxlm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def prepare_corpus(cfg: RunConfig, workdir: str | os.PathLike) -> Corpus:
             streams=resolve_streams(
                 d.streams,
                 cfg.train.batch_size,
-                min(len(s.docs) for s in pc.sources),
+                min(approx_len(s.docs) for s in pc.sources),
                 True,
                 workdir,
             ),

@@ -13,7 +13,7 @@ from jaxlm.config import RunConfig
 from jaxlm.data.pipeline import WeightedSource
 from jaxlm.data.shards import PreparedShards, is_prepared, open_prepared
 from jaxlm.data.tokenizer import load_tokenizer
-from jaxlm.data.views import Concat, Subset, hash_split
+from jaxlm.data.views import Concat, split_views
 from jaxlm.errors import ConfigError
 
 
@@ -81,13 +81,14 @@ def load_prepared_corpus(cfg: RunConfig, sources: list[tuple[str, float]]) -> Pr
     weighted, val_parts = [], []
     for ds, (path, weight) in zip(opened, sources, strict=True):
         _check_matches(ds, tok, cfg.model.vocab_size)
-        train_idx, val_idx = hash_split(ds.num_documents, d.validation_fraction, d.seed)
-        if len(train_idx) == 0:
+        # Views, not index lists: the split is a hash of each document's index (data/views.py).
+        train, val = split_views(ds, d.validation_fraction, d.seed)
+        if not train.any():
             raise ConfigError(
                 f"{path} has {ds.num_documents} document(s), none left for training after "
                 f"holding out data.validation_fraction={d.validation_fraction}; add documents."
             )
         mean_tokens = ds.num_tokens / max(ds.num_documents, 1)
-        weighted.append(WeightedSource(Subset(ds, train_idx), weight, path, mean_tokens))
-        val_parts.append(Subset(ds, val_idx))
+        weighted.append(WeightedSource(train, weight, path, mean_tokens))
+        val_parts.append(val)
     return PreparedCorpus(tok, weighted, Concat(val_parts), [p for p, _ in sources])

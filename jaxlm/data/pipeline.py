@@ -1,11 +1,12 @@
 """Grain input pipeline: token documents -> shuffle -> mix -> pack into rows -> batch -> shard.
 
 The global batch of B rows is cut into `streams` blocks of B/streams rows. Block k always comes
-from stream k: every streams-th document of each source, reshuffled each epoch with its own
-seed, sources drawn at random by weight, then packed. A process that owns rows [lo, hi) builds
-only the streams those rows fall in, so it reads only their documents, and the global batch
-is the same for 1, 2 or 4 processes. One stream over one source is exactly the single
-shuffled stream of earlier versions.
+from stream k: every streams-th document of each source, in a keyed permutation per epoch
+(data/order.py, data/permute.py: nothing stored per document), documents held out for
+validation skipped, sources drawn at random by weight, then packed. A process that owns rows
+[lo, hi) builds only the streams those rows fall in, so it reads only their documents, and
+the global batch is the same for 1, 2 or 4 processes; `workers` moves that reading and
+packing into worker processes without changing a batch (data/rows.py).
 
 Epochs: each stream and source repeats on its own; every document of a stream appears once per
 epoch of that stream. An endless stream never pads, so nothing is dropped (the finite eval
@@ -21,11 +22,10 @@ Every batch is a dict of host numpy arrays, all [batch, seq_len]:
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
+import functools
 import itertools
-import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -33,8 +33,9 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
 from jaxlm.data.chat import is_chat_docs
+from jaxlm.data.order import StreamOrder, WeightedMix
+from jaxlm.data.rows import RowBlocks, WorkerRows
 from jaxlm.data.tokenizer_base import Tokenizer
-from jaxlm.data.views import splitmix64
 from jaxlm.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
@@ -93,7 +94,8 @@ def _check_docs(token_docs: list[np.ndarray]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class WeightedSource:
-    """A random-access sequence of token documents and its share of the training tokens."""
+    """Token documents (a random-access sequence, or the training side of a views.HashSplit)
+    and their share of the training tokens."""
 
     docs: Sequence[np.ndarray]
     weight: float = 1.0
@@ -110,10 +112,6 @@ def _as_sources(sources: Sequence[Any]) -> list[WeightedSource]:
 
 
 def _stream_seed(seed: int, stream: int, source: int) -> int:
-    # Stream 0 of a single source shuffles with `seed` itself, so a one-stream run draws
-    # exactly the documents earlier versions drew.
-    if stream == 0 and source == 0:
-        return seed
     return int(np.random.SeedSequence([seed, stream, source]).generate_state(1)[0])
 
 
@@ -124,32 +122,28 @@ def _stream_rows(
     parts = []
     for s, src in enumerate(sources):
         # Strided, so a stream's documents come from everywhere in the source and a host
-        # reads only the documents of the streams it builds.
-        part = grain.MapDataset.source(src.docs)[k::streams]
-        if len(part) == 0:
+        # reads only the documents of the streams it builds; each epoch a keyed permutation
+        # (data/order.py) that skips documents held out for validation.
+        part = StreamOrder(src.docs, k, streams, _stream_seed(seed, k, s))
+        if part.n == 0:
             raise ConfigError(
-                f"Source {src.name or s!r} has {len(src.docs)} training document(s), fewer than "
+                f"Source {src.name or s!r} has {len(part.source)} document(s), fewer than "
                 f"data.streams={streams}; lower data.streams or add documents."
             )
-        if streams == 1 and len(sources) == 1:
-            # shuffle before repeat: each epoch is a fresh permutation (the seed is folded with
-            # the epoch), yet every document appears exactly once per epoch. Kept for the
-            # one-stream, one-source case so it draws exactly what earlier versions drew.
-            parts.append(part.shuffle(seed=seed).repeat())
-        else:
-            parts.append(_EpochShuffle(part, _stream_seed(seed, k, s)))
+        if not part.has_documents():  # a split view holds out every document of the stream
+            raise ConfigError(
+                f"Stream {k} of source {src.name or s!r} holds only documents held out for "
+                f"validation; lower data.streams={streams} or data.validation_fraction."
+            )
+        parts.append(part)
     if len(parts) == 1:
-        pairs = (
-            parts[0]
-            .map(_to_pair)
-            .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        )
+        pairs = parts[0].map(_to_pair)
     else:
         # Weights are shares of the trained (target) tokens, of which a document of L tokens
         # gives L - 1; documents are drawn, so divide by that mean.
         doc_weights = [src.weight / max((src.mean_tokens or 2.0) - 1.0, 1.0) for src in sources]
         mix_seed = _stream_seed(seed, k, len(sources))
-        pairs = _WeightedMix(parts, doc_weights, mix_seed).map(_to_pair)
+        pairs = WeightedMix(parts, doc_weights, mix_seed).map(_to_pair)
     return _pack(pairs, seq_len, masked=any(is_chat_docs(src.docs) for src in sources))
 
 
@@ -162,6 +156,7 @@ def make_train_iterator(
     shard_count: int = 1,
     streams: int = 1,
     prefetch: int = 0,
+    workers: int = 0,
 ) -> grain.DatasetIterator:
     """Endless, seeded, checkpointable iterator of this shard's rows of each global batch.
 
@@ -169,6 +164,8 @@ def make_train_iterator(
     batch is `streams` blocks of batch_size/streams rows; block k comes from stream k, an
     independent shuffled and packed stream over every streams-th document. A process builds
     only the streams its rows [lo, hi) touch, so any shard_count yields the same global batch.
+    With `workers` > 0 the streams are read and packed in that many worker processes, with
+    the same batches and the same form of state (data/rows.py).
     """
     srcs = _as_sources(sources)
     for src in srcs:
@@ -189,17 +186,24 @@ def make_train_iterator(
         raise ConfigError(f"shard_index={shard_index} must lie in [0, {shard_count}).")
     if any(not src.weight > 0 for src in srcs):
         raise ConfigError("Every data source weight must be positive; fix data.sources.")
+    if workers < 0:
+        raise ConfigError(f"data.workers={workers} must be >= 0 (0: read in this process).")
     rows_per_shard = batch_size // shard_count
     lo = shard_index * rows_per_shard
     hi = lo + rows_per_shard
     per_stream = batch_size // streams
     first, last = lo // per_stream, (hi - 1) // per_stream
-    blocks = {k: _stream_rows(srcs, k, streams, seed, seq_len) for k in range(first, last + 1)}
+    build = functools.partial(_stream_rows, srcs, streams=streams, seed=seed, seq_len=seq_len)
+    indices = list(range(first, last + 1))
+    if workers > 0:
+        for k in indices:  # here, so a stream that can't be built raises before workers start
+            build(k)
+        rows: grain.IterDataset = WorkerRows(build, indices, per_stream, workers)
+    else:
+        rows = RowBlocks(build, indices, per_stream)
     # Rows [lo, hi) of the global batch, counted from the first stream this process builds.
     a, b = lo - first * per_stream, hi - first * per_stream
-    ds = _RowBlocks(blocks, per_stream).map(
-        lambda batch: _finish_rows({k: v[a:b] for k, v in batch.items()})
-    )
+    ds = rows.map(lambda batch: _finish_rows({k: v[a:b] for k, v in batch.items()}))
     if prefetch > 0:
         # Packing runs in Python; a background thread keeps it off the step's critical path.
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
@@ -217,11 +221,7 @@ def make_eval_batches(
         _check_docs(token_docs)
     if seq_len < 1 or batch_size < 1:
         raise ConfigError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1.")
-    pairs = (
-        grain.MapDataset.source(token_docs)
-        .map(_to_pair)
-        .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    )
+    pairs = _InOrder(token_docs).map(_to_pair)
     rows = [
         _finish_rows(r)
         for r in itertools.islice(
@@ -243,6 +243,38 @@ def make_eval_batches(
             }
         batches.append(batch)
     return batches
+
+
+class _InOrder(grain.IterDataset):
+    """The documents of an iterable, once, in order; for eval batches, which are never saved."""
+
+    # Iterating, not indexing: a split view (data/views.py) then never counts its documents.
+
+    def __init__(self, docs: Iterable[Any]) -> None:
+        super().__init__()
+        self._docs = docs
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _InOrderIterator(iter(self._docs))
+
+
+class _InOrderIterator(grain.DatasetIterator):
+    """Iterator side of _InOrder."""
+
+    def __init__(self, docs: Iterator[Any]) -> None:
+        super().__init__()
+        self._docs, self._taken = docs, 0
+
+    def __next__(self) -> Any:
+        doc = next(self._docs)
+        self._taken += 1
+        return doc
+
+    def get_state(self) -> dict[str, Any]:
+        return {"taken": self._taken}  # the packer records it; nothing restores it
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError("eval batches are packed once and not checkpointed")
 
 
 def _tuples(slices: Mapping[str, Iterable[int]]) -> dict[str, tuple[int, ...]]:
@@ -274,121 +306,3 @@ class _JsonSafePackStateIterator(grain.DatasetIterator):
         state = dict(state)
         state["remainder_slices"] = _tuples(state["remainder_slices"])
         self._parent.set_state(state)
-
-
-class _RowBlocks(grain.IterDataset):
-    """Stacks `rows` rows of each stream a process builds, step by step, into one batch.
-
-    Its iterator's state maps each stream's global index to that stream's state, so it does
-    not depend on how many processes share the batch: a checkpoint's states, merged over the
-    processes that wrote it, restore any other split of the streams (elastic resume).
-    """
-
-    def __init__(self, blocks: dict[int, grain.IterDataset], rows: int) -> None:
-        super().__init__(list(blocks.values()))
-        self._indices, self._rows = list(blocks), rows
-
-    def __iter__(self) -> grain.DatasetIterator:
-        parents = [p.__iter__() for p in self._parents]
-        return _RowBlocksIterator(self._indices, parents, self._rows)
-
-
-class _RowBlocksIterator(grain.DatasetIterator):
-    """Iterator side of _RowBlocks."""
-
-    def __init__(self, indices: list[int], parents: list[grain.DatasetIterator], rows: int):
-        super().__init__(parents)
-        self._indices, self._streams, self._rows = indices, parents, rows
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        # One stack per step rather than a Grain batch per stream: with a stream per row the
-        # per-stream batching cost about a third of the pipeline's time.
-        rows = [next(it) for it in self._streams for _ in range(self._rows)]
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-    def get_state(self) -> dict[str, Any]:
-        return {
-            "streams": {
-                str(k): it.get_state() for k, it in zip(self._indices, self._streams, strict=True)
-            }
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        streams = state.get("streams")
-        if isinstance(streams, list):  # earlier versions: this process's streams, in order
-            states = dict(zip(self._indices, streams, strict=True))
-        elif streams is None:  # earlier versions with one stream: its own state, unwrapped
-            states = {self._indices[0]: state}
-        else:
-            missing = [k for k in self._indices if str(k) not in streams]
-            if missing:
-                raise ConfigError(
-                    f"The saved data position holds no state for stream(s) {missing}; resume "
-                    "with the data.streams and train.batch_size the run was trained with."
-                )
-            states = {k: streams[str(k)] for k in self._indices}
-        for k, it in zip(self._indices, self._streams, strict=True):
-            it.set_state(states[k])
-
-
-class _EpochShuffle(grain.MapDataset):
-    """Endless repetition of a dataset, each epoch in a fresh seeded permutation."""
-
-    # Grain's index shuffle walks cycles over a domain much larger than a small dataset
-    # (milliseconds per element below ~1,000 elements); a stored permutation per epoch costs
-    # 8 bytes per document and makes each access O(1).
-
-    def __init__(self, parent: grain.MapDataset, seed: int) -> None:
-        super().__init__(parent)
-        self._n, self._seed = len(parent), seed
-        self._epoch, self._perm = -1, np.zeros(0, np.int64)
-
-    def __len__(self) -> int:
-        return sys.maxsize
-
-    def __getitem__(self, index: int) -> Any:
-        epoch, pos = divmod(int(index), self._n)
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self._seed, epoch])
-            self._epoch, self._perm = epoch, rng.permutation(self._n)
-        return self._parent[int(self._perm[pos])]
-
-
-class _WeightedMix(grain.IterDataset):
-    """Draws each element from a source picked at random in proportion to its weight."""
-
-    # Grain's own mix costs about a millisecond per element here, more than packing a short
-    # document; drawing from a counter-based hash keeps this O(1) and the state two integers
-    # per source.
-
-    def __init__(self, parents: list[grain.MapDataset], weights: list[float], seed: int) -> None:
-        super().__init__(parents)
-        self._cdf = np.cumsum(np.asarray(weights, np.float64) / np.sum(weights)).tolist()
-        self._seed = seed
-
-    def __iter__(self) -> grain.DatasetIterator:
-        return _WeightedMixIterator(self._parents, self._cdf, self._seed)
-
-
-class _WeightedMixIterator(grain.DatasetIterator):
-    """Iterator side of _WeightedMix; state: draws so far and elements taken per source."""
-
-    def __init__(self, parents, cdf: np.ndarray, seed: int) -> None:
-        super().__init__()
-        self._sources, self._cdf = parents, cdf
-        self._key = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
-        self._drawn, self._taken = 0, [0] * len(parents)
-
-    def __next__(self) -> Any:
-        u = splitmix64(self._key + self._drawn) / 2.0**64
-        s = min(bisect.bisect_right(self._cdf, u), len(self._taken) - 1)
-        element = self._sources[s][self._taken[s]]
-        self._drawn += 1
-        self._taken[s] += 1
-        return element
-
-    def get_state(self) -> dict[str, Any]:
-        return {"drawn": self._drawn, "taken": list(self._taken)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._drawn, self._taken = int(state["drawn"]), [int(t) for t in state["taken"]]

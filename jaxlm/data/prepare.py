@@ -1,5 +1,9 @@
 """`jaxlm data prepare`: text files -> tokenized shards + manifest, in parallel, resumably.
 
+Inputs are any format sources.py reads (text, JSONL, Parquet, Arrow, ArrayRecord, Hugging
+Face dataset directories), optionally filtered by a `DocFilter`; the filter is part of the
+recorded settings, so a re-run with other filters is refused like one with another tokenizer.
+
 Documents are read in a fixed order (sorted input paths, file order inside each) and cut into
 shards of about `shard_bytes` of UTF-8 text, so the shard a document lands in depends only on
 the inputs. Each manifest entry records a SHA-256 of its shard's text; a re-run recomputes
@@ -29,7 +33,14 @@ from tqdm import tqdm
 
 from jaxlm import paths
 from jaxlm.data import shards as shard_io
-from jaxlm.data.sources import SkipCounts, expand_inputs, iter_documents, source_record
+from jaxlm.data.filters import NO_FILTER, DocFilter
+from jaxlm.data.sources import (
+    SkipCounts,
+    check_filter,
+    expand_inputs,
+    iter_documents,
+    source_record,
+)
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import ConfigError
 
@@ -75,13 +86,17 @@ class _Shard:
         self.pending_bytes = 0
 
 
-def _settings(tok, split: str, text_field: str, shard_bytes: int) -> dict[str, Any]:
+def _settings(
+    tok, split: str, text_field: str, shard_bytes: int, doc_filter: DocFilter
+) -> dict[str, Any]:
+    # Filter settings are None when unset, which is what manifests from before filters read as.
     return {
         "split": split,
         "text_field": text_field,
         "shard_bytes": shard_bytes,
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
+        **doc_filter.settings(),
     }
 
 
@@ -104,22 +119,25 @@ def prepare(
     text_field: str = "text",
     workers: int = 1,
     shard_bytes: int = 64 << 20,
+    doc_filter: DocFilter = NO_FILTER,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Tokenize the documents of `inputs` into shards under `output`; returns the manifest.
 
-    `log` receives the skip and summary lines (default: this module's logger).
+    Only documents that pass `doc_filter` are kept. `log` receives the skip and summary
+    lines (default: this module's logger).
     """
     log = log or logger.info
     if workers < 1 or shard_bytes < 1:
         raise ConfigError(f"workers={workers} and shard_bytes={shard_bytes} must be >= 1.")
     paths.check_reachable(output, "--output")
     files = expand_inputs(inputs)
+    check_filter(files, doc_filter)
     tok = load_tokenizer(tokenizer_path)
     output = shard_io.as_dir(output)
     shard_io.make_dir(output)
-    settings = _settings(tok, split, text_field, shard_bytes)
+    settings = _settings(tok, split, text_field, shard_bytes, doc_filter)
     existing = shard_io.read_manifest(output)
     done: dict[int, dict[str, Any]] = {}
     if existing is not None:
@@ -207,7 +225,7 @@ def prepare(
     try:
         shard = _Shard(0, 0 not in done)
         for path, record in zip(files, manifest["sources"], strict=True):
-            for text in iter_documents(path, split, text_field, skips):
+            for text in iter_documents(path, split, text_field, skips, doc_filter):
                 data = text.encode("utf-8")
                 # Length-prefix each document so the hash sees document boundaries too.
                 shard.hasher.update(len(data).to_bytes(8, "little"))
@@ -237,7 +255,7 @@ def prepare(
     if not manifest["shards"]:
         raise ConfigError(
             f"The inputs {list(inputs)} hold no usable documents ({skips.total()} item(s) "
-            "skipped); check the files, --split and --text-field."
+            "skipped); check the files, --split, --text-field and the filters."
         )
     manifest["skipped"] = dict(skips.counts)
     manifest["documents"] = sum(s["documents"] for s in manifest["shards"])

@@ -2,8 +2,13 @@
 
 Formats, chosen by file name (a trailing `.gz` is decompressed first):
   *.jsonl, *.json   one JSON object per line; the document is the string under `text_field`
+  *.parquet, *.arrow, *.array_record, and Hugging Face `save_to_disk` directories
+                    see formats.py
   anything else     UTF-8 text: the whole file is one document, or with split="blank-lines"
                     each run of lines between blank lines is one
+
+A `DocFilter` (filters.py) drops documents by length and by record field; what it drops is
+counted in `SkipCounts` like bad input.
 
 Inputs may be gs:// or s3:// URLs (globs included); they are streamed from the store.
 
@@ -17,7 +22,6 @@ import contextlib
 import dataclasses
 import glob
 import gzip
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -26,11 +30,13 @@ from typing import BinaryIO
 import fsspec
 
 from jaxlm import paths
+from jaxlm.data import formats
+from jaxlm.data.filters import FILTER_REASONS, NO_FILTER, DocFilter
 from jaxlm.errors import ConfigError
 
 SPLITS = ("file", "blank-lines")
 _BLANK_LINES = re.compile(r"\n\s*\n")  # greedy: a run of blank lines is one break
-SKIP_REASONS = ("empty", "invalid_utf8", "bad_json", "missing_field")
+SKIP_REASONS = ("empty", "invalid_utf8", "bad_json", "missing_field", *FILTER_REASONS)
 
 
 @dataclasses.dataclass
@@ -74,16 +80,18 @@ def match_files(pattern: str) -> list[str]:
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Sorted, de-duplicated files matching glob patterns (or plain paths); error if none."""
+    """Sorted, de-duplicated files matching glob patterns (or plain paths, or Hugging Face
+    dataset directories, which stand for their Arrow files); error if none."""
     found: set[str] = set()
     for pattern in patterns:
-        files = match_files(pattern)
+        files = formats.dataset_dir_files(pattern) or match_files(pattern)
         if not files:
             raise ConfigError(
                 f"No files match the input {pattern!r}; give existing files or a quoted glob "
                 "such as 'corpus/**/*.jsonl.gz'."
             )
         found.update(p if paths.is_remote(p) else os.path.abspath(p) for p in files)
+    formats.check_libraries(found)
     return sorted(found)
 
 
@@ -115,7 +123,10 @@ def _read_all(path: str) -> bytes:
         raise ConfigError(f"Cannot read {path!r} ({e}); fix or remove the file.") from e
 
 
-def _text_documents(path: str, split: str, skips: SkipCounts) -> Iterator[str]:
+def _text_documents(
+    path: str, split: str, doc_filter: DocFilter, skips: SkipCounts
+) -> Iterator[str]:
+    check_filter([path], doc_filter)
     raw = _read_all(path)
     try:
         text = raw.decode("utf-8")
@@ -128,14 +139,17 @@ def _text_documents(path: str, split: str, skips: SkipCounts) -> Iterator[str]:
         skips.add("empty", path)
         return
     if split == "file":
-        yield text
+        if doc_filter.admit(text, path, skips):
+            yield text
         return
-    for piece in _BLANK_LINES.split(text):
-        if piece.strip():
+    for number, piece in enumerate(_BLANK_LINES.split(text), 1):
+        if piece.strip() and doc_filter.admit(piece.strip("\n"), f"{path} block {number}", skips):
             yield piece.strip("\n")
 
 
-def _jsonl_documents(path: str, text_field: str, skips: SkipCounts) -> Iterator[str]:
+def _jsonl_documents(
+    path: str, text_field: str, doc_filter: DocFilter, skips: SkipCounts
+) -> Iterator[str]:
     lines = 0
     missing = 0
     malformed = 0
@@ -145,25 +159,13 @@ def _jsonl_documents(path: str, text_field: str, skips: SkipCounts) -> Iterator[
                 if not line.strip():
                     continue
                 lines += 1
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError:
-                    skips.add("invalid_utf8", where)
-                    continue
-                except json.JSONDecodeError:
-                    malformed += 1
-                    skips.add("bad_json", where)
-                    continue
-                value = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(value, str):
-                    missing += 1
-                    skips.add("missing_field", where)
-                    continue
-                if not value.strip():
-                    skips.add("empty", where)
-                    continue
-                yield value
+                outcome, text = formats.json_record(
+                    line, f"{path}:{number}", text_field, doc_filter, skips
+                )
+                malformed += outcome == "bad_json"
+                missing += outcome == "missing_field"
+                if text is not None:
+                    yield text
     except (OSError, EOFError) as e:
         raise ConfigError(f"Cannot read {path!r} ({e}); fix or remove the file.") from e
     if lines == 0:
@@ -182,16 +184,43 @@ def _jsonl_documents(path: str, text_field: str, skips: SkipCounts) -> Iterator[
         )
 
 
+def check_filter(files: Sequence[str], doc_filter: DocFilter) -> None:
+    """Refuse a field condition when a file is plain text (it has no fields), before any work."""
+    if not doc_filter.where:
+        return
+    for path in files:
+        if not formats.file_format(path) and not is_jsonl(path):
+            raise ConfigError(
+                f"--where filters records by field, but {path!r} is plain text; drop --where "
+                "or give JSONL, Parquet or Arrow files."
+            )
+
+
+_READERS = {
+    "parquet": formats.parquet_documents,
+    "arrow": formats.arrow_documents,
+    "array_record": formats.array_record_documents,
+}
+
+
 def iter_documents(
-    path: str, split: str = "file", text_field: str = "text", skips: SkipCounts | None = None
+    path: str,
+    split: str = "file",
+    text_field: str = "text",
+    skips: SkipCounts | None = None,
+    doc_filter: DocFilter = NO_FILTER,
 ) -> Iterator[str]:
-    """Documents of one file, in file order; skipped items are counted into `skips`."""
+    """Documents of one file that pass `doc_filter`, in file order; skipped items (bad or
+    filtered out) are counted into `skips`."""
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is not known; use one of {', '.join(SPLITS)}.")
     skips = skips if skips is not None else SkipCounts()
+    reader = _READERS.get(formats.file_format(path))
+    if reader is not None:
+        return reader(path, text_field, doc_filter, skips)
     if is_jsonl(path):
-        return _jsonl_documents(path, text_field, skips)
-    return _text_documents(path, split, skips)
+        return _jsonl_documents(path, text_field, doc_filter, skips)
+    return _text_documents(path, split, doc_filter, skips)
 
 
 def source_record(path: str) -> dict[str, object]:
