@@ -53,7 +53,7 @@ FAMILIES = TRANSFORMERS + RECURRENT
 # The model fields that may change between a checkpoint and the run that reads it.
 RUNTIME_FIELDS = {"attention", "dtype", "remat", "scan_layers", "matmul_precision", "dropout"}
 RUNTIME_FIELDS |= {"moe_aux_loss_weight", "moe_z_loss_weight", "moe_capacity_factor"}
-RUNTIME_FIELDS |= {"lora_rank", "lora_alpha", "lora_targets"}
+RUNTIME_FIELDS |= {"lora_rank", "lora_alpha", "lora_targets", "context_parallel"}
 
 # Lower LLVM effort for subprocesses that mostly compile: the codegen level does not change HLO.
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

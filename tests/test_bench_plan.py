@@ -1,5 +1,5 @@
 """`jaxlm plan`: ahead-of-time memory per device, on fake CPU devices and described TPU pods
-of one or several slices."""
+of one or several slices, with the kernels of the target (not the CPU host) compiled in."""
 
 from __future__ import annotations
 
@@ -12,11 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_XLA
+from conftest import FAST_XLA, assert_one_sentence
 
-from jaxlm.bench.plan import GIB, Plan, cpu_device_count, format_plan, target_devices
+from jaxlm.bench.plan import (
+    GIB,
+    Plan,
+    attention_for,
+    cpu_device_count,
+    format_plan,
+    mosaic_kernels,
+    target_devices,
+)
 from jaxlm.bench.report import tpu_devices
-from jaxlm.config import MeshConfig, RunConfig
+from jaxlm.config import MeshConfig, ModelConfig, RunConfig
 from jaxlm.errors import ConfigError
 from jaxlm.parallel.sharding import make_mesh
 
@@ -192,3 +200,44 @@ def test_plan_for_mixtral_shaped_moe_on_v5p_splits_experts_over_the_expert_axis(
     assert plan["active_params"] == dense + experts * 2 // x  # top-2 of 8
     assert plan["opt_bytes"] == pytest.approx(2 * plan["param_bytes"], rel=0.01)  # Adam mu, nu
     assert plan["fits"] is True
+
+
+@needs_libtpu
+@pytest.mark.parametrize(
+    "attention, expected, kernels",
+    [
+        ("pallas", "pallas", ["flash_dkv", "flash_dq", "flash_fwd"]),
+        ("auto", "splash", ["splash_mha_dkv", "splash_mha_dq", "splash_mha_fwd"]),
+    ],
+)
+def test_plan_for_a_tpu_compiles_the_tpu_kernels_not_the_cpu_ones(attention, expected, kernels):
+    # The host is a CPU, but the step is compiled for v5p chips: `pallas` must be our Mosaic
+    # kernel (forward, dq, dk/dv as TPU custom calls, not interpreter loops) and `auto` must
+    # pick JAX's splash kernel there, not the CPU's dense attention.
+    small = [x for x in SMALL if not x.startswith(("model.max", "data.seq", "train.batch"))]
+    proc = run_plan(
+        "--topology", "v5p:2x2x4", "mesh.data=1", "mesh.fsdp=16", "train.batch_size=16",
+        "model.max_seq_len=128", "data.seq_len=128", f"model.attention={attention}", *small,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(proc.stdout)
+    assert plan["platform"] == "tpu" and plan["attention"] == expected
+    names = sorted(n.split("_segmented")[0] for n in plan["kernels"])
+    assert names == kernels  # once each: one layer, one of each kernel
+
+
+def test_plan_refuses_a_kernel_the_target_lacks_before_compiling():
+    cfg = RunConfig(model=ModelConfig(attention="splash"))
+    with pytest.raises(ConfigError, match="model.attention=splash needs a TPU") as err:
+        attention_for(cfg, "cpu")
+    assert_one_sentence(str(err.value))
+    assert attention_for(RunConfig(model=ModelConfig(attention="auto")), "cpu") == "dense"
+
+
+def test_mosaic_kernels_are_read_from_compiled_hlo():
+    hlo = (
+        '  %flash_fwd.3 = (f32[8]) custom-call(%p), custom_call_target="tpu_custom_call"\n'
+        "  %fusion.1 = f32[8] fusion(%p), kind=kLoop\n"
+        '  %splash_mha_dq = f32[8] custom-call(%p), custom_call_target="tpu_custom_call"\n'
+    )
+    assert mosaic_kernels(hlo) == ("flash_fwd", "splash_mha_dq")

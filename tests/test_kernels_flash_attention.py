@@ -285,13 +285,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxlm.config import MeshConfig
 from jaxlm.parallel.sharding import make_mesh, mesh_context
 import jaxlm.models.attention as attention
+import jaxlm.models.attention_kernels as kernels
 
 local_shapes = []
-real_flash = attention.flash_attention
+real_flash = kernels.flash_attention
 def spy(q, *a, **kw):
     local_shapes.append(q.shape)
     return real_flash(q, *a, **kw)
-attention.flash_attention = spy
+kernels.flash_attention = spy
 
 mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2, sequence=1))
 rng = np.random.default_rng(0)

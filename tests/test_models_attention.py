@@ -1,18 +1,32 @@
 """jaxlm.models.attention: the XLA, dense and blocked-causal implementations against the
 reference and a naive loop, in values and gradients, with packed rows, grouped-query heads and
-queries continuing a cache."""
+queries continuing a cache; which implementation `auto` picks per backend, and that the
+backend is the compile target's (a TPU mesh on a CPU host lowers TPU kernels)."""
+
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_close
+from conftest import assert_one_sentence, assert_trees_close
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxlm.bench.report import tpu_devices
+from jaxlm.errors import ConfigError
 from jaxlm.models.attention import (
     attend,
     attention_mask,
     blocked_causal_attention,
     reference_attention,
+)
+from jaxlm.models.attention_kernels import auto_impl, check_impl, target_backend
+from jaxlm.parallel.sharding import mesh_context
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install 'jax[tpu]'), so no TPU topology can be described",
 )
 
 
@@ -155,3 +169,67 @@ def test_blocked_causal_attention_matches_reference(batch, query_blocks, kv_head
         atol=2e-6,
         rtol=2e-5,
     )
+
+
+# --- which implementation runs where: auto per backend, the target read from the mesh ------
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, head_dim, seq, expected",
+    [
+        ("cpu", jnp.bfloat16, 64, 256, "dense"),
+        ("gpu", jnp.bfloat16, 128, 1000, "cudnn"),
+        ("gpu", jnp.float32, 64, 256, "xla"),  # cuDNN's fused kernel is half precision only
+        ("gpu", jnp.float16, 256, 256, "xla"),  # beyond cuDNN's head dim
+        ("tpu", jnp.float32, 64, 256, "splash"),
+        ("tpu", jnp.bfloat16, 64, 200, "xla"),  # splash needs whole 128-row blocks
+    ],
+)
+def test_auto_picks_the_fastest_kernel_verified_on_the_backend(
+    backend, dtype, head_dim, seq, expected
+):
+    assert auto_impl(backend, jnp.dtype(dtype), head_dim, seq, seq) == expected
+
+
+@pytest.mark.parametrize(
+    "impl, backend, needs", [("splash", "cpu", "a TPU"), ("cudnn", "tpu", "a GPU")]
+)
+def test_a_kernel_for_other_hardware_is_refused_in_one_sentence(impl, backend, needs):
+    with pytest.raises(ConfigError) as err:
+        attend(*_qkv(0), q_segment_ids_BxS=SEGMENTS, kv_segment_ids_BxT=SEGMENTS, impl=impl,
+               backend=backend)  # fmt: skip
+    assert f"model.attention={impl} needs {needs}" in str(err.value)
+    assert "model.attention=auto" in str(err.value)
+    assert_one_sentence(str(err.value))
+    check_impl("pallas", "cpu")  # our kernel runs everywhere (interpreted on CPU)
+
+
+def test_auto_through_the_tpu_interpreter_is_splash_and_matches_the_reference():
+    q, k, v = _qkv(3, b=1, s=128, h=4, k=2, e=16)
+    seg = jnp.asarray(np.repeat([[1, 2]], 64, axis=1))
+    kw = dict(q_segment_ids_BxS=seg, kv_segment_ids_BxT=seg)
+    got = attend(q, k, v, impl="auto", backend="tpu_interpret", **kw)
+    np.testing.assert_allclose(got, attend(q, k, v, impl="reference", **kw), atol=2e-5)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("impl, kernel", [("pallas", "flash_fwd"), ("auto", "splash_mha_fwd")])
+def test_attention_under_a_tpu_mesh_lowers_mosaic_kernels_on_a_cpu_host(impl, kernel):
+    """The target is the mesh's platform, not JAX's default (CPU here): our kernel and
+    splash become TPU custom calls (forward, dq, dk/dv), not interpreter loops."""
+    mesh = Mesh(np.asarray(tpu_devices("v5e:2x2")), ("data",))
+    assert target_backend() == "cpu"
+    with mesh_context(mesh):
+        assert target_backend() == "tpu"
+
+    def loss(q, k, v, seg):
+        with mesh_context(mesh):
+            out = attend(q, k, v, q_segment_ids_BxS=seg, kv_segment_ids_BxT=seg, impl=impl)
+        return jnp.sum(out.astype(jnp.float32))
+
+    rows = NamedSharding(mesh, P("data"))
+    args = [jax.ShapeDtypeStruct((4, 128, 2, 64), jnp.bfloat16, sharding=rows)] * 3
+    args.append(jax.ShapeDtypeStruct((4, 128), jnp.int32, sharding=rows))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).as_text()
+    assert text.count("tpu_custom_call") == 3 and kernel in text
+    assert "stablehlo.while" not in text  # an interpreted Pallas kernel would be a loop

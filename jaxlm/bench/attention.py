@@ -31,8 +31,10 @@ from jaxlm.kernels.flash_attention import (
     reference_attention,
     resolve_backend,
 )
+from jaxlm.kernels.splash import splash_attention
+from jaxlm.kernels.splash import supports as splash_supports
 
-IMPLS = ("reference", "xla", "cudnn", "pallas")
+IMPLS = ("reference", "xla", "cudnn", "splash", "pallas")
 MODES = ("fwd", "fwd+bwd")
 # The float32 ground truth materialises B*H*S*S floats; beyond this the error is not checked.
 CHECK_LIMIT_BYTES = 2**31
@@ -81,6 +83,8 @@ def _attention_fn(
         return lambda q, k, v: flash_attention(
             q, k, v, causal=causal, block_sizes=blocks, backend=backend
         )
+    if impl == "splash":
+        return lambda q, k, v: splash_attention(q, k, v, causal=causal)
     if impl == "reference":
         return lambda q, k, v: reference_attention(q, k, v, causal=causal)
     return lambda q, k, v: jax.nn.dot_product_attention(
@@ -96,6 +100,10 @@ def _skip_reason(case: Case, platform_name: str) -> str | None:
         return "cuDNN needs a GPU"
     if case.impl == "cudnn" and case.dtype == "float32":
         return "cuDNN attention needs bfloat16/float16"
+    if case.impl == "splash" and platform_name != "tpu":
+        return "splash attention needs a TPU"
+    if case.impl == "splash" and not splash_supports(case.seq, case.seq):
+        return "splash attention needs the length in whole 128-row blocks"
     return None
 
 

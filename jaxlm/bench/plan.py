@@ -5,13 +5,16 @@ arguments that carry their NamedShardings; nothing is allocated. Parameter and o
 bytes per device follow exactly from the shardings; activations and other temporaries come
 from XLA's memory analysis of the compiled step. The devices are either a described TPU
 topology (needs libtpu, no TPU) or fake CPU devices, whose compiled sizes are an estimate
-for GPUs.
+for GPUs. Kernels are picked and lowered for the target devices, not the CPU host: the
+model's attention reads the platform from the mesh it is traced under, so a TPU plan
+compiles the Mosaic kernels that would run on the TPU (listed in `Plan.kernels`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
@@ -22,6 +25,7 @@ from jaxlm.config import RunConfig
 from jaxlm.data.pipeline import BATCH_KEYS
 from jaxlm.errors import ConfigError
 from jaxlm.models import build_model
+from jaxlm.models.attention_kernels import auto_impl, check_impl
 from jaxlm.parallel.sharding import batch_sharding, granules, make_mesh, mesh_shape, validate_mesh
 from jaxlm.perf.flops import flops_per_token, inactive_params
 from jaxlm.train.optimizer import optimizer_for
@@ -31,6 +35,8 @@ from jaxlm.train.step import jit_train_step, train_step_for
 GIB = 1024**3
 # HBM per chip by TPU generation, the default --device-memory-gb for a --topology.
 TPU_HBM_GB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+# A compiled Mosaic kernel in HLO text: `%name.N = ... custom_call_target="tpu_custom_call"`.
+_MOSAIC_CALL = re.compile(r'%([\w-]+?)(?:\.\d+)* = [^\n]*custom_call_target="tpu_custom_call"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +59,8 @@ class Plan:
     device_memory_bytes: int | None
     slices: int = 1  # TPU slices the devices span (joined by the data-centre network)
     active_params: int | None = None  # a mixture of experts: parameters each token uses
+    attention: str = ""  # the implementation the step uses on these devices (auto resolved)
+    kernels: tuple[str, ...] = ()  # Mosaic (TPU) kernels compiled into the step, by name
 
     @property
     def peak_bytes(self) -> int:
@@ -90,6 +98,26 @@ def _shard_bytes(abstract: Any, shardings: Any) -> int:
     return sum(sizes)
 
 
+def mosaic_kernels(hlo_text: str) -> tuple[str, ...]:
+    """Names of the compiled Mosaic kernels (TPU custom calls) in HLO text, sorted.
+
+    A Pallas kernel lowered in interpret mode leaves none: its body becomes XLA loops.
+    """
+    return tuple(sorted(_MOSAIC_CALL.findall(hlo_text)))
+
+
+def attention_for(cfg: RunConfig, platform: str) -> str:
+    """The attention implementation the model uses on `platform` (checked, auto resolved)."""
+    m = cfg.model
+    if m.recurrent:
+        return ""
+    check_impl(m.attention, platform)
+    if m.attention != "auto":
+        return m.attention
+    seq = cfg.data.seq_len
+    return auto_impl(platform, jnp.dtype(m.dtype), m.head_dim, seq, seq)
+
+
 def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
@@ -102,6 +130,7 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
     mesh = make_mesh(cfg.mesh, devices)
     validate_mesh(cfg, mesh, process_count=1)
     kind, n = granules(devices)
+    attention = attention_for(cfg, devices[0].platform)  # a bad choice fails before compiling
     model = build_model(m)
     tx = optimizer_for(cfg, t.steps)
     abstract, shardings = state_shardings(model, tx, seq, mesh)
@@ -140,6 +169,8 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
         device_memory_bytes=device_memory_bytes,
         slices=n if kind == "slices" else 1,
         active_params=total - inactive_params(m) if m.moe_experts else None,
+        attention=attention,
+        kernels=mosaic_kernels(compiled.as_text()) if devices[0].platform == "tpu" else (),
     )
 
 
@@ -185,6 +216,14 @@ def _size(n: int) -> str:
     return f"{n:9d} B"
 
 
+def _kernel_note(p: Plan) -> str:
+    """` (3 Mosaic kernel calls: flash_dkv, flash_dq, flash_fwd)` on TPU; blank elsewhere."""
+    if p.platform != "tpu":
+        return ""
+    names = sorted(set(p.kernels))
+    return f" ({len(p.kernels)} Mosaic kernel calls: {', '.join(names) or 'none'})"
+
+
 def format_plan(p: Plan) -> str:
     """The plan as a short human-readable report."""
     mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
@@ -198,6 +237,7 @@ def format_plan(p: Plan) -> str:
         ),
         f"FLOPs per token     {p.flops_per_token:.4g} (training)",
         f"devices             {p.devices} x {p.platform}{slices}, mesh {mesh}",
+        *([f"attention           {p.attention}{_kernel_note(p)}"] if p.attention else []),
         "per device:",
         f"  parameters        {_size(p.param_bytes)}",
         f"  optimizer state   {_size(p.opt_bytes)}",

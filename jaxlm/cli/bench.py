@@ -13,6 +13,7 @@ BENCH_KINDS = [
     "jaxlm.cli.bench_train",
     "jaxlm.cli.bench_data",
     "jaxlm.cli.bench_decode",
+    "jaxlm.cli.bench_context",
 ]
 
 

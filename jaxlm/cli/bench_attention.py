@@ -18,13 +18,14 @@ def register_bench(what) -> None:
         help="sweep attention implementations: ms, TFLOP/s, error, compile time, memory",
         description="Sweep the cartesian product of the sizes below for each implementation, "
         "forward and forward+backward. On CPU the Pallas kernel runs in interpret mode: its "
-        "times there are not representative.",
+        "times there are not representative. cudnn needs a GPU, splash a TPU.",
     )
     a.add_argument(
         "--impls",
         type=csv(str),
         metavar="LIST",
-        help="reference,xla,cudnn,pallas (default: xla,pallas, plus cudnn on GPU)",
+        help="reference,xla,cudnn,splash,pallas (default: xla,pallas, plus cudnn on GPU, "
+        "splash on TPU)",
     )
     a.add_argument(
         "--mode", type=csv(str), default=["fwd", "fwd+bwd"], metavar="LIST", help="fwd,fwd+bwd"
@@ -87,7 +88,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     mesh = bench.tpu_mesh(args.tpu_topology) if args.tpu_topology else None
     env = report.environment(mesh)
-    impls = args.impls or ["xla", "pallas"] + (["cudnn"] if env["platform"] == "gpu" else [])
+    extra = {"gpu": ["cudnn"], "tpu": ["splash"]}.get(env["platform"], [])
+    impls = args.impls or ["xla", "pallas", *extra]
     sizes = {n: getattr(args, n) for n in ("block_q", "block_k", "block_q_bwd", "block_k_bwd")}
     try:
         rows = bench.sweep(

@@ -16,8 +16,9 @@ def register(sub) -> None:
         "plan",
         help="parameters, FLOPs/token and per-device memory; does it fit?",
         description="Compile the train step ahead of time for a TPU topology (needs libtpu) "
-        "or fake CPU devices, and report per-device memory from XLA's analysis. "
-        "Exits 1 when it does not fit --device-memory-gb.",
+        "or fake CPU devices, and report per-device memory from XLA's analysis. Kernels are "
+        "those of the target (attention auto is splash on a TPU topology; pallas compiles "
+        "to Mosaic). Exits 1 when it does not fit --device-memory-gb.",
     )
     add_config_args(p)
     p.add_argument("--topology", metavar="GEN:SHAPE", help="TPU slice, e.g. v5p:4x4x4, v6e:8x8")

@@ -34,14 +34,14 @@ RECURRENT_DEFAULTS = {
 }
 
 
-ATTENTION_IMPLS = ("reference", "xla", "dense", "cudnn", "pallas", "auto")
+ATTENTION_IMPLS = ("reference", "xla", "dense", "cudnn", "splash", "pallas", "auto")
 
+# How attention crosses mesh.sequence (jaxlm.models.context_attention).
+CONTEXT_PARALLEL = ("none", "all_gather", "ring")
 
 DTYPES = ("float32", "bfloat16", "float16")
 
-
 NAN_POLICIES = ("stop", "skip")
-
 
 REMAT_POLICIES = (
     "none",
@@ -52,12 +52,9 @@ REMAT_POLICIES = (
     "save_qkv_attention",
 )
 
-
 MATMUL_PRECISIONS = ("default", "high", "highest")
 
-
 MOE_ROUTERS = ("softmax", "sigmoid")
-
 
 LORA_TARGETS = ("q", "k", "v", "o", "mlp")
 
@@ -89,8 +86,11 @@ class ModelConfig:
     init_std: float = _f(0.02, "std of the normal initialiser (output projections scaled by depth)")
     attention: str = _f(
         "xla",
-        "attention: reference | xla | dense (fastest on CPU) | cudnn | pallas | auto (best)",
+        "attention: reference | xla | dense | cudnn (GPU) | splash (TPU) | pallas | auto (best)",
         runtime=True,
+    )
+    context_parallel: str = _f(
+        "none", "across mesh.sequence: none | all_gather | ring (attention=pallas)", runtime=True
     )
     dtype: str = _f(
         "float32", "compute dtype: float32 | bfloat16 | float16 (params stay float32)", runtime=True

@@ -8,6 +8,7 @@ from typing import Any
 
 from jaxlm.config.schema import (
     ATTENTION_IMPLS,
+    CONTEXT_PARALLEL,
     DTYPES,
     LORA_TARGETS,
     MATMUL_PRECISIONS,
@@ -265,6 +266,7 @@ def validate(cfg: RunConfig) -> None:
         _require(v >= 0, f"train.{k}={v} must be >= 0.")
     _require(t.z_loss >= 0.0, f"train.z_loss={t.z_loss} must be >= 0.")
     _check_loss_chunk(cfg)
+    _check_context_parallel(cfg)
     _require(t.temperature > 0.0, f"train.temperature={t.temperature} must be positive.")
     _require(
         t.init_from is None or bool(t.init_from.strip()),
@@ -281,6 +283,29 @@ def _check_loss_chunk(cfg: RunConfig) -> None:
         n == 0 or seq <= 1 or (n % seq == 0 and cfg.data.seq_len % n == 0),
         f"train.loss_chunk={n} must be a multiple of mesh.sequence={seq} that divides "
         f"data.seq_len={cfg.data.seq_len}, so every chunk splits evenly over the sequence shards.",
+    )
+
+
+def _check_context_parallel(cfg: RunConfig) -> None:
+    """model.context_parallel: a known strategy, on our flash kernel, over whole chunk pairs."""
+    m, seq, n = cfg.model, cfg.mesh.sequence, cfg.data.seq_len
+    cp = m.context_parallel
+    _require(
+        cp in CONTEXT_PARALLEL,
+        f"model.context_parallel={cp!r} is not supported; use one of {', '.join(CONTEXT_PARALLEL)}.",
+    )
+    if cp == "none":
+        return
+    _require(
+        not m.recurrent and m.attention == "pallas",
+        f"model.context_parallel={cp} runs on the Pallas flash kernel, not model.attention="
+        f"{m.attention!r} (family {m.family}); set model.attention=pallas or context_parallel=none.",
+    )
+    _require(
+        seq < 1 or n % (2 * seq) == 0,
+        f"model.context_parallel={cp} cuts each sequence into 2*mesh.sequence={2 * seq} equal "
+        f"chunks, which data.seq_len={n} does not divide; make data.seq_len a multiple of "
+        f"{2 * seq}.",
     )
 
 

@@ -46,10 +46,11 @@ class Plan:
     block_q_bwd: int
     block_k_bwd: int
     segmented: bool
-    backend: str  # "cpu" (interpret), "gpu" (Triton) or "tpu" (Mosaic)
+    backend: str  # "cpu" (interpret), "gpu" (Triton), "tpu" (Mosaic), "tpu_interpret" (tests)
     num_warps: int | None = None
     num_stages: int | None = None
     precise: bool = False  # float32 inputs: ask for full-precision matmuls (no TF32)
+    f32_out: bool = False  # out, dq, dk, dv in float32: partials a caller merges (ring)
 
 
 def _call_options(plan: Plan, grid_rank: int) -> dict:
@@ -59,8 +60,11 @@ def _call_options(plan: Plan, grid_rank: int) -> dict:
     if plan.backend == "gpu":
         params = plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
         return {"compiler_params": params}
-    if plan.backend == "tpu":
-        return {"compiler_params": pltpu.CompilerParams(("parallel",) * grid_rank)}
+    if plan.backend in ("tpu", "tpu_interpret"):
+        params = pltpu.CompilerParams(("parallel",) * grid_rank)
+        if plan.backend == "tpu_interpret":  # TPU memory spaces and DMAs, simulated on CPU
+            return {"compiler_params": params, "interpret": pltpu.InterpretParams()}
+        return {"compiler_params": params}
     raise ValueError(f"flash attention has no lowering for backend {plan.backend!r}")
 
 
@@ -211,7 +215,7 @@ def forward(
             pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i: (b_, h_, i, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(q.shape, jnp.float32 if plan.f32_out else q.dtype),
             jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32),
         ],
         name="flash_fwd",
@@ -345,7 +349,7 @@ def backward(
         grid=(b, h, s // bq),
         in_specs=dq_specs,
         out_specs=pl.BlockSpec((None, None, bq, e), row),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32 if plan.f32_out else q.dtype),
         name="flash_dq",
         **_call_options(plan, 3),
     )(q, k, v, d_out, lse_BxHxSx1, delta_BxHxSx1, *seg_args)
@@ -376,8 +380,8 @@ def backward(
             pl.BlockSpec((None, None, bk, e), key_row),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct(k.shape, k.dtype),
-            jax.ShapeDtypeStruct(v.shape, v.dtype),
+            jax.ShapeDtypeStruct(k.shape, jnp.float32 if plan.f32_out else k.dtype),
+            jax.ShapeDtypeStruct(v.shape, jnp.float32 if plan.f32_out else v.dtype),
         ],
         name="flash_dkv",
         **_call_options(plan, 3),

@@ -6,30 +6,36 @@
   and causality by index, shifted by `q_offset` when queries continue a cache.
 Implementations: `reference` (plain jnp, float32 softmax, the ground truth for tests),
 `xla` (`jax.nn.dot_product_attention`), `dense` (plain jnp laid out for CPU speed),
-`cudnn` (the same call's cuDNN fused kernel, GPU only), `pallas` (our flash kernel,
-`jaxlm.kernels.flash_attention`) and `auto` (the best one the device has). Under a mesh the kernels run per shard: batch over data/fsdp, heads over
-tensor. KV-cache decoding (a traced `q_offset`) always takes `xla`: one query row per step
-needs no flash kernel.
+`cudnn` (the same call's cuDNN fused kernel, GPU only), `splash` (JAX's splash kernel,
+TPU only), `pallas` (our flash kernel, `jaxlm.kernels.flash_attention`: opt-in, compiled
+for GPU/TPU but not yet run on either) and `auto`: the fastest one verified on the target,
+i.e. cudnn on NVIDIA GPUs, splash on TPUs, dense on CPU (see docs/attention.md). The target
+is the platform of the ambient mesh's devices, so an ahead-of-time compile for a TPU
+topology on a CPU host picks TPU kernels. Under a mesh the kernels run per shard: batch
+over data/fsdp, heads over tensor. KV-cache decoding (a traced `q_offset`) always takes
+`xla`: one query row per step needs no flash kernel.
 """
 
 from __future__ import annotations
-
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import PartitionSpec as P
 
 from jaxlm.config import ModelConfig
-from jaxlm.kernels.flash_attention import flash_attention
 from jaxlm.kernels.flash_attention import reference_attention as kernel_reference
+from jaxlm.models.attention_kernels import (
+    SEGMENT_IMPLEMENTATIONS,
+    auto_impl,
+    check_impl,
+    target_backend,
+)
+from jaxlm.models.context_attention import context_attention
 from jaxlm.models.layers import Dense, Kernel, dtype_of, rotary, stacked_dense
 from jaxlm.models.lm import out_init_std
 from jaxlm.models.lora import add_lora, lora_rank, lora_scale
 from jaxlm.models.scan import ATTENTION_OUT, QKV
-from jaxlm.parallel.sharding import BATCH_AXES
 
 
 def attention_mask(
@@ -98,102 +104,6 @@ IMPLEMENTATIONS = {
 }
 
 
-def _per_shard(fn, q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_seg_BxS, kv_seg_BxT) -> jax.Array:
-    """Run `fn` on each shard of the ambient mesh (batch over data/fsdp, heads over tensor).
-
-    Custom kernels can't be partitioned by XLA, so without this a sharded step would gather
-    everything onto each device. Axes that don't divide the array stay whole (replicated).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return fn(q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_seg_BxS, kv_seg_BxT)
-    batch = tuple(a for a in BATCH_AXES if a in mesh.shape)
-    if not batch or q_BxSxHxE.shape[0] % math.prod(mesh.shape[a] for a in batch):
-        batch = None
-    tp = mesh.shape.get("tensor", 1)
-    heads = (
-        "tensor" if tp > 1 and not q_BxSxHxE.shape[2] % tp and not k_BxTxKxE.shape[2] % tp else None
-    )
-    spec_4d, spec_2d = P(batch, None, heads, None), P(batch, None)
-    return jax.shard_map(
-        fn,
-        mesh=mesh,
-        in_specs=(spec_4d, spec_4d, spec_4d, spec_2d, spec_2d),
-        out_specs=spec_4d,
-        check_vma=False,  # pallas_call outputs carry no varying-axes type
-    )(q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_seg_BxS, kv_seg_BxT)
-
-
-def pallas_attention(
-    q_BxSxHxE: jax.Array,
-    k_BxTxKxE: jax.Array,
-    v_BxTxKxE: jax.Array,
-    q_seg_BxS: jax.Array,
-    kv_seg_BxT: jax.Array,
-    causal: bool,
-    q_offset: int,
-    scale: float,
-) -> jax.Array:
-    """Our Pallas flash kernel (interpret mode on CPU), per shard."""
-    fn = lambda q, k, v, qs, ks: flash_attention(  # noqa: E731
-        q,
-        k,
-        v,
-        q_segment_ids_BxS=qs,
-        kv_segment_ids_BxT=ks,
-        causal=causal,
-        q_offset=q_offset,
-        scale=scale,
-    )
-    return _per_shard(fn, q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_seg_BxS, kv_seg_BxT)
-
-
-def cudnn_attention(
-    q_BxSxHxE: jax.Array,
-    k_BxTxKxE: jax.Array,
-    v_BxTxKxE: jax.Array,
-    q_seg_BxS: jax.Array,
-    kv_seg_BxT: jax.Array,
-    causal: bool,
-    q_offset: int,
-    scale: float,
-) -> jax.Array:
-    """cuDNN's fused attention (GPU, float16/bfloat16); segments become an S x T mask."""
-    if jax.default_backend() != "gpu":
-        raise ValueError(
-            f"model.attention=cudnn needs a GPU but JAX runs on {jax.default_backend()}; "
-            f"use pallas, xla or auto."
-        )
-    if q_BxSxHxE.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(
-            f"cuDNN attention needs bfloat16/float16 inputs, got {q_BxSxHxE.dtype}; "
-            f"set model.dtype."
-        )
-    if q_offset:
-        raise ValueError("cuDNN attention here supports q_offset=0 only; use xla or pallas.")
-
-    def fn(q, k, v, qs, ks):
-        mask = (qs[:, :, None] == ks[:, None, :])[:, None]
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
-        )
-
-    return _per_shard(fn, q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_seg_BxS, kv_seg_BxT)
-
-
-# Kernels that take segment ids and causality themselves instead of a materialised mask.
-SEGMENT_IMPLEMENTATIONS = {"pallas": pallas_attention, "cudnn": cudnn_attention}
-
-
-def auto_impl() -> str:
-    """The implementation `auto` picks on JAX's default device.
-
-    Pallas on GPU and TPU: it is the one that handles packed segments without an S x T
-    mask; `dense` on CPU, where the Pallas kernel only runs in the (slow) interpreter.
-    """
-    return "dense" if jax.default_backend() == "cpu" else "pallas"
-
-
 def attend(
     q_BxSxHxE: jax.Array,
     k_BxTxKxE: jax.Array,
@@ -205,8 +115,13 @@ def attend(
     q_offset: jax.Array | int = 0,
     impl: str = "xla",
     scale: float | None = None,
+    backend: str | None = None,
 ) -> jax.Array:
-    """Attention output_BxSxHxE through the named implementation."""
+    """Attention output_BxSxHxE through the named implementation.
+
+    `backend` (cpu | gpu | tpu | tpu_interpret): the platform to pick and lower kernels
+    for; None: `target_backend()`.
+    """
     known = {*IMPLEMENTATIONS, *SEGMENT_IMPLEMENTATIONS, "auto"}
     if impl not in known:
         raise ValueError(f"attention impl {impl!r} is unknown; use one of {sorted(known)}")
@@ -214,7 +129,11 @@ def attend(
     if h % kh:
         raise ValueError(f"{kh} kv heads do not divide {h} query heads")
     scale = q_BxSxHxE.shape[-1] ** -0.5 if scale is None else scale
-    impl = auto_impl() if impl == "auto" else impl
+    backend = backend or target_backend()
+    if impl == "auto":
+        s, t, e = q_BxSxHxE.shape[1], k_BxTxKxE.shape[1], q_BxSxHxE.shape[3]
+        impl = auto_impl(backend, q_BxSxHxE.dtype, e, s, t)
+    check_impl(impl, backend)
     if impl in SEGMENT_IMPLEMENTATIONS:
         if isinstance(q_offset, int):
             return SEGMENT_IMPLEMENTATIONS[impl](
@@ -226,6 +145,7 @@ def attend(
                 causal,
                 q_offset,
                 scale,
+                backend,
             )
         impl = "xla"  # KV-cache decoding: the offset is only known at run time
     mask = attention_mask(q_segment_ids_BxS, kv_segment_ids_BxT, causal, q_offset)
@@ -325,16 +245,27 @@ class Attention(nn.Module):
             k_BxSxKxE, v_BxSxKxE, kv_segment_ids, q_offset = self._extend_cache(
                 k_BxSxKxE, v_BxSxKxE, segment_ids_BxS
             )
-        out_BxSxHxE = attend(
-            q_BxSxHxE,
-            k_BxSxKxE,
-            v_BxSxKxE,
-            q_segment_ids_BxS=segment_ids_BxS,
-            kv_segment_ids_BxT=kv_segment_ids,
-            causal=True,
-            q_offset=q_offset,
-            impl=cfg.attention,
-        )
+        context = getattr(cfg, "context_parallel", "none")
+        if context != "none" and not self.decode:  # the sequence split over mesh.sequence
+            out_BxSxHxE = context_attention(
+                q_BxSxHxE,
+                k_BxSxKxE,
+                v_BxSxKxE,
+                segment_ids_BxS,
+                strategy=context,
+                backend=target_backend(),
+            )
+        else:
+            out_BxSxHxE = attend(
+                q_BxSxHxE,
+                k_BxSxKxE,
+                v_BxSxKxE,
+                q_segment_ids_BxS=segment_ids_BxS,
+                kv_segment_ids_BxT=kv_segment_ids,
+                causal=True,
+                q_offset=q_offset,
+                impl=cfg.attention,
+            )
         out_BxSxHxE = checkpoint_name(out_BxSxHxE, ATTENTION_OUT)
         out_std = out_init_std(cfg)
         out_BxSxD = Dense(

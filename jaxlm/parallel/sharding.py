@@ -256,6 +256,13 @@ def validate_mesh(cfg: RunConfig, mesh: Mesh, process_count: int | None = None) 
                 f"make {name} a multiple of {sizes[axis]} or change mesh.{axis}."
             )
     # kv_heads % tensor != 0 is allowed: logical_sharding replicates those heads instead.
+    cp, seq = getattr(m, "context_parallel", "none"), sizes["sequence"]
+    if cp != "none" and cfg.data.seq_len % (2 * seq):
+        raise ConfigError(
+            f"model.context_parallel={cp} cuts each sequence into 2*mesh.sequence={2 * seq} "
+            f"zig-zag chunks, which data.seq_len={cfg.data.seq_len} does not divide; make "
+            f"data.seq_len a multiple of {2 * seq}."
+        )
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

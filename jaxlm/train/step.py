@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxlm.config import RunConfig
+from jaxlm.kernels.ring_attention import zigzag
 from jaxlm.models.lm import head_logits, head_weight
 from jaxlm.models.lora import freeze_base
 from jaxlm.models.moe import MOE, metric_names, moe_metrics
@@ -47,6 +48,7 @@ def _loss_sums(
     # what it was before MoE existed.
     cfg = getattr(model, "cfg", None)
     collect = moe_stats and getattr(cfg, "moe_experts", 0) > 0
+    batch = context_layout(batch, getattr(cfg, "context_parallel", "none"))
     with _matmul_precision(model):
         out = model.apply(
             {"params": params},
@@ -73,6 +75,26 @@ def _loss_sums(
             else:
                 sums = cross_entropy_sums(out_BxSx_, batch["targets"], batch["weights"])
     return (*sums, moe)
+
+
+# The [B, S] arrays a language-model batch carries, one entry per token.
+TOKEN_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
+
+
+def context_layout(batch: Batch, context_parallel: str) -> Batch:
+    """With context parallelism, every token array in zig-zag order over mesh.sequence.
+
+    Sequence device i then holds chunks i and 2n-1-i of the sequence (the layout the ring
+    and all-gather attention take, jaxlm.kernels.ring_attention), so neither the model nor
+    the loss ever gathers along the sequence. Permuting tokens changes nothing else: the
+    loss is a token-weighted sum and positions (rotary or learned) travel with their tokens.
+    The batch arrives split by rows only, so each device permutes its own rows locally.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    n = 1 if mesh.empty else mesh.shape.get("sequence", 1)
+    if context_parallel == "none" or n == 1:  # one chunk pair: zig-zag is the identity
+        return batch
+    return {k: zigzag(x, n) if k in TOKEN_KEYS else x for k, x in batch.items()}
 
 
 def _matmul_precision(model: nn.Module):
