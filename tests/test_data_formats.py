@@ -271,11 +271,18 @@ def test_missing_pyarrow_names_the_extra(bad, tok_path, tmp_path, monkeypatch, c
 # --- end to end: prepared Parquet in a training run -------------------------------------------
 
 
-def test_train_on_prepared_parquet_stops_and_resumes_bit_for_bit(tmp_path, tok_path, capsys):
+def test_train_on_prepared_parquet_and_array_record_stops_and_resumes_bit_for_bit(
+    tmp_path, tok_path, capsys
+):
     rng = random.Random(7)
     rows = [{"id": i, "lang": "en", "text": paragraph(rng, 40)} for i in range(60)]
     write_parquet(tmp_path / "c.parquet", rows, row_group_size=16)
-    _prepare([tmp_path / "c.parquet"], tok_path, tmp_path / "data", shard_bytes=2000)
+    records = [json.dumps({"text": paragraph(rng, 40)}).encode() for _ in range(20)]
+    write_array_record(tmp_path / "d.array_record", records)
+    inputs = [tmp_path / "c.parquet", tmp_path / "d.array_record"]
+    _prepare(inputs, tok_path, tmp_path / "data", shard_bytes=2000)
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert sum(s["documents"] for s in manifest["shards"]) == 80  # both files' documents
     base = [*TINY_TRAIN, "model.vocab_size=320", f"data.corpus={tmp_path / 'data'}"]
 
     def train(workdir: Path) -> dict:
