@@ -12,7 +12,7 @@ import pytest
 from conftest import FAST_XLA
 
 from jaxlm.bench import plan_seq
-from jaxlm.bench.plan import Plan
+from jaxlm.bench.plan import GIB, CompileOutOfMemory, Plan, _gib_in
 from jaxlm.config import load_config
 from jaxlm.errors import ConfigError
 
@@ -114,3 +114,30 @@ def test_cli_bisects_real_compiles_on_fake_cpu_devices():
     assert best + 64 in probes  # the next granule up was compiled and missed
     peaks = [probes[n]["peak_bytes"] for n in sorted(probes)]
     assert peaks == sorted(peaks)  # memory grows with the length
+
+
+def test_a_compile_the_target_refuses_counts_as_does_not_fit():
+    """XLA:TPU refuses to compile a step over HBM (RESOURCE_EXHAUSTED): that is a "no"."""
+    cfg = load_config(None, SMALL)
+    compile_plan, calls = fake_compile(10)
+
+    def refusing(cfg, devices, memory):
+        if cfg.data.seq_len > 1000:
+            raise CompileOutOfMemory(cfg.data.seq_len * 10, memory)
+        return compile_plan(cfg, devices, memory)
+
+    found = plan_seq.longest_sequence(cfg, [], 10**9, granule=128, compile_plan=refusing)
+    assert found.seq_len == 896
+    refused = [p for p in found.probes if p.seq_len > 1000]
+    assert refused and all(not p.fits and p.peak_bytes == p.seq_len * 10 for p in refused)
+
+
+def test_the_tpu_compilers_out_of_memory_message_is_read():
+    text = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (127.52G) exceeds available HBM (95.74G)."
+    )
+    assert round(_gib_in(text, "required") / GIB, 2) == 127.52
+    assert round(_gib_in(text, "available") / GIB, 2) == 95.74
+    assert _gib_in("something else", "required") is None
+    assert "127.52 GiB" in str(CompileOutOfMemory(_gib_in(text, "required"), None))

@@ -142,9 +142,8 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
         )
         for k in BATCH_KEYS
     }
-    compiled = (
-        jit_train_step(step, shardings, mesh).lower(_abstract(abstract, shardings), batch).compile()
-    )
+    lowered = jit_train_step(step, shardings, mesh).lower(_abstract(abstract, shardings), batch)
+    compiled = _compile(lowered)
     mem = report.memory_analysis(compiled)
     if mem is None:
         raise ConfigError(
@@ -172,6 +171,37 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
         attention=attention,
         kernels=mosaic_kernels(compiled.as_text()) if devices[0].platform == "tpu" else (),
     )
+
+
+class CompileOutOfMemory(Exception):
+    """The target's compiler refused the step: its temporaries exceed the device memory."""
+
+    def __init__(self, required_bytes: int | None, available_bytes: int | None) -> None:
+        self.required_bytes, self.available_bytes = required_bytes, available_bytes
+        need = "?" if required_bytes is None else f"{required_bytes / GIB:.2f} GiB"
+        has = "?" if available_bytes is None else f"{available_bytes / GIB:.2f} GiB"
+        super().__init__(
+            f"does not fit: the compiler needs {need} of temporaries per device and the chip "
+            f"has {has}; lower data.seq_len or train.batch_size, or add devices or remat."
+        )
+
+
+def _gib_in(text: str, label: str) -> int | None:
+    found = re.search(label + r"[^(]*\(([0-9.]+)G\)", text)
+    return None if found is None else int(float(found.group(1)) * GIB)
+
+
+def _compile(lowered: Any) -> Any:
+    """lowered.compile(); TPU's out-of-memory refusal becomes CompileOutOfMemory."""
+    # XLA:TPU refuses to compile a program whose buffers exceed HBM, where XLA:CPU compiles
+    # anything; the refusal is the answer to "does it fit", not a crash.
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        text = str(e)
+        raise CompileOutOfMemory(_gib_in(text, "required"), _gib_in(text, "available")) from None
 
 
 def cpu_device_count(cfg: RunConfig, devices: int | None) -> int:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from jaxlm.bench.plan import GIB, Plan, make_plan
+from jaxlm.bench.plan import GIB, CompileOutOfMemory, Plan, make_plan
 from jaxlm.config import RunConfig
 from jaxlm.errors import ConfigError
 
@@ -28,7 +28,7 @@ class Probe:
     """One compiled length and whether its peak fits the device memory."""
 
     seq_len: int
-    peak_bytes: int
+    peak_bytes: int  # for a compile the target refused: the temporaries it asked for
     fits: bool
 
 
@@ -81,7 +81,12 @@ def longest_sequence(
     plans: dict[int, Plan] = {}
 
     def fits(seq_len: int) -> bool:
-        p = compile_plan(with_seq_len(cfg, seq_len), devices, device_memory_bytes)
+        try:
+            p = compile_plan(with_seq_len(cfg, seq_len), devices, device_memory_bytes)
+        except CompileOutOfMemory as e:  # the TPU compiler's own "no"
+            probes.append(Probe(seq_len, e.required_bytes or 0, False))
+            logger.info("seq_len %d: %s", seq_len, e)
+            return False
         probes.append(Probe(seq_len, p.peak_bytes, bool(p.fits)))
         logger.info(
             "seq_len %d: peak %.2f GiB, %s",

@@ -75,6 +75,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             else plan_seq.format_longest(found)
         )
         return 0 if found.seq_len else 1
-    result = plan.make_plan(cfg, devices, memory)
+    try:
+        result = plan.make_plan(cfg, devices, memory)
+    except plan.CompileOutOfMemory as e:
+        print(json.dumps({"fits": False, "error": str(e)}) if args.json else f"fits  NO: {e}")
+        return 1
     print(json.dumps(plan.plan_dict(result)) if args.json else plan.format_plan(result))
     return 1 if result.fits is False else 0
