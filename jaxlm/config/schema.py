@@ -218,8 +218,7 @@ def layout_fields() -> tuple[str, ...]:
 def model_changes(old: Mapping[str, Any], new: ModelConfig) -> dict[str, tuple[Any, Any]]:
     """{field: (old, new)} for each model field that differs from `old` (a saved model dict).
 
-    A field `old` lacks was added after it was written and keeps its default meaning there;
-    a field only `old` has was removed from jaxlm: neither is a change.
+    A field only one side has was added or removed since `old` was written: not a change.
     """
     return {
         f.name: (old[f.name], getattr(new, f.name))
@@ -236,6 +235,7 @@ class DataConfig:
         "builtin",
         "builtin (bundled Shakespeare), a glob of UTF-8 .txt files, or a `jaxlm data prepare` dir",
     )
+    streaming: bool = _f(False, "corpus: raw files or globs (Parquet, JSONL...) tokenized as read")
     sources: list[dict[str, Any]] | None = _f(
         None,
         "mixture of prepared dirs, [{path: DIR, weight: W}, ...], W = token share; replaces corpus",

@@ -32,6 +32,34 @@ def _positive(section: Any, name: str, keys: tuple[str, ...]) -> None:
         _require(v is None or v > 0, f"{name}.{k}={v} must be positive; set it to a value > 0.")
 
 
+def _check_streaming(cfg: RunConfig) -> None:
+    """data.streaming: raw files in data.corpus, a tokenizer, and a finite validation set."""
+    d, t = cfg.data, cfg.train
+    if not d.streaming:
+        return
+    _require(
+        d.tokenizer is not None,
+        "data.streaming=true needs data.tokenizer (a SentencePiece .model or tokenizer.json) to "
+        "tokenize on the fly; set it, e.g. to one made by `jaxlm tokenizer train`.",
+    )
+    _require(
+        not d.sources and not d.chat and d.corpus != "builtin",
+        "data.streaming=true streams the raw files or globs of data.corpus (comma-separated), "
+        "not data.sources, data.chat or the builtin corpus; set data.corpus to them.",
+    )
+    _require(
+        t.eval_batches > 0,
+        "data.streaming=true needs train.eval_batches > 0 (validation reads the held-out "
+        "documents of a streamed corpus only that far); set it, e.g. train.eval_batches=8.",
+    )
+    for key, value, unset in (("workers", d.workers, 0), ("streams", d.streams, None)):
+        _require(
+            value == unset,
+            f"data.{key}={value} does not apply to data.streaming=true, where each process "
+            f"packs its own stream itself; set data.{key}={'null' if unset is None else unset}.",
+        )
+
+
 def _validate_sources(sources: list[dict[str, Any]] | None) -> None:
     """data.sources: a non-empty list of {path: str, weight: positive number}."""
     if sources is None:
@@ -190,6 +218,7 @@ def validate(cfg: RunConfig) -> None:
         d.workers >= 0,
         f"data.workers={d.workers} must be >= 0; set 0 to read and pack in the training process.",
     )
+    _check_streaming(cfg)
     _require(
         d.cache_dir is None or "://" not in d.cache_dir,
         f"data.cache_dir={d.cache_dir!r} must be a local directory (shards are memory-mapped "

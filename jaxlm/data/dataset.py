@@ -15,6 +15,8 @@ from jax.experimental import multihost_utils
 from jaxlm import paths
 from jaxlm.config import RunConfig
 from jaxlm.data import chat, corpus, mixture, pipeline, text_cache
+from jaxlm.data.raw_stream import RawDocuments
+from jaxlm.data.streamed import HeldOut
 from jaxlm.data.streams import resolve_streams
 from jaxlm.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer, load_tokenizer
 from jaxlm.data.tokenizer_base import Tokenizer
@@ -36,6 +38,12 @@ class Corpus:
     sources: list[pipeline.WeightedSource] | None = None  # weighted train sources (mixtures)
     streams: int = 1  # packed streams per global batch (data.streams resolved)
 
+    def sizes(self) -> str:
+        """How much data there is, for the log; never counts a lazy split view."""
+        if isinstance(self.train_docs, HeldOut):  # data.streaming: unknown until read
+            return f"{len(self.train_works)} file(s) streamed by this process"
+        return f"~{approx_len(self.train_docs)} train / ~{approx_len(self.val_docs)} val docs"
+
 
 def prepare_corpus(cfg: RunConfig, workdir: str | os.PathLike) -> Corpus:
     """Read works, split by whole works, load or train the tokenizer, tokenise documents.
@@ -48,6 +56,8 @@ def prepare_corpus(cfg: RunConfig, workdir: str | os.PathLike) -> Corpus:
     workdir = paths.as_path(workdir, "--workdir") if paths.is_remote(workdir) else Path(workdir)
     if d.chat:
         return _chat_corpus(cfg, workdir)
+    if d.streaming:
+        return _streamed_corpus(cfg)
     prepared = mixture.prepared_paths(cfg)
     if prepared:
         pc = mixture.load_prepared_corpus(cfg, prepared)
@@ -117,6 +127,29 @@ def _chat_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
         train_works=train_names,
         val_works=val_names,
         streams=resolve_streams(d.streams, cfg.train.batch_size, len(train_docs), False, workdir),
+    )
+
+
+def _streamed_corpus(cfg: RunConfig) -> Corpus:
+    """data.streaming: data.corpus's raw files, tokenized on the fly (data/raw_stream.py).
+
+    Each process streams its own files (every process_count-th), seeded file order per epoch,
+    documents in file order; held-out documents (data/streamed.py) are skipped. Validation is
+    every file in sorted order, once, keeping only held-out documents: the loop packs just
+    its first train.eval_batches batches, so no process reads further than those need.
+    """
+    d = cfg.data  # config/validate.py has checked data.tokenizer, data.corpus, eval_batches
+    inputs = [p.strip() for p in d.corpus.split(",") if p.strip()]
+    tok = load_or_train_tokenizer(d.tokenizer, "", lambda: [], cfg.model.vocab_size)  # checks size
+    n, i = jax.process_count(), jax.process_index()
+    train = RawDocuments(inputs, d.tokenizer, seed=d.seed, shard_index=i, shard_count=n)
+    val = RawDocuments(inputs, d.tokenizer, repeat=False)
+    return Corpus(
+        tokenizer=tok,
+        train_docs=HeldOut(train, d.validation_fraction, d.seed, validation=False),
+        val_docs=HeldOut(val, d.validation_fraction, d.seed, validation=True),
+        train_works=[os.path.basename(f) for f in train.files],  # this process's files
+        val_works=[os.path.basename(f) for f in val.files],
     )
 
 

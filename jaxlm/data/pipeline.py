@@ -35,6 +35,7 @@ from grain.experimental import ConcatThenSplitIterDataset
 from jaxlm.data.chat import is_chat_docs
 from jaxlm.data.order import StreamOrder, WeightedMix
 from jaxlm.data.rows import RowBlocks, WorkerRows
+from jaxlm.data.streamed import ProcessBound
 from jaxlm.data.tokenizer_base import Tokenizer
 from jaxlm.errors import ConfigError
 
@@ -148,7 +149,7 @@ def _stream_rows(
 
 
 def make_train_iterator(
-    sources: Sequence[np.ndarray] | Sequence[WeightedSource],
+    sources: Sequence[np.ndarray] | Sequence[WeightedSource] | grain.IterDataset,
     seq_len: int,
     batch_size: int,
     seed: int,
@@ -165,7 +166,8 @@ def make_train_iterator(
     independent shuffled and packed stream over every streams-th document. A process builds
     only the streams its rows [lo, hi) touch, so any shard_count yields the same global batch.
     With `workers` > 0 the streams are read and packed in that many worker processes, with
-    the same batches and the same form of state (data/rows.py).
+    the same batches and the same form of state (data/rows.py). An IterDataset of documents
+    (data.streaming) is packed in its order instead, into this process's rows alone.
     """
     srcs = _as_sources(sources)
     for src in srcs:
@@ -189,6 +191,9 @@ def make_train_iterator(
     if workers < 0:
         raise ConfigError(f"data.workers={workers} must be >= 0 (0: read in this process).")
     rows_per_shard = batch_size // shard_count
+    if isinstance(sources, grain.IterDataset):  # data.streaming: this process's documents
+        ds = _streamed_rows(sources, seq_len, rows_per_shard, shard_index, shard_count)
+        return iter(_prefetched(ds, prefetch))
     lo = shard_index * rows_per_shard
     hi = lo + rows_per_shard
     per_stream = batch_size // streams
@@ -204,10 +209,23 @@ def make_train_iterator(
     # Rows [lo, hi) of the global batch, counted from the first stream this process builds.
     a, b = lo - first * per_stream, hi - first * per_stream
     ds = rows.map(lambda batch: _finish_rows({k: v[a:b] for k, v in batch.items()}))
+    return iter(_prefetched(ds, prefetch))
+
+
+def _prefetched(ds: grain.IterDataset, prefetch: int) -> grain.IterDataset:
     if prefetch > 0:
         # Packing runs in Python; a background thread keeps it off the step's critical path.
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
-    return iter(ds)
+    return ds
+
+
+def _streamed_rows(
+    docs: grain.IterDataset, seq_len: int, rows: int, shard_index: int, shard_count: int
+) -> grain.IterDataset:
+    """This process's `rows` rows of each batch, packed from the documents it streams alone
+    (its own files): unlike prepared data, the global batch depends on the process count."""
+    packed = _pack(docs.map(_to_pair), seq_len).batch(rows, drop_remainder=True)
+    return ProcessBound(packed, shard_index, shard_count).map(_finish_rows)
 
 
 def make_eval_batches(

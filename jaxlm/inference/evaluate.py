@@ -180,7 +180,11 @@ def evaluate_prepared(ev: Evaluator, path: str | Path) -> dict[str, Any]:
 
 def evaluate_validation(ev: Evaluator, workdir: str | Path) -> dict[str, Any]:
     """The run's own validation split; bytes are those of the decoded documents."""
-
+    if ev.run.cfg.data.streaming:
+        raise ConfigError(
+            "A streamed run's validation split is every held-out document of its raw files, "
+            "which would mean reading the whole corpus; evaluate it on a file with --data."
+        )
     docs = prepare_corpus(ev.run.cfg, workdir).val_docs
     nats, tokens = ev.loss_sums(docs, "validation")
     n_bytes = sum(len(ev.run.tokenizer.decode(d).encode("utf-8")) for d in docs)

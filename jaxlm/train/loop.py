@@ -37,7 +37,6 @@ from jaxlm.config import RunConfig
 from jaxlm.config.version import version_header
 from jaxlm.data import pipeline
 from jaxlm.data.dataset import Corpus, prepare_corpus
-from jaxlm.data.views import approx_len
 from jaxlm.errors import ConfigError, NonFiniteError
 from jaxlm.models import build_model
 from jaxlm.parallel.sharding import make_mesh, process_rows, put_batch, validate_mesh
@@ -249,14 +248,13 @@ class _Loop:
         peak, peak_source = device_peak(cfg.model.dtype)  # MFU's denominator
         logger.info(
             "jaxlm: %s model, %.2fM parameters, %.1f MFLOPs/token (training), %d device(s) "
-            "mesh %s, ~%d train / ~%d val docs",
+            "mesh %s, %s",
             cfg.model.family,
             summary["params"] / 1e6,
             fpt / 1e6,
             len(jax.devices()),
             dict(job.mesh.shape),
-            approx_len(job.data.train_docs),
-            approx_len(job.data.val_docs),
+            job.data.sizes(),
         )
         logger.info("peak %.3g TFLOP/s per device (%s)", peak / 1e12, peak_source)
         if cfg.model.moe_experts:

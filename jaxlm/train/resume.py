@@ -34,6 +34,7 @@ IDENTITY_KEY = "data_identity"
 RESUME_CRITICAL = (
     "data.seq_len",
     "data.corpus",
+    "data.streaming",
     "data.tokenizer",
     "data.seed",
     "data.validation_fraction",
