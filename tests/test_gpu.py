@@ -19,7 +19,8 @@ from test_kernels_flash_attention import (
 )
 
 from jaxlm.models.attention import attend, reference_attention
-from jaxlm.models.attention_kernels import auto_impl, target_backend
+from jaxlm.models.attention_kernels import auto_impl
+from jaxlm.models.backend import target_backend
 
 pytestmark = [
     pytest.mark.gpu,

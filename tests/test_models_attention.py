@@ -21,7 +21,8 @@ from jaxlm.models.attention import (
     blocked_causal_attention,
     reference_attention,
 )
-from jaxlm.models.attention_kernels import auto_impl, check_impl, target_backend
+from jaxlm.models.attention_kernels import auto_impl, check_impl
+from jaxlm.models.backend import target_backend
 from jaxlm.parallel.sharding import mesh_context
 
 needs_libtpu = pytest.mark.skipif(

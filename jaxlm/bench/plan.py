@@ -61,6 +61,8 @@ class Plan:
     active_params: int | None = None  # a mixture of experts: parameters each token uses
     attention: str = ""  # the implementation the step uses on these devices (auto resolved)
     kernels: tuple[str, ...] = ()  # Mosaic (TPU) kernels compiled into the step, by name
+    # XLA's cost analysis: bytes the program touches (a scanned loop's body counted once).
+    bytes_accessed: float | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -170,6 +172,7 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
         active_params=total - inactive_params(m) if m.moe_experts else None,
         attention=attention,
         kernels=mosaic_kernels(compiled.as_text()) if devices[0].platform == "tpu" else (),
+        bytes_accessed=_bytes_accessed(compiled),
     )
 
 
@@ -202,6 +205,15 @@ def _compile(lowered: Any) -> Any:
             raise
         text = str(e)
         raise CompileOutOfMemory(_gib_in(text, "required"), _gib_in(text, "available")) from None
+
+
+def _bytes_accessed(compiled: Any) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    cost = cost[0] if isinstance(cost, list) else cost  # older JAX: one dict per program
+    return None if not cost or "bytes accessed" not in cost else float(cost["bytes accessed"])
 
 
 def cpu_device_count(cfg: RunConfig, devices: int | None) -> int:

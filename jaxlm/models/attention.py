@@ -25,12 +25,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.config import ModelConfig
 from jaxlm.kernels.flash_attention import reference_attention as kernel_reference
-from jaxlm.models.attention_kernels import (
-    SEGMENT_IMPLEMENTATIONS,
-    auto_impl,
-    check_impl,
-    target_backend,
-)
+from jaxlm.models.attention_kernels import SEGMENT_IMPLEMENTATIONS, auto_impl, check_impl
+from jaxlm.models.backend import target_backend, uses
 from jaxlm.models.context_attention import context_attention
 from jaxlm.models.layers import Dense, Kernel, dtype_of, rotary, stacked_dense
 from jaxlm.models.lm import out_init_std
@@ -149,7 +145,13 @@ def attend(
             )
         impl = "xla"  # KV-cache decoding: the offset is only known at run time
     mask = attention_mask(q_segment_ids_BxS, kv_segment_ids_BxT, causal, q_offset)
-    if impl == "dense" and causal and isinstance(q_offset, int) and q_offset == 0:
+    if (
+        impl == "dense"
+        and causal
+        and isinstance(q_offset, int)
+        and q_offset == 0
+        and uses("blocked_causal")
+    ):
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or mesh.size == 1:  # slicing a sharded batch or length would reshard
             s = q_BxSxHxE.shape[1]

@@ -2,7 +2,7 @@
 
 Each kernel takes segment ids and causality itself (no S x T mask) and runs per shard of
 the ambient mesh. `auto_impl` picks, per backend, the fastest implementation verified
-there; `target_backend` reads the backend from the devices being compiled for, so an
+there; `jaxlm.models.backend.target_backend` reads the backend from the devices being compiled for, so an
 ahead-of-time compile for a TPU topology on a CPU host (`jaxlm plan`) picks and lowers
 TPU kernels, not the CPU ones.
 """
@@ -138,15 +138,6 @@ SEGMENT_IMPLEMENTATIONS = {
 }
 # The platform each hardware-specific implementation needs, and what to use elsewhere.
 NEEDS = {"cudnn": ("gpu", "a GPU"), "splash": ("tpu", "a TPU")}
-
-
-def target_backend() -> str:
-    """cpu | gpu | tpu: the platform of the ambient mesh's devices (what is being compiled
-    for, which `jaxlm plan` makes a TPU on a CPU host), else that of JAX's default device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else mesh.abstract_device
-    name = jax.default_backend() if device is None else device.platform
-    return {"cuda": "gpu", "rocm": "gpu"}.get(name, name)
 
 
 def auto_impl(backend: str, dtype: jnp.dtype, head_dim: int, q_len: int, kv_len: int) -> str:

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.models.backend import uses
 from jaxlm.models.lora import adapter_params, add_lora
 
 Dtype = jnp.dtype
@@ -37,8 +38,8 @@ class Dense(nn.Module):
     The kernel is created directly in its final shape (not flattened and reshaped), so its
     logical sharding applies from the first moment it exists. Parameters are float32; the
     matmul runs in `dtype`. When the contracted axes are the trailing ones (every use in
-    jaxlm) the matmul takes `stacked_dense`'s hand-written backward: with autodiff's own
-    form, XLA's CPU compiler ran the head's kernel gradient at half speed (transposing the
+    jaxlm) the matmul goes through `stacked_dense`, which on CPU takes a hand-written backward:
+    with autodiff's own form, XLA's CPU compiler ran the head's kernel gradient at half speed (transposing the
     logits gradient first); this made the bench-cpu step about 4% faster. With `lora_rank`
     a LoRA adapter (jaxlm.models.lora) adds `lora_scale` (x A) B.
     """
@@ -133,11 +134,18 @@ def stacked_dense(
     x_LxD has any leading dims L. Stacking on a new axis (rather than concatenating) keeps
     each kernel's sharded axes intact, so tensor parallelism needs no resharding; on CPU one
     bigger forward matmul runs closer to the machine's peak than several small ones. The
-    backward pass works per kernel (see `_stacked_matmul_bwd`).
+    backward pass works per kernel (see `_stacked_matmul_bwd`). Both are CPU measurements,
+    so other platforms get plain per-kernel matmuls (jaxlm.models.backend.TRICKS).
     """
     precision = jax.config.jax_default_matmul_precision  # custom_vjp's bwd is traced later
     x_LxD = x_LxD.astype(dtype)
-    outs = _stacked_matmul(precision, x_LxD, *[k.astype(dtype) for k in kernels])
+    kernels = [k.astype(dtype) for k in kernels]
+    if uses("stacked_vjp"):
+        outs = _stacked_matmul(precision, x_LxD, *kernels)
+    else:  # one plain matmul per kernel: what XLA's own fusion and autodiff expect elsewhere
+        lead = x_LxD.ndim - 1
+        dims = (((lead,), (0,)), ((), ()))
+        outs = [jax.lax.dot_general(x_LxD, k, dims, precision=precision) for k in kernels]
     return [y if b is None else y + b.astype(dtype) for y, b in zip(outs, biases, strict=True)]
 
 
@@ -270,12 +278,12 @@ def rotary(x_BxSxNxE: jax.Array, positions_BxS: jax.Array, theta: float) -> jax.
     e = x_BxSxNxE.shape[-1]
     inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
     angle_BxSxE2 = positions_BxS[..., None].astype(jnp.float32) * inv_freq_E2
-    # The barrier makes XLA compute the [B, S, E/2] tables once. Without it the CPU compiler
+    # On CPU a barrier makes XLA compute the [B, S, E/2] tables once. Without it the compiler
     # fused sin and cos into the rotation itself and evaluated them again for every head
     # and feature, forward and backward (about 3% of the bench-cpu train step).
-    sin_cos_2xBxSxE2 = jax.lax.optimization_barrier(
-        jnp.stack([jnp.sin(angle_BxSxE2), jnp.cos(angle_BxSxE2)])
-    )
+    sin_cos_2xBxSxE2 = jnp.stack([jnp.sin(angle_BxSxE2), jnp.cos(angle_BxSxE2)])
+    if uses("rotary_barrier"):
+        sin_cos_2xBxSxE2 = jax.lax.optimization_barrier(sin_cos_2xBxSxE2)
     sin_BxSx1xE2 = sin_cos_2xBxSxE2[0][:, :, None, :]
     cos_BxSx1xE2 = sin_cos_2xBxSxE2[1][:, :, None, :]
     x1, x2 = jnp.split(x_BxSxNxE.astype(jnp.float32), 2, axis=-1)
