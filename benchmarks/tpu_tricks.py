@@ -11,6 +11,7 @@ one layer's traffic plus the rest of the step, not a whole step's).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -71,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for job in JOBS for r in measure(*job, args.attention)]
     columns = [(k, k, "s" if k in ("job", "attention", "model code") else "") for k in rows[0]]
     table = report.table(columns, rows, right=[k for k in rows[0] if "GiB" in k])
-    env = report.environment()
+    env = {
+        **{k: v for k, v in report.environment().items() if k != "pallas_mode"},
+        "compiled for": ", ".join(f"{name} ({topology})" for name, topology, *_ in JOBS),
+        "libtpu": importlib.metadata.version("libtpu"),
+    }
     text = "\n".join([table, "", *(f"- {k}: {v}" for k, v in env.items())])
     print(text)
     Path(args.out + ".md").write_text(text + "\n")

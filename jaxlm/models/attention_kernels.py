@@ -9,6 +9,7 @@ TPU kernels, not the CPU ones.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -60,7 +61,18 @@ def pallas_attention(
     backend: str,
 ) -> jax.Array:
     """Our Pallas flash kernel (interpret mode on CPU), per shard, lowered for `backend`."""
-    fn = lambda q, k, v, qs, ks: flash_attention(  # noqa: E731
+    kernel = functools.partial(flash_attention, backend=backend)
+    return _segment_kernel_per_shard(
+        kernel, q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_seg_BxS, kv_seg_BxT, causal, q_offset, scale
+    )
+
+
+def _segment_kernel_per_shard(
+    kernel, q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_seg_BxS, kv_seg_BxT, causal, q_offset, scale
+) -> jax.Array:
+    """`kernel` (flash_attention's keyword interface: segment ids, causal, offset, scale)
+    applied to each shard."""
+    fn = lambda q, k, v, qs, ks: kernel(  # noqa: E731
         q,
         k,
         v,
@@ -69,7 +81,6 @@ def pallas_attention(
         causal=causal,
         q_offset=q_offset,
         scale=scale,
-        backend=backend,
     )
     return per_shard(fn, q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_seg_BxS, kv_seg_BxT)
 
@@ -115,19 +126,10 @@ def splash_attention(
     backend: str,
 ) -> jax.Array:
     """JAX's splash kernel (TPU), per shard; `tpu_interpret` runs it on CPU for tests."""
-    interpret = backend == "tpu_interpret"
-    fn = lambda q, k, v, qs, ks: splash_kernel(  # noqa: E731
-        q,
-        k,
-        v,
-        q_segment_ids_BxS=qs,
-        kv_segment_ids_BxT=ks,
-        causal=causal,
-        q_offset=q_offset,
-        scale=scale,
-        interpret=interpret,
+    kernel = functools.partial(splash_kernel, interpret=backend == "tpu_interpret")
+    return _segment_kernel_per_shard(
+        kernel, q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_seg_BxS, kv_seg_BxT, causal, q_offset, scale
     )
-    return per_shard(fn, q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_seg_BxS, kv_seg_BxT)
 
 
 # Kernels that take segment ids and causality themselves instead of a materialised mask.
