@@ -12,7 +12,7 @@ import pytest
 from conftest import FAST_XLA
 
 from jaxlm.bench import plan_seq
-from jaxlm.bench.plan import GIB, CompileOutOfMemory, Plan, _gib_in
+from jaxlm.bench.plan import GIB, CompileOutOfMemory, Plan, _gib_in, _vmem_oom
 from jaxlm.config import load_config
 from jaxlm.errors import ConfigError
 
@@ -141,3 +141,18 @@ def test_the_tpu_compilers_out_of_memory_message_is_read():
     assert round(_gib_in(text, "available") / GIB, 2) == 95.74
     assert _gib_in("something else", "required") is None
     assert "127.52 GiB" in str(CompileOutOfMemory(_gib_in(text, "required"), None))
+
+
+def test_a_kernels_vmem_refusal_names_the_kernel_and_its_sizes():
+    """Mosaic kernels hold their blocks in VMEM; XLA:TPU refuses one over the scoped limit."""
+    text = (
+        "RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom:\nRan out of memory in memory "
+        "space vmem while allocating on stack for %flash_dq.6 = f32[1,32,32768,128] "
+        "custom-call(%bitcast.111) Scoped allocation with size 32.50M and limit 16.00M "
+        "exceeded scoped vmem limit by 16.50M."
+    )
+    e = _vmem_oom(text)
+    assert e is not None and e.kernel == "flash_dq"
+    assert (e.required_bytes, e.available_bytes) == (int(32.5 * 2**20), 16 * 2**20)
+    assert "flash_dq needs 32.5 MiB of scoped VMEM" in str(e)
+    assert _vmem_oom("RESOURCE_EXHAUSTED: out of HBM") is None

@@ -177,16 +177,30 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
 
 
 class CompileOutOfMemory(Exception):
-    """The target's compiler refused the step: its temporaries exceed the device memory."""
+    """The target's compiler refused the step: its HBM temporaries, or one kernel's scoped
+    VMEM, exceed what the chip has."""
 
-    def __init__(self, required_bytes: int | None, available_bytes: int | None) -> None:
+    def __init__(
+        self, required_bytes: int | None, available_bytes: int | None, kernel: str | None = None
+    ) -> None:
         self.required_bytes, self.available_bytes = required_bytes, available_bytes
-        need = "?" if required_bytes is None else f"{required_bytes / GIB:.2f} GiB"
-        has = "?" if available_bytes is None else f"{available_bytes / GIB:.2f} GiB"
-        super().__init__(
-            f"does not fit: the compiler needs {need} of temporaries per device and the chip "
-            f"has {has}; lower data.seq_len or train.batch_size, or add devices or remat."
-        )
+        self.kernel = kernel
+        if kernel is not None:  # Mosaic kernels hold their blocks in on-chip VMEM
+            need = "?" if required_bytes is None else f"{required_bytes / 2**20:.1f} MiB"
+            has = "?" if available_bytes is None else f"{available_bytes / 2**20:.1f} MiB"
+            message = (
+                f"does not fit: kernel {kernel} needs {need} of scoped VMEM, over the {has} "
+                "limit; shorten the sequence each device holds or use another model.attention "
+                "(auto picks splash on TPU)."
+            )
+        else:
+            need = "?" if required_bytes is None else f"{required_bytes / GIB:.2f} GiB"
+            has = "?" if available_bytes is None else f"{available_bytes / GIB:.2f} GiB"
+            message = (
+                f"does not fit: the compiler needs {need} of temporaries per device and the "
+                f"chip has {has}; lower data.seq_len or train.batch_size, or add devices or remat."
+            )
+        super().__init__(message)
 
 
 def _gib_in(text: str, label: str) -> int | None:
@@ -194,17 +208,33 @@ def _gib_in(text: str, label: str) -> int | None:
     return None if found is None else int(float(found.group(1)) * GIB)
 
 
+def _vmem_oom(text: str) -> CompileOutOfMemory | None:
+    """XLA:TPU's "CompileTimeScopedVmemOom" refusal, read: kernel, size and limit."""
+    if "vmem" not in text.lower():
+        return None
+    kernel = re.search(r"%(flash_\w+?|splash\w*?|\w+?)(?:\.\d+)? =", text)
+    sizes = re.search(r"size ([0-9.]+)M and limit ([0-9.]+)M", text)
+    mib = (lambda x: int(float(x) * 2**20)) if sizes else None
+    return CompileOutOfMemory(
+        mib(sizes.group(1)) if sizes else None,
+        mib(sizes.group(2)) if sizes else None,
+        kernel.group(1) if kernel else "?",
+    )
+
+
 def _compile(lowered: Any) -> Any:
     """lowered.compile(); TPU's out-of-memory refusal becomes CompileOutOfMemory."""
-    # XLA:TPU refuses to compile a program whose buffers exceed HBM, where XLA:CPU compiles
-    # anything; the refusal is the answer to "does it fit", not a crash.
+    # XLA:TPU refuses to compile a program whose buffers exceed HBM (or a kernel's VMEM),
+    # where XLA:CPU compiles anything; the refusal answers "does it fit", it is no crash.
     try:
         return lowered.compile()
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
         text = str(e)
-        raise CompileOutOfMemory(_gib_in(text, "required"), _gib_in(text, "available")) from None
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        raise _vmem_oom(text) or CompileOutOfMemory(
+            _gib_in(text, "required"), _gib_in(text, "available")
+        ) from None
 
 
 def _bytes_accessed(compiled: Any) -> float | None:
