@@ -123,6 +123,16 @@ def test_workdir_under_a_file_is_one_sentence(tmp_path):
 # --- real runs --------------------------------------------------------------------------------
 
 
+def _wait_stopped(pid: int) -> None:
+    """Wait until SIGSTOP has taken effect: kill() returns before the target stops, and a
+    save thread could still finish a write between the two snapshots (seen once in a full run)."""
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "Tt":
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.01)
+    time.sleep(0.2)  # and let I/O already handed to the kernel land
+
+
 def test_second_train_on_a_live_workdir_is_refused_and_changes_nothing(tmp_path, capsys):
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "jaxlm.cli", "train", "-w", str(workdir), "--no-progress"]
@@ -137,6 +147,7 @@ def test_second_train_on_a_live_workdir_is_refused_and_changes_nothing(tmp_path,
             assert time.monotonic() < deadline, "the first run never saved step 4"
             time.sleep(0.2)
         os.kill(first.pid, signal.SIGSTOP)  # alive, but its files hold still while we look
+        _wait_stopped(first.pid)
         before = _snapshot(workdir)
         err = cli_error(
             ["train", "-w", str(workdir), "--no-progress", *TINY, "train.steps=6"], capsys
