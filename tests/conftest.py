@@ -15,6 +15,7 @@ import os
 import random
 import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -348,6 +349,28 @@ def fake_devices_env(n: int, *xla_flags: str) -> dict[str, str]:
     """
     flags = " ".join([f"--xla_force_host_platform_device_count={n}", *xla_flags])
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+
+
+def run_workers(script: str, kinds: tuple[str, ...], timeout: float) -> dict[str, dict]:
+    """`python script KIND` for each kind, on 8 fake devices, started together; each
+    worker's last stdout line is its JSON result."""
+    env = fake_devices_env(8, FAST_XLA)
+    procs = {
+        kind: subprocess.Popen(
+            [sys.executable, script, kind],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for kind in kinds
+    }
+    results = {}
+    for kind, p in procs.items():
+        stdout, stderr = p.communicate(timeout=timeout)
+        assert p.returncode == 0, f"{kind} worker failed:\n{stderr[-4000:]}"
+        results[kind] = json.loads(stdout.strip().splitlines()[-1])
+    return results
 
 
 # --- token documents (data pipeline and views) -----------------------------------------------

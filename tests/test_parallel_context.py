@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAST_XLA, assert_one_sentence, fake_devices_env, padded_batch, resolved_model
+from conftest import (
+    assert_one_sentence,
+    padded_batch,
+    resolved_model,
+    run_workers,
+)
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -194,24 +198,7 @@ def worker(kind: str) -> dict:
 
 
 def _run_workers(kinds: tuple[str, ...]) -> dict[str, dict]:
-    """One subprocess per kind, started together, results parsed from stdout."""
-    env = fake_devices_env(8, FAST_XLA)
-    procs = {
-        kind: subprocess.Popen(
-            [sys.executable, __file__, kind],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for kind in kinds
-    }
-    results = {}
-    for kind, p in procs.items():
-        stdout, stderr = p.communicate(timeout=900)
-        assert p.returncode == 0, f"{kind} worker failed:\n{stderr[-4000:]}"
-        results[kind] = json.loads(stdout.strip().splitlines()[-1])
-    return results
+    return run_workers(__file__, kinds, timeout=900)
 
 
 @pytest.fixture(scope="module")

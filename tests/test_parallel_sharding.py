@@ -9,18 +9,16 @@ the pytest process itself keeps its single device. The worker imports conftest a
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from conftest import (
-    FAST_XLA,
     RECURRENT,
     assert_one_sentence,
-    fake_devices_env,
     padded_batch,
     resolved_model,
+    run_workers,
 )
 
 from jaxlm.config import MeshConfig, ModelConfig, RunConfig, TrainConfig
@@ -145,24 +143,7 @@ def worker(family: str) -> dict:
 
 
 def _run_workers(families: tuple[str, ...]) -> dict[str, dict]:
-    """One subprocess per family, started together, results parsed from stdout."""
-    env = fake_devices_env(8, FAST_XLA)
-    procs = {
-        fam: subprocess.Popen(
-            [sys.executable, __file__, fam],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for fam in families
-    }
-    results = {}
-    for fam, p in procs.items():
-        stdout, stderr = p.communicate(timeout=600)
-        assert p.returncode == 0, f"{fam} worker failed:\n{stderr[-4000:]}"
-        results[fam] = json.loads(stdout.strip().splitlines()[-1])
-    return results
+    return run_workers(__file__, families, timeout=600)
 
 
 @pytest.fixture(scope="module")
