@@ -212,14 +212,10 @@ def _vmem_oom(text: str) -> CompileOutOfMemory | None:
     """XLA:TPU's "CompileTimeScopedVmemOom" refusal, read: kernel, size and limit."""
     if "vmem" not in text.lower():
         return None
-    kernel = re.search(r"%(flash_\w+?|splash\w*?|\w+?)(?:\.\d+)? =", text)
+    kernel = re.search(r"%(\w+?)(?:\.\d+)? =", text)  # the custom call's HLO name
     sizes = re.search(r"size ([0-9.]+)M and limit ([0-9.]+)M", text)
-    mib = (lambda x: int(float(x) * 2**20)) if sizes else None
-    return CompileOutOfMemory(
-        mib(sizes.group(1)) if sizes else None,
-        mib(sizes.group(2)) if sizes else None,
-        kernel.group(1) if kernel else "?",
-    )
+    need, limit = (int(float(x) * 2**20) for x in sizes.groups()) if sizes else (None, None)
+    return CompileOutOfMemory(need, limit, kernel.group(1) if kernel else "?")
 
 
 def _compile(lowered: Any) -> Any:
