@@ -288,11 +288,11 @@ import jaxlm.models.attention as attention
 import jaxlm.models.attention_kernels as kernels
 
 local_shapes = []
-real_flash = kernels.flash_attention
+real_flash = kernels.long_flash_attention
 def spy(q, *a, **kw):
     local_shapes.append(q.shape)
     return real_flash(q, *a, **kw)
-kernels.flash_attention = spy
+kernels.long_flash_attention = spy
 
 mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2, sequence=1))
 rng = np.random.default_rng(0)

@@ -19,6 +19,8 @@ a 2c x 2c block, so every device does the same work at every step:
   j <  i: all my queries see j's first chunk whole and its second chunk not at all;
   j >  i: my second chunk sees both of j's chunks whole, my first chunk sees neither.
 Without a causal mask the layout is irrelevant (attention is permutation equivariant).
+Where one kernel call can't hold a device's tokens (TPU VMEM, `tiled_attention.tile_cap`),
+each pair is computed tile pair by tile pair (`attend_tiled`, `grad_tiled`).
 Callers lay their data out with `zigzag` once, so that no gather along the sequence is
 ever needed (positions travel with the tokens; see jaxlm.train.step).
 
@@ -34,10 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.kernels.flash_attention import (
-    BlockSizes,
-    flash_attention_backward,
-    flash_attention_lse,
+from jaxlm.kernels.flash_attention import BlockSizes
+from jaxlm.kernels.tiled_attention import (
+    attend_tiled,
+    empty,
+    grad_tiled,
+    merge,
+    pick_tile,
+    tile_cap,
 )
 
 
@@ -50,6 +56,7 @@ class _Opts:
     scale: float | None
     block_sizes: BlockSizes | None
     backend: str | None
+    tile: int | None  # tokens per kernel call (None: a whole pair in one call)
 
 
 # ------------------------------------------------------------------------------- layout
@@ -110,16 +117,17 @@ def _attend_block(acc, q, qs, k, v, ks, branch, opts: _Opts):
     o, lse = acc
 
     def case(rows, kv, causal):
-        o_p, lse_p = flash_attention_lse(
+        o_p, lse_p = attend_tiled(
             q[:, rows],
             k[:, kv],
             v[:, kv],
-            q_segment_ids_BxS=_seg(qs, rows),
-            kv_segment_ids_BxT=_seg(ks, kv),
+            _seg(qs, rows),
+            _seg(ks, kv),
             causal=causal,
+            tile=opts.tile,
             **_kw(opts),
         )
-        o_m, lse_m = _merge(o[:, rows], lse[:, rows], o_p, lse_p)
+        o_m, lse_m = merge(o[:, rows], lse[:, rows], o_p, lse_p)
         return o.at[:, rows].set(o_m), lse.at[:, rows].set(lse_m)
 
     cases = [functools.partial(case, *c) for c in _cases(q, opts)]
@@ -132,35 +140,23 @@ def _grad_block(acc, q, qs, k, v, ks, o, lse, do, branch, opts: _Opts):
     dq, dk, dv = acc
 
     def case(rows, kv, causal):
-        dq_p, dk_p, dv_p = flash_attention_backward(
+        dq_p, dk_p, dv_p = grad_tiled(
             q[:, rows],
             k[:, kv],
             v[:, kv],
             o[:, rows],
             lse[:, rows],
             do[:, rows],
-            q_segment_ids_BxS=_seg(qs, rows),
-            kv_segment_ids_BxT=_seg(ks, kv),
+            _seg(qs, rows),
+            _seg(ks, kv),
             causal=causal,
+            tile=opts.tile,
             **_kw(opts),
         )
         return dq.at[:, rows].add(dq_p), dk.at[:, kv].add(dk_p), dv.at[:, kv].add(dv_p)
 
     cases = [functools.partial(case, *c) for c in _cases(q, opts)]
     return cases[0]() if len(cases) == 1 else jax.lax.switch(branch, cases)
-
-
-def _merge(o1, lse1, o2, lse2):
-    """Combine two partial attentions over disjoint key sets by their log-sum-exp."""
-    lse = jnp.logaddexp(lse1, lse2)
-    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # a row that saw no key anywhere stays 0
-    w1, w2 = jnp.exp(lse1 - safe)[..., None], jnp.exp(lse2 - safe)[..., None]
-    return o1 * w1 + o2 * w2, lse
-
-
-def _empty(q):
-    b, s, h, _ = q.shape
-    return jnp.zeros(q.shape, jnp.float32), jnp.full((b, s, h), -jnp.inf, jnp.float32)
 
 
 # ----------------------------------------------------------------------------- the ring
@@ -183,7 +179,7 @@ def _ring_forward(q, k, v, qs, ks, opts: _Opts):
         nxt = _shift(kv, opts.axis)
         return _attend_block(acc, q, qs, *kv, _branch((me - r) % n, me, opts), opts), nxt
 
-    acc, kv = jax.lax.fori_loop(0, n - 1, step, (_empty(q), (k, v, ks)))
+    acc, kv = jax.lax.fori_loop(0, n - 1, step, (empty(q), (k, v, ks)))
     return _attend_block(acc, q, qs, *kv, _branch((me + 1) % n, me, opts), opts)
 
 
@@ -238,11 +234,13 @@ def ring_attention(
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     backend: str | None = None,
+    tile_len: int | None = None,
 ) -> jax.Array:
     """This device's attention output_BxCxHxE; call inside shard_map over `axis_name`,
-    with each device's zig-zag slice (chunks i and 2n-1-i) of q, k, v and segment ids."""
-    opts = _Opts(axis_name, bool(causal), scale, block_sizes, backend)
-    _check_halves(q_BxCxHxE, k_BxCxKxE)
+    with each device's zig-zag slice (chunks i and 2n-1-i) of q, k, v and segment ids.
+    `tile_len` (None: what one kernel call holds on the backend, `tile_cap`) bounds the
+    tokens of one kernel call; longer pairs are cut into tiles."""
+    opts = _options(q_BxCxHxE, k_BxCxKxE, axis_name, causal, scale, block_sizes, backend, tile_len)
     return _ring(q_BxCxHxE, k_BxCxKxE, v_BxCxKxE, q_segment_ids_BxC, kv_segment_ids_BxC, opts)
 
 
@@ -256,7 +254,7 @@ def _blocks_forward(q, k_all, v_all, qs, ks_all, me, opts: _Opts):
         kv = (k_all[j], v_all[j], None if ks_all is None else ks_all[j])
         return _attend_block(acc, q, qs, *kv, _branch(j, me, opts), opts)
 
-    return jax.lax.fori_loop(0, k_all.shape[0], step, _empty(q))
+    return jax.lax.fori_loop(0, k_all.shape[0], step, empty(q))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -300,11 +298,11 @@ def gathered_attention(
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     backend: str | None = None,
+    tile_len: int | None = None,
 ) -> jax.Array:
     """Like `ring_attention` (same zig-zag slices, same result), but K/V and their segment
     ids are all-gathered along `axis_name` once and attended to locally."""
-    opts = _Opts(axis_name, bool(causal), scale, block_sizes, backend)
-    _check_halves(q_BxCxHxE, k_BxCxKxE)
+    opts = _options(q_BxCxHxE, k_BxCxKxE, axis_name, causal, scale, block_sizes, backend, tile_len)
     gather = lambda x: None if x is None else jax.lax.all_gather(x, axis_name)  # noqa: E731
     me = jax.lax.axis_index(axis_name)
     return _blocks(
@@ -318,10 +316,16 @@ def gathered_attention(
     )
 
 
-def _check_halves(q, k) -> None:
-    """Each device must hold two equal chunks of queries and of keys."""
+def _options(q, k, axis, causal, scale, block_sizes, backend, tile_len) -> _Opts:
+    """The static settings of one call. When one kernel call can't hold a device's C tokens,
+    pairs are cut into tiles that divide a chunk (C / 2), so every pair shape is whole tiles
+    and the causal diagonal falls on tile boundaries."""
     if q.shape[1] != k.shape[1] or q.shape[1] % 2:
         raise ValueError(
             f"context-parallel attention wants the same even number of local queries and "
             f"keys (two zig-zag chunks), got {q.shape[1]} and {k.shape[1]}"
         )
+    c = q.shape[1] // 2
+    cap = tile_len or tile_cap(q.shape[3], q.dtype, q.shape[2] // k.shape[2], backend)
+    tile = None if cap is None or 2 * c <= cap else (pick_tile(c, cap) or c)
+    return _Opts(axis, bool(causal), scale, block_sizes, backend, tile)

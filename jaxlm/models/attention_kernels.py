@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.errors import ConfigError
-from jaxlm.kernels.flash_attention import flash_attention
 from jaxlm.kernels.splash import splash_attention as splash_kernel
 from jaxlm.kernels.splash import supports as splash_supports
+from jaxlm.kernels.tiled_attention import long_flash_attention
 from jaxlm.parallel.sharding import BATCH_AXES
 
 
@@ -60,8 +60,9 @@ def pallas_attention(
     scale: float,
     backend: str,
 ) -> jax.Array:
-    """Our Pallas flash kernel (interpret mode on CPU), per shard, lowered for `backend`."""
-    kernel = functools.partial(flash_attention, backend=backend)
+    """Our Pallas flash kernel (interpret mode on CPU), per shard, lowered for `backend`;
+    cut into tiles where one kernel call can't hold a shard's sequence (TPU VMEM)."""
+    kernel = functools.partial(long_flash_attention, backend=backend)
     return _segment_kernel_per_shard(
         kernel, q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, q_seg_BxS, kv_seg_BxT, causal, q_offset, scale
     )

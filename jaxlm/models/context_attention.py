@@ -16,8 +16,8 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.kernels.flash_attention import flash_attention
 from jaxlm.kernels.ring_attention import gathered_attention, ring_attention
+from jaxlm.kernels.tiled_attention import long_flash_attention
 from jaxlm.parallel.sharding import BATCH_AXES
 
 STRATEGIES = {"ring": ring_attention, "all_gather": gathered_attention}
@@ -34,14 +34,16 @@ def context_attention(
     causal: bool = True,
     scale: float | None = None,
     backend: str | None = None,
+    tile_len: int | None = None,
 ) -> jax.Array:
-    """Self-attention output_BxSxHxE of a zig-zag laid-out sequence, by `strategy`."""
+    """Self-attention output_BxSxHxE of a zig-zag laid-out sequence, by `strategy`.
+    `tile_len` bounds the tokens of one kernel call (None: what the backend holds)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"context parallelism {strategy!r} is unknown; use one of {STRATEGIES}")
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.shape.get(SEQUENCE, 1) == 1:
         return _per_batch_shard(
-            lambda q, k, v, s: flash_attention(  # noqa: E731
+            lambda q, k, v, s: long_flash_attention(  # noqa: E731
                 q,
                 k,
                 v,
@@ -50,6 +52,7 @@ def context_attention(
                 causal=causal,
                 scale=scale,
                 backend=backend,
+                tile_len=tile_len,
             ),
             mesh,
             q_BxSxHxE,
@@ -59,7 +62,16 @@ def context_attention(
         )
     kernel = STRATEGIES[strategy]
     fn = lambda q, k, v, s: kernel(  # noqa: E731
-        q, k, v, s, s, axis_name=SEQUENCE, causal=causal, scale=scale, backend=backend
+        q,
+        k,
+        v,
+        s,
+        s,
+        axis_name=SEQUENCE,
+        causal=causal,
+        scale=scale,
+        backend=backend,
+        tile_len=tile_len,
     )
     return _per_batch_shard(fn, mesh, q_BxSxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxS, SEQUENCE)
 
