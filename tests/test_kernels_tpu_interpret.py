@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import importlib.util
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from test_kernels_flash_attention import packed_segments, rel_err, value_and_grads
 
 from jaxlm.bench import attention as bench
 from jaxlm.kernels.flash_attention import flash_attention, reference_attention
 from jaxlm.kernels.splash import splash_attention
+from jaxlm.kernels.tiled_attention import long_flash_attention
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
 
@@ -59,6 +63,18 @@ def test_our_mosaic_kernel_matches_reference_in_the_tpu_interpreter(
     _check(flash_attention, shape, dtype, segmented, backend="tpu_interpret", q_offset=q_offset)
 
 
+def test_our_mosaic_kernel_cut_into_tiles_matches_reference_in_the_tpu_interpreter():
+    # 2 tiles of 128 per side: under the causal mask one whole pair and two diagonal ones.
+    _check(
+        long_flash_attention,
+        (1, 256, 256, 2, 1, 64),
+        "bfloat16",
+        True,
+        backend="tpu_interpret",
+        tile_len=128,
+    )
+
+
 def test_splash_matches_reference_with_packed_segments_and_grouped_heads():
     _check(splash_attention, (2, 256, 256, 4, 2, 32), "float32", True, interpret=True)
 
@@ -78,3 +94,19 @@ def test_bench_attention_compiles_splash_and_pallas_for_a_tpu_chip():
         assert "skipped" not in row and row["compile_s"] > 0, row
     row = bench.measure(bench.Case("splash", "fwd", 1, 4, 2, 256, 128, True, "bfloat16"))
     assert row["skipped"] == "splash attention needs a TPU"  # this host is a CPU
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_tiles_let_a_sequence_longer_than_vmem_holds_compile_for_a_tpu_chip():
+    """32k tokens of one head (dim 128, bfloat16): one kernel call asks for more scoped VMEM
+    than the compiler allows; cut into tiles (`tile_cap`) the same fwd+bwd compiles."""
+    mesh = bench.tpu_mesh("v5p:2x2x1")
+    x = jax.ShapeDtypeStruct((1, 32768, 1, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+
+    def grads(kernel):
+        loss = lambda q, k, v: jnp.sum(kernel(q, k, v, backend="tpu").astype(jnp.float32))  # noqa: E731
+        return jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, x, x)
+
+    with pytest.raises(Exception, match="(?i)vmem"):
+        grads(flash_attention).compile()
+    assert "tpu_custom_call" in grads(long_flash_attention).compile().as_text()
