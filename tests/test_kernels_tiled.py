@@ -11,23 +11,38 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.kernels.flash_attention import reference_attention
-from jaxlm.kernels.tiled_attention import long_flash_attention, pick_tile, tile_cap
+from jaxlm.kernels.flash_attention import (
+    flash_attention_backward,
+    flash_attention_lse,
+    reference_attention,
+)
+from jaxlm.kernels.tiled_attention import (
+    attend_tiled,
+    grad_tiled,
+    long_flash_attention,
+    pick_tile,
+    tile_cap,
+)
 
 B, S, H, KV, E = 2, 32, 4, 2, 8
 
 
-def _inputs():
+def _inputs(s=S):
     rng = np.random.default_rng(1)
-    q, k, v = (jnp.asarray(rng.normal(size=(B, S, h, E)), jnp.float32) for h in (H, KV, KV))
-    seg = np.sort(rng.integers(1, 4, (B, S)), axis=1)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, s, h, E)), jnp.float32) for h in (H, KV, KV))
+    seg = np.sort(rng.integers(1, 4, (B, s)), axis=1)
     seg[:, -3:] = 0  # padding
-    return q, k, v, jnp.asarray(seg, jnp.int32), jnp.asarray(rng.normal(size=(B, S, H, E)))
+    return q, k, v, jnp.asarray(seg, jnp.int32), jnp.asarray(rng.normal(size=(B, s, H, E)))
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_tiled_attention_equals_the_reference_forward_and_gradients(causal):
-    q, k, v, seg, ct = _inputs()
+@pytest.mark.parametrize(
+    "causal, s, segmented",
+    [(True, S, True), (False, S, True), (True, 29, True), (False, 29, False), (False, 29, True)],
+    ids=["causal", "full", "causal-padded", "full-padded", "full-padded-segments"],
+)
+def test_tiled_attention_equals_the_reference_forward_and_gradients(causal, s, segmented):
+    q, k, v, seg, ct = _inputs(s)
+    seg = seg if segmented else None
 
     def loss(fn):
         def f(q, k, v):
@@ -38,8 +53,24 @@ def test_tiled_attention_equals_the_reference_forward_and_gradients(causal):
 
     (_, ref), ref_grads = loss(reference_attention)
     # 4 tiles of 8: 10 pairs under the causal mask (4 of them on the diagonal), else 16.
+    # 29 tokens: the same 4 tiles, the last one padded with 3 tokens no real query sees.
     (_, out), grads = loss(functools.partial(long_flash_attention, tile_len=8, backend="cpu"))
     np.testing.assert_allclose(out, ref, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+def test_tiled_pieces_of_unequal_lengths_equal_one_kernel_call():
+    # The ring's off-diagonal pairs: 24 queries against 13 keys, no mask, tiles of 8.
+    q, k, v, _, do = _inputs(24)
+    k, v = k[:, :13], v[:, :13]
+    kw = {"causal": False, "backend": "cpu"}
+    o, lse = attend_tiled(q, k, v, None, None, tile=8, **kw)
+    ref_o, ref_lse = flash_attention_lse(q, k, v, **kw)
+    np.testing.assert_allclose(o, ref_o, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
+    grads = grad_tiled(q, k, v, o, lse, do, None, None, tile=8, **kw)
+    ref_grads = flash_attention_backward(q, k, v, ref_o, ref_lse, do, **kw)
     for g, r in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, r, atol=1e-5)
 
@@ -56,7 +87,16 @@ def test_tile_cap_holds_a_kernel_call_in_tpu_scoped_vmem_and_nothing_elsewhere()
 
 
 @pytest.mark.parametrize(
-    "length, cap, tile", [(64, None, None), (64, 64, None), (64, 40, 32), (96, 40, 32), (7, 3, 1)]
+    "length, cap, tile",
+    [
+        (64, None, None),
+        (64, 64, None),
+        (64, 40, 32),
+        (96, 40, 32),
+        (7, 3, 3),  # no even cut into 3 to 6 pieces: tiles of 3, the last padded
+        (13, 8, 7),
+        (10243, 10240, 5248),  # a prime length: two tiles of 41 blocks of 128
+    ],
 )
 def test_pick_tile_cuts_evenly_into_the_longest_tiles_under_the_cap(length, cap, tile):
     assert pick_tile(length, cap) == tile

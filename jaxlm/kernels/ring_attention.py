@@ -318,8 +318,9 @@ def gathered_attention(
 
 def _options(q, k, axis, causal, scale, block_sizes, backend, tile_len) -> _Opts:
     """The static settings of one call. When one kernel call can't hold a device's C tokens,
-    pairs are cut into tiles that divide a chunk (C / 2), so every pair shape is whole tiles
-    and the causal diagonal falls on tile boundaries."""
+    pairs are cut into tiles of a chunk (C / 2): where the tile divides it, every pair
+    shape is whole tiles and the causal diagonal falls on tile boundaries; else the pairs
+    are padded to whole tiles (`attend_tiled`)."""
     if q.shape[1] != k.shape[1] or q.shape[1] % 2:
         raise ValueError(
             f"context-parallel attention wants the same even number of local queries and "

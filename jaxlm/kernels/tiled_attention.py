@@ -13,9 +13,12 @@ pair of tiles, in a `fori_loop` (one kernel call of each kind in the program):
   whole, pairs on it with the kernel's own causal mask (tile i's queries and keys start
   at the same position), and pairs above it, which the mask hides, are skipped.
 
-The forward merges each pair's partial output into its query tile by log-sum-exp. The
-backward gives each pair the whole rows' output and log-sum-exp, so its recomputed
-probabilities are the true ones: dq sums over key tiles, dk and dv over query tiles.
+A range the tile does not cut evenly is padded to whole tiles; the padded keys are hidden
+from the real queries (by the causal mask, else by a segment id of -1) and the padded
+query rows are dropped. The forward merges each pair's partial output into its query tile
+by log-sum-exp. The backward gives each pair the whole rows' output and log-sum-exp, so
+its recomputed probabilities are the true ones: dq sums over key tiles, dk and dv over
+query tiles.
 Other backends (GPU shared memory is not held per range; CPU has no limit) get no cap.
 Names: B batch, S queries, T keys, H query heads, K kv heads, E head dim.
 """
@@ -61,13 +64,21 @@ def tile_cap(head_dim: int, dtype, groups: int, backend: str | None = None) -> i
 
 
 def pick_tile(length: int, cap: int | None) -> int | None:
-    """The longest tile of at most `cap` tokens that cuts `length` evenly (None: no cut)."""
+    """Tokens per tile for a range of `length` under `cap` (None: no cut needed).
+
+    The longest tile that cuts `length` evenly into at most twice the fewest pieces; where
+    none does (a prime length, say), equal tiles from the fewest pieces, rounded up to
+    whole 128-token blocks, with the last one padded by the callers.
+    """
     if cap is None or length <= cap:
         return None
-    pieces = -(-length // cap)
-    while length % pieces:
-        pieces += 1
-    return length // pieces
+    fewest = -(-length // cap)
+    for pieces in range(fewest, 2 * fewest + 1):
+        if length % pieces == 0:
+            return length // pieces
+    unit = 128 if cap >= 128 else 1
+    per_piece = -(-length // fewest)
+    return min(cap, -(-per_piece // unit) * unit)
 
 
 def merge(o1, lse1, o2, lse2):
@@ -103,6 +114,29 @@ def _put(x, i, tile: int, part):
     return jax.lax.dynamic_update_slice_in_dim(x, part, i * tile, axis=1)
 
 
+def _grow(x, length: int, value=0):
+    """`x` padded along the sequence (axis 1) to `length` with `value`."""
+    if x is None:
+        return None
+    pad = [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _pad_to_tiles(q, k, v, qs, ks, tile: int, causal: bool):
+    """q, k, v and segment ids padded to whole tiles, the padded keys hidden from every
+    real query: by the causal mask (they come after all of them), else by segment id -1."""
+    sp, tp = (-(-n // tile) * tile for n in (q.shape[1], k.shape[1]))
+    if qs is None and not causal and tp != k.shape[1]:
+        qs, ks = jnp.zeros(q.shape[:2], jnp.int32), jnp.zeros(k.shape[:2], jnp.int32)
+    return (
+        _grow(q, sp),
+        _grow(k, tp),
+        _grow(v, tp),
+        _grow(qs, sp, -1),
+        _grow(ks, tp, -1),
+    )
+
+
 def _per_pair(call, causal: bool, i, j, args):
     """`call(causal)(args)` for pair (i, j): causal on the diagonal, whole below it."""
     if not causal:
@@ -116,7 +150,12 @@ def attend_tiled(q, k, v, qs, ks, *, causal: bool, tile: int | None, **kw):
         return flash_attention_lse(
             q, k, v, q_segment_ids_BxS=qs, kv_segment_ids_BxT=ks, causal=causal, **kw
         )
-    pi, pj = _pairs(q.shape[1], k.shape[1], tile, causal)
+    s = q.shape[1]
+    if s % tile or k.shape[1] % tile:
+        padded = _pad_to_tiles(q, k, v, qs, ks, tile, causal)
+        o, lse = attend_tiled(*padded, causal=causal, tile=tile, **kw)
+        return o[:, :s], lse[:, :s]
+    pi, pj = _pairs(s, k.shape[1], tile, causal)
 
     def call(c):
         return lambda a: flash_attention_lse(
@@ -141,7 +180,16 @@ def grad_tiled(q, k, v, o, lse, do, qs, ks, *, causal: bool, tile: int | None, *
         return flash_attention_backward(
             q, k, v, o, lse, do, q_segment_ids_BxS=qs, kv_segment_ids_BxT=ks, causal=causal, **kw
         )
-    pi, pj = _pairs(q.shape[1], k.shape[1], tile, causal)
+    s, t = q.shape[1], k.shape[1]
+    if s % tile or t % tile:
+        # Padded query rows get lse +inf: their probabilities are 0, so they add nothing.
+        sp = -(-s // tile) * tile
+        padded = _pad_to_tiles(q, k, v, qs, ks, tile, causal)
+        rows = (_grow(o, sp), _grow(lse, sp, jnp.inf), _grow(do, sp))
+        q2, k2, v2, qs2, ks2 = padded
+        dq, dk, dv = grad_tiled(q2, k2, v2, *rows, qs2, ks2, causal=causal, tile=tile, **kw)
+        return dq[:, :s], dk[:, :t], dv[:, :t]
+    pi, pj = _pairs(s, t, tile, causal)
 
     def call(c):
         return lambda a: flash_attention_backward(
