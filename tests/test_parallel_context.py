@@ -349,7 +349,7 @@ def test_mesh_check_catches_a_sequence_axis_resolved_from_minus_one():
     mesh = AbstractMesh((1, 1, 1, 4, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 5)
     cfg = RunConfig(model=cfg.model, data=cfg.data, train=TrainConfig(batch_size=4))
     with pytest.raises(ConfigError, match=r"data\.seq_len=36 does not divide|multiple of 8"):
-        validate_mesh(cfg, mesh, process_count=1)
+        validate_mesh(cfg, mesh)
 
 
 if __name__ == "__main__":

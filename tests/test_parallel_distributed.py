@@ -49,15 +49,13 @@ def _train_losses(workdir: Path) -> tuple[list[float], list[float]]:
     return train, evals
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def _one_and_two_processes(root: Path, overrides: list[str]) -> dict:
     """The same tiny run on 1 process x 4 devices and on 2 processes x 2 devices."""
-    root = tmp_path_factory.mktemp("multihost")
     one, two = root / "one", root / "two"
     cli = [sys.executable, "-m", "jaxlm.cli"]
     four = f"{FAST_XLA} --xla_force_host_platform_device_count=4"
     single = subprocess.run(
-        cli + ["train", "--workdir", str(one), "--no-progress", *OVERRIDES],
+        cli + ["train", "--workdir", str(one), "--no-progress", *overrides],
         env=_env(XLA_FLAGS=four),
         capture_output=True,
         text=True,
@@ -67,7 +65,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     multi = subprocess.run(
         cli
         + ["launch", "local", "--workdir", str(two), "--nodes", "2", "--cpu-devices", "2"]
-        + ["--port", str(free_port()), *OVERRIDES],
+        + ["--port", str(free_port()), *overrides],
         env=_env(),
         capture_output=True,
         text=True,
@@ -75,6 +73,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     )
     assert multi.returncode == 0, multi.stderr[-4000:]
     return {"one": one, "two": two, "log": multi.stderr, "stdout": multi.stdout}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    return _one_and_two_processes(tmp_path_factory.mktemp("multihost"), OVERRIDES)
 
 
 def test_two_processes_match_one_process(runs):
@@ -103,6 +106,41 @@ def test_multi_process_checkpoints_are_written_once(runs):
     steps = sorted(p.name for p in (runs["two"] / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == ["2", "3"]
     assert (runs["two"] / "config.yaml").is_file()
+
+
+# Context parallelism across hosts: the sequence axis spans the two processes, so both hold
+# every row (each its half of the sequence) and load the same rows.
+ACROSS = [o for o in OVERRIDES if not o.startswith("mesh.")]
+ACROSS += ["mesh.data=1", "mesh.fsdp=1", "mesh.sequence=4", "model.context_parallel=ring"]
+ACROSS += ["model.attention=pallas"]
+
+
+def test_context_parallelism_across_processes_matches_one_process(tmp_path):
+    runs = _one_and_two_processes(tmp_path, ACROSS)
+    train_one, eval_one = _train_losses(runs["one"])
+    train_two, eval_two = _train_losses(runs["two"])
+    assert len(train_one) == 3 and len(eval_one) >= 1
+    np.testing.assert_allclose(train_two, train_one, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(eval_two, eval_one, rtol=0, atol=1e-5)
+    assert (runs["two"] / "samples.txt").read_text() == (runs["one"] / "samples.txt").read_text()
+    # Both processes loaded the one block of rows, so they saved the same data position.
+    saved = sorted((runs["two"] / "checkpoints" / "3" / "data_iter").glob("process_*.json"))
+    assert len(saved) == 2 and saved[0].read_text() == saved[1].read_text()
+
+
+def test_processes_sharing_rows_unevenly_are_refused_in_one_sentence(tmp_path):
+    # 3 processes x 2 devices as fsdp=2 x sequence=3: process 1 holds a device of each
+    # fsdp group, so its rows would overlap both neighbours'.
+    over = [o for o in ACROSS if not o.startswith(("mesh.", "model.max", "data.seq"))]
+    over += ["mesh.fsdp=2", "mesh.sequence=3", "data.seq_len=48", "model.max_seq_len=48"]
+    argv = [sys.executable, "-m", "jaxlm.cli", "launch", "local", "--workdir", str(tmp_path)]
+    argv += ["--nodes", "3", "--cpu-devices", "2", "--port", str(free_port()), *over]
+    done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    errors = {line for line in done.stderr.splitlines() if "error:" in line}
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert "splits the batch rows unevenly" in errors.pop()
+    assert not (tmp_path / "checkpoints").exists()
 
 
 # Elastic resume: the same run, its process count changing at each restart.

@@ -255,12 +255,6 @@ def test_good_mesh_passes_and_kv_heads_may_be_fewer_than_tensor():
     validate_mesh(_cfg(n_kv_heads=1), _abstract_mesh(tensor=8))  # kv heads get replicated
 
 
-def test_more_processes_than_batch_shards_is_refused():
-    with pytest.raises(ConfigError, match=r"split 2 ways .* 4 processes") as err:
-        validate_mesh(_cfg(), _abstract_mesh(data=2, tensor=4), process_count=4)
-    assert_one_sentence(str(err.value))
-
-
 @pytest.mark.parametrize(
     "mesh, n, expected",
     [

@@ -130,7 +130,7 @@ def make_plan(cfg: RunConfig, devices: list, device_memory_bytes: int | None = N
     """Compile the train step for `devices` from abstract sharded inputs and measure it."""
     t, m, seq = cfg.train, cfg.model, cfg.data.seq_len
     mesh = make_mesh(cfg.mesh, devices)
-    validate_mesh(cfg, mesh, process_count=1)
+    validate_mesh(cfg, mesh)
     kind, n = granules(devices)
     attention = attention_for(cfg, devices[0].platform)  # a bad choice fails before compiling
     model = build_model(m)

@@ -20,7 +20,7 @@ import numpy as np
 from jaxlm.bench import report
 from jaxlm.config import RunConfig
 from jaxlm.models import build_model
-from jaxlm.parallel.sharding import make_mesh, put_batch, validate_mesh
+from jaxlm.parallel.sharding import make_mesh, process_rows, put_batch, validate_mesh
 from jaxlm.perf.flops import flops_per_token, mfu
 from jaxlm.perf.peak import ENV_OVERRIDE, device_peak, measure_matmul_flops
 from jaxlm.train.optimizer import optimizer_for
@@ -89,7 +89,7 @@ def bench_train(
     tx = optimizer_for(cfg, total)
     state, shardings = init_train_state(model, tx, cfg.data.seq_len, t.seed, mesh)
     step_fn = train_step_for(cfg, model, tx, total)
-    batch = put_batch(synthetic_batch(cfg, seed), mesh)
+    batch = put_batch(process_rows(synthetic_batch(cfg, seed), mesh), mesh)
 
     start = time.perf_counter()
     compiled = jit_train_step(step_fn, shardings, mesh).lower(state, batch).compile()

@@ -45,19 +45,23 @@ class Corpus:
         return f"~{approx_len(self.train_docs)} train / ~{approx_len(self.val_docs)} val docs"
 
 
-def prepare_corpus(cfg: RunConfig, workdir: str | os.PathLike) -> Corpus:
+def prepare_corpus(
+    cfg: RunConfig, workdir: str | os.PathLike, shard: tuple[int, int] | None = None
+) -> Corpus:
     """Read works, split by whole works, load or train the tokenizer, tokenise documents.
 
     Prepared directories (data.corpus or data.sources) are opened instead, checked against
     the run's tokenizer and model, and split by document. `workdir` may be a gs:// or s3://
-    URL; the tokenizer and token cache are then kept there.
+    URL; the tokenizer and token cache are then kept there. `shard` (index, count), by
+    default (process index, process count): which of the processes' blocks of rows this
+    process loads, for data.streaming, which reads only this block's files.
     """
     d = cfg.data
     workdir = paths.as_path(workdir, "--workdir") if paths.is_remote(workdir) else Path(workdir)
     if d.chat:
         return _chat_corpus(cfg, workdir)
     if d.streaming:
-        return _streamed_corpus(cfg)
+        return _streamed_corpus(cfg, shard or (jax.process_index(), jax.process_count()))
     prepared = mixture.prepared_paths(cfg)
     if prepared:
         pc = mixture.load_prepared_corpus(cfg, prepared)
@@ -130,19 +134,21 @@ def _chat_corpus(cfg: RunConfig, workdir: Path) -> Corpus:
     )
 
 
-def _streamed_corpus(cfg: RunConfig) -> Corpus:
+def _streamed_corpus(cfg: RunConfig, shard: tuple[int, int]) -> Corpus:
     """data.streaming: data.corpus's raw files, tokenized on the fly (data/raw_stream.py).
 
-    Each process streams its own files (every process_count-th), seeded file order per epoch,
-    documents in file order; held-out documents (data/streamed.py) are skipped. Validation is
-    every file in sorted order, once, keeping only held-out documents: the loop packs just
-    its first train.eval_batches batches, so no process reads further than those need.
+    Each block of rows streams its own files (every count-th, from `shard`'s index), seeded
+    file order per epoch, documents in file order; held-out documents (data/streamed.py) are
+    skipped. Validation is every file in sorted order, once, keeping only held-out
+    documents: the loop packs just its first train.eval_batches batches, so no process
+    reads further than those need.
     """
     d = cfg.data  # config/validate.py has checked data.tokenizer, data.corpus, eval_batches
     inputs = [p.strip() for p in d.corpus.split(",") if p.strip()]
     tok = load_or_train_tokenizer(d.tokenizer, "", lambda: [], cfg.model.vocab_size)  # checks size
-    n, i = jax.process_count(), jax.process_index()
-    train = RawDocuments(inputs, d.tokenizer, seed=d.seed, shard_index=i, shard_count=n)
+    train = RawDocuments(
+        inputs, d.tokenizer, seed=d.seed, shard_index=shard[0], shard_count=shard[1]
+    )
     val = RawDocuments(inputs, d.tokenizer, repeat=False)
     return Corpus(
         tokenizer=tok,

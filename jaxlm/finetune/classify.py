@@ -223,7 +223,7 @@ def evaluate(eval_step, params, tokens, labels, rows: int, mesh: Mesh, pad_id: i
 def _local_rows(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
     """The global batch as arrays split over the data-parallel axes; each process supplies
     its own block of rows."""
-    return put_batch(process_rows(batch), mesh)
+    return put_batch(process_rows(batch, mesh), mesh)
 
 
 def _state_shardings(model: SequenceClassifier, tx, max_len: int, mesh: Mesh) -> TrainState:

@@ -7,6 +7,7 @@ a run is a change of `mesh.*` sizes in the config, never of model code.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -228,17 +229,12 @@ def check_divisibility(mesh: Mesh, global_batch: int, microbatches: int) -> None
         )
 
 
-def validate_mesh(cfg: RunConfig, mesh: Mesh, process_count: int | None = None) -> None:
+def validate_mesh(cfg: RunConfig, mesh: Mesh) -> None:
     """Refuse sizes the mesh axes can't split evenly, one sentence each, before compiling."""
     m, sizes = cfg.model, dict(mesh.shape)
     check_divisibility(mesh, cfg.train.batch_size, cfg.train.microbatches)
-    dp = data_parallel_size(mesh)
-    n_proc = jax.process_count() if process_count is None else process_count
-    if dp % n_proc:
-        raise ConfigError(
-            f"The batch is split {dp} ways (mesh data*fsdp*expert) but {n_proc} processes each "
-            f"load their own rows; make data*fsdp*expert a multiple of {n_proc}."
-        )
+    if isinstance(mesh, Mesh) and jax.process_count() > 1:
+        data_shards(mesh)  # the processes must share the rows evenly
     checks = [
         ("model.vocab_size", m.vocab_size, "tensor"),
         ("model.d_model", m.d_model, "fsdp"),
@@ -265,23 +261,51 @@ def validate_mesh(cfg: RunConfig, mesh: Mesh, process_count: int | None = None) 
         )
 
 
+@functools.lru_cache(maxsize=16)  # put_batch asks every step; the answer is the mesh's
+def data_shards(mesh: Mesh) -> tuple[int, int]:
+    """(count, index): how many different blocks of each batch's rows the processes load,
+    and which block this process loads.
+
+    Usually every process holds its own rows (count = process count). Where the sequence or
+    tensor axis spans processes, several processes hold the same rows (each its part of
+    the sequence or of the heads): they load the same block, and the rows they all hold
+    are one block.
+    """
+    dp = data_parallel_size(mesh)
+    held: dict[int, set[int]] = {}
+    rows = NamedSharding(mesh, P(BATCH_AXES)).devices_indices_map((dp,))
+    for device, (index,) in rows.items():
+        held.setdefault(device.process_index, set()).add(index.start or 0)
+    blocks = sorted({frozenset(r) for r in held.values()}, key=min)
+    if sum(len(b) for b in blocks) != dp or len({len(b) for b in blocks}) != 1:
+        shares = sorted(sorted(r) for r in held.values())
+        raise ConfigError(
+            f"The mesh {dict(mesh.shape)} splits the batch rows unevenly over the processes "
+            f"(they hold the data-parallel groups {shares}); choose mesh.tensor and "
+            f"mesh.sequence so that the devices sharing rows lie within one process or span "
+            f"whole processes."
+        )
+    return len(blocks), blocks.index(frozenset(held[jax.process_index()]))
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble this process's rows into global arrays sharded over the batch axes (arrays
-    of any rank: their first axis is the row)."""
-    n_proc = jax.process_count()
+    of any rank: their first axis is the row). Processes holding the same rows pass the
+    same block (`data_shards`)."""
+    count = data_shards(mesh)[0]
     return {
         k: jax.make_array_from_process_local_data(
             NamedSharding(mesh, P(BATCH_AXES, *[None] * (v.ndim - 1))),
             v,
-            (v.shape[0] * n_proc,) + v.shape[1:],
+            (v.shape[0] * count,) + v.shape[1:],
         )
         for k, v in batch.items()
     }
 
 
-def process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's contiguous block of rows of a global batch (what put_batch takes)."""
-    count, index = jax.process_count(), jax.process_index()
+def process_rows(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, np.ndarray]:
+    """This process's block of rows of a global batch (what put_batch takes)."""
+    count, index = data_shards(mesh)
     if count == 1:
         return batch
     n = next(iter(batch.values())).shape[0] // count

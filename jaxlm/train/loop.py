@@ -39,7 +39,7 @@ from jaxlm.data import pipeline
 from jaxlm.data.dataset import Corpus, prepare_corpus
 from jaxlm.errors import ConfigError, NonFiniteError
 from jaxlm.models import build_model
-from jaxlm.parallel.sharding import make_mesh, process_rows, put_batch, validate_mesh
+from jaxlm.parallel.sharding import data_shards, make_mesh, process_rows, put_batch, validate_mesh
 from jaxlm.paths import Path, as_path
 from jaxlm.perf.flops import flops_per_token, inactive_params
 from jaxlm.perf.peak import device_peak
@@ -136,18 +136,18 @@ def set_up(cfg: RunConfig, workdir: Path) -> Job:
         workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
     validate_mesh(cfg, mesh)
-    data = prepare_corpus(cfg, workdir)
+    n_shards, shard = data_shards(mesh)  # processes holding the same rows load the same
+    data = prepare_corpus(cfg, workdir, shard=(shard, n_shards))
     if not data.train_docs:
         raise ConfigError(f"data.corpus={cfg.data.corpus!r} produced no training documents.")
-    n_proc, proc = jax.process_count(), jax.process_index()
     t = cfg.train
     train_iter = pipeline.make_train_iterator(
         data.sources or data.train_docs,
         cfg.data.seq_len,
         t.batch_size,
         cfg.data.seed,
-        shard_index=proc,
-        shard_count=n_proc,
+        shard_index=shard,
+        shard_count=n_shards,
         streams=data.streams,
         prefetch=cfg.data.prefetch,
         workers=cfg.data.workers,
@@ -164,7 +164,7 @@ def set_up(cfg: RunConfig, workdir: Path) -> Job:
         mesh=mesh,
         data=data,
         train_iter=train_iter,
-        eval_batches=[process_rows(b) for b in eval_batches],
+        eval_batches=[process_rows(b, mesh) for b in eval_batches],
         model=model,
         tx=tx,
         ckpt=Checkpointer(workdir / "checkpoints", cfg.checkpoint),
