@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_XLA, TINY_HOSTS, free_port
+from conftest import FAST_XLA, TINY_HOSTS, assert_one_sentence, free_port
 
 from jaxlm.errors import ConfigError
 from jaxlm.parallel.distributed import jax_cluster, resolve_layout
@@ -137,9 +138,12 @@ def test_processes_sharing_rows_unevenly_are_refused_in_one_sentence(tmp_path):
     argv += ["--nodes", "3", "--cpu-devices", "2", "--port", str(free_port()), *over]
     done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
-    errors = {line for line in done.stderr.splitlines() if "error:" in line}
+    # Each process says it (other processes' log lines may share a line with it).
+    errors = set(re.findall(r"jaxlm train: error: (.*)", done.stderr))
     assert len(errors) == 1 and "Traceback" not in done.stderr
-    assert "splits the batch rows unevenly" in errors.pop()
+    message = errors.pop()
+    assert "splits the batch rows unevenly" in message
+    assert_one_sentence(message)
     assert not (tmp_path / "checkpoints").exists()
 
 

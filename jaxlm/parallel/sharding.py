@@ -233,8 +233,8 @@ def validate_mesh(cfg: RunConfig, mesh: Mesh) -> None:
     """Refuse sizes the mesh axes can't split evenly, one sentence each, before compiling."""
     m, sizes = cfg.model, dict(mesh.shape)
     check_divisibility(mesh, cfg.train.batch_size, cfg.train.microbatches)
-    if isinstance(mesh, Mesh) and jax.process_count() > 1:
-        data_shards(mesh)  # the processes must share the rows evenly
+    if isinstance(mesh, Mesh):  # the processes (or a topology's hosts) share rows evenly
+        _row_blocks(mesh)
     checks = [
         ("model.vocab_size", m.vocab_size, "tensor"),
         ("model.d_model", m.d_model, "fsdp"),
@@ -271,6 +271,14 @@ def data_shards(mesh: Mesh) -> tuple[int, int]:
     the sequence or of the heads): they load the same block, and the rows they all hold
     are one block.
     """
+    blocks, held = _row_blocks(mesh)
+    return len(blocks), blocks.index(held[jax.process_index()])
+
+
+def _row_blocks(mesh: Mesh) -> tuple[list[frozenset[int]], dict[int, frozenset[int]]]:
+    """The distinct sets of data-parallel groups the processes hold (ordered), and each
+    process's set; refused unless every process holds the same number of whole groups
+    that no process outside its block shares."""
     dp = data_parallel_size(mesh)
     held: dict[int, set[int]] = {}
     rows = NamedSharding(mesh, P(BATCH_AXES)).devices_indices_map((dp,))
@@ -285,7 +293,7 @@ def data_shards(mesh: Mesh) -> tuple[int, int]:
             f"mesh.sequence so that the devices sharing rows lie within one process or span "
             f"whole processes."
         )
-    return len(blocks), blocks.index(frozenset(held[jax.process_index()]))
+    return blocks, {p: frozenset(r) for p, r in held.items()}
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
