@@ -334,6 +334,14 @@ def _cfg(seq_len=64, sequence=4, **model) -> RunConfig:
         (_cfg(seq_len=36), r"model\.context_parallel=ring .*data\.seq_len=36.* multiple of 8"),
         (_cfg(attention="xla"), r"model\.context_parallel=ring .*model\.attention=pallas"),
         (_cfg(context_parallel="zigzag"), r"model\.context_parallel='zigzag' is not supported"),
+        (
+            RunConfig(
+                model=resolved_model("lstm", context_parallel="ring"),
+                data=DataConfig(seq_len=64),
+                mesh=MeshConfig(data=-1, sequence=4),
+            ),
+            r"model\.context_parallel=ring splits attention, which the recurrent family lstm",
+        ),
     ],
 )
 def test_bad_context_parallel_settings_are_refused_in_one_sentence(cfg, expected):

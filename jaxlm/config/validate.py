@@ -326,7 +326,12 @@ def _check_context_parallel(cfg: RunConfig) -> None:
     if cp == "none":
         return
     _require(
-        not m.recurrent and m.attention == "pallas",
+        not m.recurrent,
+        f"model.context_parallel={cp} splits attention, which the recurrent family "
+        f"{m.family} does not have; set model.context_parallel=none.",
+    )
+    _require(
+        m.attention == "pallas",
         f"model.context_parallel={cp} runs on the Pallas flash kernel, not model.attention="
         f"{m.attention!r} (family {m.family}); set model.attention=pallas or context_parallel=none.",
     )
