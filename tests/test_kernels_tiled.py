@@ -100,3 +100,10 @@ def test_tile_cap_holds_a_kernel_call_in_tpu_scoped_vmem_and_nothing_elsewhere()
 )
 def test_pick_tile_cuts_evenly_into_the_longest_tiles_under_the_cap(length, cap, tile):
     assert pick_tile(length, cap) == tile
+
+
+def test_tiled_causal_attention_refuses_unequal_lengths_even_where_padding_would_hide_it():
+    q, k, v, _, _ = _inputs(13)
+    with pytest.raises(ValueError, match="equal query and key lengths, got 13, 15"):
+        attend_tiled(q, jnp.pad(k, ((0, 0), (0, 2), (0, 0), (0, 0))), v, None, None,
+                     causal=True, tile=8, backend="cpu")  # fmt: skip

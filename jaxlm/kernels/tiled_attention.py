@@ -96,12 +96,8 @@ def empty(q):
 
 
 def _pairs(s: int, t: int, tile: int, causal: bool):
-    """(query tile, key tile) indices of the pairs to visit, as int32 arrays."""
-    if s % tile or t % tile or (causal and s != t):
-        raise ValueError(
-            f"tiled attention wants query and key lengths ({s}, {t}) that are multiples of "
-            f"the tile ({tile}), and equal under a causal mask"
-        )
+    """(query tile, key tile) indices of the pairs to visit, as int32 arrays; `s` and `t`
+    are whole tiles (padded by the callers)."""
     pairs = [(i, j) for i in range(s // tile) for j in range(t // tile) if not causal or j <= i]
     return tuple(jnp.asarray(np.array(p, np.int32)) for p in zip(*pairs, strict=True))
 
@@ -120,6 +116,13 @@ def _grow(x, length: int, value=0):
         return None
     pad = [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
     return jnp.pad(x, pad, constant_values=value)
+
+
+def _check_causal(s: int, t: int, causal: bool) -> None:
+    """The tiles' causal diagonal is the whole range's only where queries and keys are one
+    range (checked before padding, which could make unequal lengths equal)."""
+    if causal and s != t:
+        raise ValueError(f"tiled causal attention wants equal query and key lengths, got {s}, {t}")
 
 
 def _pad_to_tiles(q, k, v, qs, ks, tile: int, causal: bool):
@@ -151,6 +154,7 @@ def attend_tiled(q, k, v, qs, ks, *, causal: bool, tile: int | None, **kw):
             q, k, v, q_segment_ids_BxS=qs, kv_segment_ids_BxT=ks, causal=causal, **kw
         )
     s = q.shape[1]
+    _check_causal(s, k.shape[1], causal)
     if s % tile or k.shape[1] % tile:
         padded = _pad_to_tiles(q, k, v, qs, ks, tile, causal)
         o, lse = attend_tiled(*padded, causal=causal, tile=tile, **kw)
@@ -181,6 +185,7 @@ def grad_tiled(q, k, v, o, lse, do, qs, ks, *, causal: bool, tile: int | None, *
             q, k, v, o, lse, do, q_segment_ids_BxS=qs, kv_segment_ids_BxT=ks, causal=causal, **kw
         )
     s, t = q.shape[1], k.shape[1]
+    _check_causal(s, t, causal)
     if s % tile or t % tile:
         # Padded query rows get lse +inf: their probabilities are 0, so they add nothing.
         sp = -(-s // tile) * tile
