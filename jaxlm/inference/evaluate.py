@@ -27,7 +27,7 @@ from jaxlm.inference.scoring import (
     summarize,
 )
 from jaxlm.models import build_model
-from jaxlm.parallel.sharding import data_parallel_size, data_shards, put_batch
+from jaxlm.parallel.sharding import data_parallel_size, process_rows, put_batch
 from jaxlm.paths import as_path
 from jaxlm.runs import Run, check_vocab
 from jaxlm.train.step import jit_eval_step, make_eval_step
@@ -69,8 +69,6 @@ class Evaluator:
         bar = None
         if self.progress and jax.process_index() == 0:
             bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
-        n_shards, shard = data_shards(self.mesh)
-        n = self.batch_size // n_shards
         pending, results = collections.deque(), []
 
         def read_one() -> None:
@@ -79,7 +77,7 @@ class Evaluator:
                 bar.update()
 
         for b in batches:
-            local = {k: v[shard * n : (shard + 1) * n] for k, v in b.items()}
+            local = process_rows(b, self.mesh)
             pending.append(fn(self.params, put_batch(local, self.mesh)))
             if len(pending) > 2:
                 read_one()

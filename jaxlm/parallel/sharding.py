@@ -234,7 +234,7 @@ def validate_mesh(cfg: RunConfig, mesh: Mesh) -> None:
     m, sizes = cfg.model, dict(mesh.shape)
     check_divisibility(mesh, cfg.train.batch_size, cfg.train.microbatches)
     if isinstance(mesh, Mesh):  # the processes (or a topology's hosts) share rows evenly
-        _row_blocks(mesh)
+        data_shards(mesh)  # cached: the loop's put_batch asks again
     checks = [
         ("model.vocab_size", m.vocab_size, "tensor"),
         ("model.d_model", m.d_model, "fsdp"),
